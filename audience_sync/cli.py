@@ -1,0 +1,338 @@
+"""The `audience-sync` command line: a thin layer over engine, store and scheduler.
+
+Every expected failure is an AudienceSyncError, printed by `main` as one line
+`Kind: message` on stderr with a non-zero exit; nothing else reports errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import engine as sync_engine
+from . import store
+from .config import Settings, load_settings
+from .demo import ensure_demo_source
+from .errors import AudienceSyncError
+from .logs import configure_logging
+
+app = typer.Typer(
+    name="audience-sync",
+    help="Sync SQL-defined audiences to Planhat contacts as boolean properties.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Manage the state database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+AudienceOption = Annotated[
+    list[str] | None,
+    typer.Option("--audience", "-a", help="Audience key; repeat for several (default: all)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@dataclass
+class CliContext:
+    config: Path | None
+    log_level: str
+
+    def settings(self) -> Settings:
+        settings = load_settings(self.config)
+        if settings.path is None:
+            ensure_demo_source()
+        return settings
+
+
+def _context(ctx: typer.Context) -> CliContext:
+    return ctx.ensure_object(CliContext)  # type: ignore[no-any-return]
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Config file (default: $AUDIENCE_SYNC_CONFIG or ./audience_sync.toml; "
+            "the bundled demo when neither exists).",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "",
+) -> None:
+    ctx.obj = CliContext(config=config, log_level=log_level)
+
+
+def _open(cli: CliContext, default_level: str = "warning") -> tuple[Settings, Any]:
+    settings = cli.settings()
+    configure_logging(cli.log_level or default_level, settings.daemon.log_format)
+    return settings, store.open_state(settings.database_url)
+
+
+# --- db -----------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Upgrade the state database schema to this version's head."""
+    cli = _context(ctx)
+    settings = cli.settings()
+    configure_logging(cli.log_level or "warning", settings.daemon.log_format)
+    engine = store.create_state_engine(settings.database_url)
+    try:
+        before, after = store.upgrade(engine)
+    finally:
+        engine.dispose()
+    where = store.safe_url(settings.database_url)
+    if before == after:
+        typer.echo(f"State database {where} is up to date (revision {after}).")
+    else:
+        typer.echo(f"Upgraded state database {where} from {before or 'empty'} to {after}.")
+
+
+# --- sync ---------------------------------------------------------------------------------
+
+
+@app.command()
+def sync(
+    ctx: typer.Context,
+    audience: AudienceOption = None,
+    full: Annotated[bool, typer.Option("--full", help="Send every member, not only changes.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be sent; change nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Let a mass exit through the safety guard.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the audiences once now: full on first sync, changes only afterwards."""
+    settings, engine = _open(_context(ctx))
+    try:
+        if not dry_run and settings.planhat.token is None:
+            dry_run = True
+            _err(
+                f"No Planhat token set ({settings.planhat.token_setting}): dry run, "
+                "nothing is sent or recorded."
+            )
+        options = sync_engine.SyncOptions(full=full, dry_run=dry_run, force=force)
+        progress = _progress() if not as_json and not dry_run else None
+        reports = sync_engine.sync(settings, engine, audience, options, progress=progress)
+    finally:
+        engine.dispose()
+    _print_reports(reports, as_json, dry_run)
+    _exit_unless(all(report.ok for report in reports))
+
+
+def _progress() -> sync_engine.Progress:
+    from .progress import make_progress
+
+    return make_progress()
+
+
+def _print_reports(reports: list[sync_engine.RunReport], as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([asdict(report) for report in reports], indent=2, default=str))
+        return
+    table = Table(title="Dry run: nothing sent" if dry_run else None)
+    columns = ("audience", "kind", "status", "members", "entered", "exited")
+    columns += ("to send",) if dry_run else ("sent", "failed", "pending")
+    for column in (*columns, "skipped", "seconds"):
+        table.add_column(column, justify="left" if column in columns[:3] else "right")
+    for r in reports:
+        counts = (r.pending,) if dry_run else (r.sent, r.failed, r.pending)
+        table.add_row(
+            r.key,
+            r.kind,
+            r.status,
+            *map(str, (r.members, r.entered, r.exited, *counts, r.skipped)),
+            f"{r.duration:.2f}",
+        )
+    _console().print(table)
+    for r in reports:
+        if dry_run and r.samples:
+            typer.echo(f"Sample payloads for {r.key}:")
+            for sample in r.samples:
+                typer.echo("  " + json.dumps(sample))
+        if r.error:
+            _err(f"{r.key}: {r.error}")
+
+
+# --- resync -------------------------------------------------------------------------------
+
+
+@app.command()
+def resync(
+    ctx: typer.Context,
+    audience: AudienceOption = None,
+    now: Annotated[bool, typer.Option("--now", help="Run the full resync here and now.")] = False,
+) -> None:
+    """Request a full resync; the daemon picks it up within seconds (or --now runs it here)."""
+    settings, engine = _open(_context(ctx))
+    try:
+        keys = [a.key for a in settings.select(audience)]
+        with engine.begin() as connection:
+            store.register_audiences(connection, [(a.key, a.name) for a in settings.select(keys)])
+            ids = store.request_resync(connection, keys, requested_by="cli")
+        if not now:
+            typer.echo(
+                f"Full resync requested for {', '.join(keys)} (request ids "
+                f"{', '.join(map(str, ids))}); a running daemon picks it up within seconds."
+            )
+            return
+        if settings.planhat.token is None:
+            raise AudienceSyncError(
+                f"no Planhat token set ({settings.planhat.token_setting}): cannot resync --now; "
+                "the request stays recorded"
+            )
+        options = sync_engine.SyncOptions(full=True, trigger="resync")
+        reports = sync_engine.sync(settings, engine, keys, options, progress=_progress())
+    finally:
+        engine.dispose()
+    _print_reports(reports, False, False)
+    _exit_unless(all(report.ok for report in reports))
+
+
+# --- history and status -------------------------------------------------------------------
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    audience: Annotated[str | None, typer.Option("--audience", "-a", help="Audience key.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Sync history: one record per audience per run, newest first."""
+    _settings, engine = _open(_context(ctx))
+    try:
+        with engine.connect() as connection:
+            records = store.history(connection, audience, limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(records, indent=2, default=_iso))
+        return
+    table = Table()
+    for column in (
+        "id",
+        "audience",
+        "kind",
+        "status",
+        "started",
+        "seconds",
+        "members",
+        "entered",
+        "exited",
+        "sent",
+        "failed",
+        "skipped",
+        "error",
+    ):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        table.add_row(
+            str(r["id"]),
+            r["audience"],
+            r["kind"],
+            r["status"],
+            _short_time(r["started_at"]),
+            "" if r["duration_seconds"] is None else f"{r['duration_seconds']:.1f}",
+            *(
+                "" if r[k] is None else str(r[k])
+                for k in ("members", "entered", "exited", "sent", "failed", "skipped")
+            ),
+            r["error"] or "",
+        )
+    _console().print(table)
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Per audience: members, last run, pending changes, last error, next scheduled run."""
+    settings, engine = _open(_context(ctx))
+    try:
+        with engine.connect() as connection:
+            entries = store.status(connection, {a.key: a.name for a in settings.audiences})
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in entries], indent=2, default=_iso))
+        return
+    table = Table()
+    for column in (
+        "audience",
+        "members",
+        "in Planhat",
+        "pending",
+        "last run",
+        "status",
+        "next run",
+        "last error",
+    ):
+        table.add_column(column, overflow="fold")
+    for e in entries:
+        last = e.last_run or {}
+        table.add_row(
+            e.key + ("" if e.configured else " (not configured)"),
+            "" if e.members is None else str(e.members),
+            str(e.baseline),
+            str(e.pending),
+            _short_time(last.get("started_at")),
+            last.get("status", "never"),
+            "resync requested" if e.resync_requested else _short_time(e.next_run_at),
+            e.last_error or "",
+        )
+    _console().print(table)
+
+
+def _console() -> Console:
+    # Off a terminal (pipes, logs, CI) rich assumes 80 columns; keep tables readable there.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _iso(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def _short_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def _exit_unless(ok: bool) -> None:
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Expected failures print one line, no traceback."""
+    try:
+        app(args=argv, prog_name="audience-sync")
+    except SystemExit as exc:  # typer's standalone mode ends every command this way
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except AudienceSyncError as exc:
+        _err(f"{exc.kind}: {exc}")
+        return 1
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Configuration: a TOML file, validated on load, with environment overrides.
+
+Every problem is a `ConfigError` whose message names the file and the key, in one line.
+Secrets are held in `Secret`, whose repr and str never show the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .keys import derive_key
+
+DEFAULT_CONFIG_NAME = "audience_sync.toml"
+CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
+DATABASE_URL_ENV = "AUDIENCE_SYNC_DATABASE_URL"
+TENANT_TOKEN_ENV = "PLANHAT_TENANT_TOKEN"
+API_TOKEN_ENV = "PLANHAT_API_TOKEN"
+BASE_URL_ENV = "PLANHAT_BASE_URL"
+
+# Planhat's regional API hosts. A select, never free text: the host is built from it.
+SUBDOMAINS = ("api", "api-eu", "api-eu2", "api-eu3", "api-us2", "api-us4")
+TRANSPORTS = ("segment", "endusers")
+MAX_BULK_BATCH = 5000
+# Planhat: soft quota 200 calls/min, hard limit 150 req/s (bursts of 50 in parallel).
+DEFAULT_RPS = {"segment": 100.0, "endusers": 3.0}
+
+Transport = Literal["segment", "endusers"]
+
+
+class Secret:
+    """A token. Only `reveal()` gives the value; repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class PlanhatSettings:
+    transport: Transport = "segment"
+    subdomain: str = "api"
+    tenant_token: Secret | None = None
+    api_token: Secret | None = None
+    base_url: str | None = None
+    source_marker: str = "Segment"
+    batch_size: int = MAX_BULK_BATCH
+    max_requests_per_second: float | None = None
+    concurrency: int = 10
+    timeout_seconds: float = 30.0
+    max_attempts: int = 6
+    retry_budget_seconds: float = 300.0
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+
+    @property
+    def origin(self) -> str:
+        return (self.base_url or f"https://{self.subdomain}.planhat.com").rstrip("/")
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.max_requests_per_second or DEFAULT_RPS[self.transport]
+
+    @property
+    def token(self) -> Secret | None:
+        """The token the chosen transport authenticates with."""
+        return self.tenant_token if self.transport == "segment" else self.api_token
+
+    @property
+    def token_setting(self) -> str:
+        if self.transport == "segment":
+            return f"planhat.tenant_token (or {TENANT_TOKEN_ENV})"
+        return f"planhat.api_token (or {API_TOKEN_ENV})"
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    min_interval: timedelta = timedelta(hours=2)
+    max_interval: timedelta = timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    max_exit_fraction: float = 0.5
+    min_members: int = 100
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    retention_days: int = 90
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    grace_seconds: float = 10.0
+    resync_poll_seconds: float = 5.0
+    lease_seconds: float = 60.0
+    log_format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    port: int | None = None
+    host: str = "127.0.0.1"
+    health_margin: timedelta = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class AudienceSettings:
+    name: str
+    key: str
+    source: str
+    query: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    database_url: str = "sqlite:///audience_sync.db"
+    planhat: PlanhatSettings = field(default_factory=PlanhatSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    sources: dict[str, SourceSettings] = field(default_factory=dict)
+    audiences: tuple[AudienceSettings, ...] = ()
+
+    def audience(self, key: str) -> AudienceSettings:
+        for audience in self.audiences:
+            if audience.key == key:
+                return audience
+        known = ", ".join(a.key for a in self.audiences) or "none"
+        raise ConfigError(f"unknown audience {key!r} (configured: {known})")
+
+    def select(self, keys: list[str] | tuple[str, ...] | None) -> list[AudienceSettings]:
+        """The named audiences, or all of them when no key is given."""
+        if not keys:
+            return list(self.audiences)
+        return [self.audience(key) for key in dict.fromkeys(keys)]
+
+
+# --- durations ----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> timedelta:
+    """'45s', '90m', '2h', '1d' or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '90m' or '2h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as '90m' or '2h', got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the key on error."""
+
+    def __init__(self, data: dict[str, Any], where: str, origin: str) -> None:
+        self.data = dict(data)
+        self.where = where
+        self.origin = origin
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        dotted = f"{self.where}.{key}" if self.where else key
+        return ConfigError(f"{self.origin}: {dotted}: {problem}")
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data.pop(key)
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(key, f"expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(key, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def take_str(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+        value = self.take(key, str, default)
+        if required and not value:
+            raise self.error(key, "is required")
+        return value
+
+    def take_number(self, key: str, default: float, *, low: float, high: float) -> float:
+        value = float(self.take(key, (int, float), default))
+        if not low <= value <= high:
+            raise self.error(key, f"must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    def take_int(self, key: str, default: int, *, low: int, high: int) -> int:
+        value = self.take(key, int, default)
+        if not low <= value <= high:
+            raise self.error(key, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def take_duration(self, key: str, default: timedelta) -> timedelta:
+        if key not in self.data:
+            return default
+        raw = self.data.pop(key)
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def take_choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.take(key, str, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self.take(key, dict, {})
+        return _Table(value, f"{self.where}.{key}" if self.where else key, self.origin)
+
+    def finish(self) -> None:
+        if self.data:
+            unknown = sorted(self.data)[0]
+            raise self.error(unknown, "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: str, table: _Table, key: str, environ: dict[str, str]) -> str:
+    """Replace ${NAME} with the environment variable, so passwords stay out of the file."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise table.error(key, f"environment variable {name} is not set")
+        return environ[name]
+
+    return _ENV_REF.sub(replace, value)
+
+
+def normalize_database_url(url: str) -> str:
+    """Plain postgresql:// URLs use psycopg 3, the driver this project ships."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def resolve_config_path(explicit: str | Path | None, environ: dict[str, str]) -> tuple[Path, bool]:
+    """The config path and whether the user named it (explicitly or through the env)."""
+    if explicit:
+        return Path(explicit), True
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV]), True
+    return Path(DEFAULT_CONFIG_NAME), False
+
+
+def load_settings(explicit: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Load the config file, or the embedded demo defaults when none exists and none was named."""
+    environ = dict(os.environ if environ is None else environ)
+    path, named = resolve_config_path(explicit, environ)
+    if not path.exists():
+        if named:
+            raise ConfigError(f"{path}: config file not found")
+        from .demo import demo_config
+
+        data, origin_path = demo_config(), None
+    else:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+        origin_path = path
+    return parse_settings(data, origin_path, environ)
+
+
+def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, str]) -> Settings:
+    origin = str(path) if path else "embedded demo config"
+    root = _Table(data, "", origin)
+    database = root.table("database")
+    url = environ.get(DATABASE_URL_ENV) or database.take_str("url", "sqlite:///audience_sync.db")
+    database.data.pop("url", None)
+    database_url = normalize_database_url(_expand_env(url, database, "url", environ))
+    database.finish()
+
+    settings = Settings(
+        path=path,
+        database_url=database_url,
+        planhat=_parse_planhat(root.table("planhat"), environ),
+        schedule=_parse_schedule(root.table("schedule")),
+        safety=_parse_safety(root.table("safety")),
+        history=_parse_history(root.table("history")),
+        daemon=_parse_daemon(root.table("daemon")),
+        metrics=_parse_metrics(root.table("metrics")),
+        sources=_parse_sources(root.table("sources"), environ),
+        audiences=(),
+    )
+    audiences = _parse_audiences(root, settings.sources)
+    root.finish()
+    return Settings(**{**settings.__dict__, "audiences": audiences})
+
+
+def _parse_planhat(table: _Table, environ: dict[str, str]) -> PlanhatSettings:
+    transport = table.take_choice("transport", "segment", TRANSPORTS)
+    subdomain = table.take_choice("subdomain", "api", SUBDOMAINS)
+    tenant = environ.get(TENANT_TOKEN_ENV) or table.take_str("tenant_token")
+    api = environ.get(API_TOKEN_ENV) or table.take_str("api_token")
+    table.data.pop("tenant_token", None)
+    table.data.pop("api_token", None)
+    base_url = environ.get(BASE_URL_ENV) or table.take_str("base_url")
+    table.data.pop("base_url", None)
+    if base_url and not re.match(r"^https?://[^/\s]+", base_url):
+        raise table.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+    settings = PlanhatSettings(
+        transport=transport,  # type: ignore[arg-type]
+        subdomain=subdomain,
+        tenant_token=Secret(tenant) if tenant else None,
+        api_token=Secret(api) if api else None,
+        base_url=base_url,
+        source_marker=table.take_str("source", "Segment"),
+        batch_size=table.take_int("batch_size", MAX_BULK_BATCH, low=1, high=MAX_BULK_BATCH),
+        max_requests_per_second=table.take_number("max_requests_per_second", 0, low=0, high=150) or None,
+        concurrency=table.take_int("concurrency", 10, low=1, high=50),
+        timeout_seconds=table.take_number("timeout_seconds", 30, low=0.1, high=600),
+        max_attempts=table.take_int("max_attempts", 6, low=1, high=100),
+        retry_budget_seconds=table.take_number("retry_budget_seconds", 300, low=0, high=86400),
+        backoff_base_seconds=table.take_number("backoff_base_seconds", 1, low=0, high=600),
+        backoff_max_seconds=table.take_number("backoff_max_seconds", 60, low=0, high=3600),
+    )
+    table.finish()
+    return settings
+
+
+def _parse_schedule(table: _Table) -> ScheduleSettings:
+    low = table.take_duration("min_interval", timedelta(hours=2))
+    high = table.take_duration("max_interval", timedelta(hours=3))
+    if high < low:
+        raise table.error("max_interval", "must not be shorter than schedule.min_interval")
+    table.finish()
+    return ScheduleSettings(min_interval=low, max_interval=high)
+
+
+def _parse_safety(table: _Table) -> SafetySettings:
+    settings = SafetySettings(
+        max_exit_fraction=table.take_number("max_exit_fraction", 0.5, low=0, high=1),
+        min_members=table.take_int("min_members", 100, low=0, high=2**62),
+    )
+    table.finish()
+    return settings
+
+
+def _parse_history(table: _Table) -> HistorySettings:
+    settings = HistorySettings(retention_days=table.take_int("retention_days", 90, low=1, high=36500))
+    table.finish()
+    return settings
+
+
+def _parse_daemon(table: _Table) -> DaemonSettings:
+    settings = DaemonSettings(
+        grace_seconds=table.take_duration("grace", timedelta(seconds=10)).total_seconds(),
+        resync_poll_seconds=table.take_duration("resync_poll", timedelta(seconds=5)).total_seconds(),
+        lease_seconds=table.take_duration("lease", timedelta(seconds=60)).total_seconds(),
+        log_format=table.take_choice("log_format", "text", ("text", "json")),  # type: ignore[arg-type]
+    )
+    table.finish()
+    return settings
+
+
+def _parse_metrics(table: _Table) -> MetricsSettings:
+    port = table.take("port", int, None)
+    if port is not None and not 0 <= port <= 65535:
+        raise table.error("port", f"must be between 0 and 65535, got {port}")
+    settings = MetricsSettings(
+        port=port,
+        host=table.take_str("host", "127.0.0.1"),
+        health_margin=table.take_duration("health_margin", timedelta(minutes=30)),
+    )
+    table.finish()
+    return settings
+
+
+def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSettings]:
+    sources: dict[str, SourceSettings] = {}
+    for name in list(table.data):
+        source = table.table(name)
+        url = _expand_env(source.take_str("url", required=True), source, "url", environ)
+        source.finish()
+        sources[name] = SourceSettings(name=name, url=normalize_database_url(url))
+    return sources
+
+
+def _parse_audiences(root: _Table, sources: dict[str, SourceSettings]) -> tuple[AudienceSettings, ...]:
+    raw = root.take("audiences", list, [])
+    audiences: list[AudienceSettings] = []
+    seen: dict[str, str] = {}
+    for index, item in enumerate(raw):
+        where = f"audiences[{index}]"
+        if not isinstance(item, dict):
+            raise root.error(where, "expected a table ([[audiences]])")
+        table = _Table(item, where, root.origin)
+        name = table.take_str("name", required=True)
+        explicit_key = table.take_str("key")
+        key = explicit_key or derive_key(name)
+        if not key:
+            raise table.error("name", f"{name!r} yields an empty key; set audiences.key")
+        if explicit_key and derive_key(explicit_key) != explicit_key:
+            raise table.error("key", f"{explicit_key!r} is not a snake_case key")
+        source = table.take_str("source", required=True)
+        if source not in sources:
+            known = ", ".join(sources) or "none"
+            raise table.error("source", f"unknown source {source!r} (configured: {known})")
+        query = table.take_str("query", required=True)
+        table.finish()
+        if key in seen:
+            raise table.error("key", f"{key!r} is already the key of audience {seen[key]!r}")
+        seen[key] = name
+        audiences.append(AudienceSettings(name=name, key=key, source=source, query=query))
+    return tuple(audiences)

@@ -1,0 +1,477 @@
+"""One sync run over a set of audiences: the engine the CLI and the daemon both call.
+
+For each audience: take its lease, open a run record, stream the source into the staging
+table, diff in SQL, rewrite the outbox (one transaction). Then deliver the outbox of every
+audience in the run together, so a user's changes across audiences coalesce, and close each
+run record with its counts. Expected failures end in the run record and the report, never in
+a lost change: what Planhat did not accept stays in `pending` for the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from . import diff, lease, store
+from . import models as m
+from .config import AudienceSettings, PlanhatSettings, SafetySettings, Settings
+from .delivery import DeliveryCounts, Sender, deliver
+from .errors import AudienceSyncError, PlanhatError
+from .planhat import Contact, PlanhatClient, build_enduser, build_identify
+from .sources import ReadStats, SourcePool, read_members
+
+log = logging.getLogger("audience_sync.engine")
+
+DRY_RUN_SAMPLES = 3
+OK_STATUSES = ("success", "dry-run")
+
+
+class Progress(Protocol):
+    """Told how many changes a run delivers and how far it got (a bar, or log lines)."""
+
+    def start(self, total: int) -> None: ...
+    def advance(self, count: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    full: bool = False
+    dry_run: bool = False
+    force: bool = False  # let a mass exit through the guard
+    trigger: str = "cli"  # cli | schedule | resync
+
+
+@dataclass
+class RunReport:
+    key: str
+    name: str
+    kind: str = "incremental"
+    status: str = "running"
+    run_id: int | None = None
+    members: int = 0
+    entered: int = 0
+    exited: int = 0
+    skipped: int = 0
+    sent: int = 0
+    failed: int = 0
+    pending: int = 0
+    error: str | None = None
+    duration: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+def sender_for(settings: PlanhatSettings) -> PlanhatClient:
+    return PlanhatClient(settings)
+
+
+def sync(
+    settings: Settings,
+    engine: Engine,
+    keys: list[str] | None = None,
+    options: SyncOptions = SyncOptions(),
+    *,
+    sources: SourcePool | None = None,
+    sender_factory: Callable[[PlanhatSettings], Any] = sender_for,
+    holder: str | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> list[RunReport]:
+    """Run the named audiences (default all) once. Returns one report per audience."""
+    audiences = settings.select(keys)
+    with engine.begin() as connection:
+        store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+    pool = sources or SourcePool(settings.sources)
+    try:
+        if options.dry_run:
+            return [_dry_run(engine, pool, a, options, settings) for a in audiences]
+        return _sync_leased(
+            settings,
+            engine,
+            pool,
+            audiences,
+            options,
+            sender_factory,
+            holder or lease.new_holder(),
+            progress,
+            should_stop,
+        )
+    finally:
+        if sources is None:
+            pool.close()
+
+
+def _sync_leased(
+    settings: Settings,
+    engine: Engine,
+    pool: SourcePool,
+    audiences: list[AudienceSettings],
+    options: SyncOptions,
+    sender_factory: Callable[[PlanhatSettings], Any],
+    holder: str,
+    progress: Progress | None,
+    should_stop: Callable[[], bool],
+) -> list[RunReport]:
+    ttl = settings.daemon.lease_seconds
+    reports: dict[str, RunReport] = {}
+    held: list[AudienceSettings] = []
+    for audience in audiences:
+        if lease.try_acquire(engine, audience.key, holder, ttl):
+            held.append(audience)
+        else:
+            reports[audience.key] = _already_running(engine, audience)
+    try:
+        with lease.LeaseKeeper(engine, [a.key for a in held], holder, ttl) as keeper:
+            started = time.monotonic()
+            for audience in held:
+                if should_stop():
+                    break
+                reports[audience.key] = _snapshot(engine, pool, audience, options, settings.safety, holder)
+            ready = {k: r for k, r in reports.items() if r.status == "running" and r.run_id}
+            if ready:
+                _deliver(
+                    engine,
+                    settings.planhat,
+                    ready,
+                    sender_factory,
+                    progress,
+                    lambda: should_stop() or bool(keeper.lost),
+                )
+            for report in ready.values():
+                _finish(engine, report, time.monotonic() - started)
+    finally:
+        for audience in held:
+            lease.release(engine, audience.key, holder)
+    return [reports[a.key] for a in audiences if a.key in reports]
+
+
+def _already_running(engine: Engine, audience: AudienceSettings) -> RunReport:
+    other = lease.current_holder(engine, audience.key) or "another process"
+    return RunReport(
+        key=audience.key,
+        name=audience.name,
+        status="skipped",
+        error=f"audience {audience.key!r} is already running (lease held by {other})",
+    )
+
+
+# --- snapshot and diff --------------------------------------------------------------------
+
+
+def _snapshot(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    options: SyncOptions,
+    safety: SafetySettings,
+    holder: str,
+) -> RunReport:
+    """Stage, diff and queue one audience; the report stays 'running' when there is more to do."""
+    started = time.monotonic()
+    with engine.begin() as connection:
+        store.abort_stale_runs(connection, audience.key)
+        kind = _kind(connection, audience.key, options)
+        run_id = store.start_run(connection, audience.key, kind, options.trigger, holder)
+    report = RunReport(key=audience.key, name=audience.name, kind=kind, run_id=run_id)
+    try:
+        counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety)
+    except AudienceSyncError as exc:
+        return _fail(engine, report, "failed", str(exc), started)
+    except sa.exc.SQLAlchemyError as exc:
+        return _fail(
+            engine,
+            report,
+            "failed",
+            f"state database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}",
+            started,
+        )
+    report.members, report.entered, report.exited, report.skipped = (
+        counts.members,
+        counts.entered,
+        counts.exited,
+        skipped,
+    )
+    if report.status == "blocked":
+        return _fail(engine, report, "blocked", report.error or "", started)
+    return report
+
+
+def _kind(connection: sa.Connection, key: str, options: SyncOptions) -> str:
+    full = options.full or not store.has_baseline(connection, key) or _resync_requested(connection, key)
+    return "full" if full else "incremental"
+
+
+def _resync_requested(connection: sa.Connection, key: str) -> bool:
+    return (
+        connection.execute(
+            sa.select(m.resync_requests.c.id)
+            .where(m.resync_requests.c.audience_key == key, m.resync_requests.c.status == "pending")
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def _stage_and_queue(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    report: RunReport,
+    options: SyncOptions,
+    safety: SafetySettings,
+) -> tuple[diff.DiffCounts, int]:
+    stats = ReadStats()
+    with engine.connect() as connection:
+        try:
+            diff.create_stage(connection)
+            given = diff.load_stage(connection, read_members(pool, audience, stats))
+            counts = diff.measure(connection, audience.key)
+            skipped = stats.skipped + (given - counts.members)  # bad rows + duplicates
+            _log_skipped(audience.key, stats, given - counts.members)
+            blocked = _guard(counts, safety, options, audience.key)
+            if blocked:
+                report.status, report.error = "blocked", blocked
+                connection.rollback()
+                return counts, skipped
+            now = store.utcnow()
+            diff.queue_changes(connection, audience.key, report.run_id, now, full=report.kind == "full")
+            connection.execute(
+                m.audiences.update()
+                .where(m.audiences.c.key == audience.key, m.audiences.c.baseline_at.is_(None))
+                .values(baseline_at=now)
+            )
+            store.update_run(
+                connection,
+                report.run_id,
+                members=counts.members,  # type: ignore[arg-type]
+                entered=counts.entered,
+                exited=counts.exited,
+                skipped=skipped,
+            )
+            connection.commit()
+            return counts, skipped
+        finally:
+            connection.rollback()
+            diff.drop_stage(connection)
+            connection.commit()
+
+
+def _guard(counts: diff.DiffCounts, safety: SafetySettings, options: SyncOptions, key: str) -> str | None:
+    """The mass-exit guard: a source that suddenly returns (almost) nothing must not tell
+    Planhat that everyone left."""
+    if options.force or counts.previous < safety.min_members:
+        return None
+    if counts.exit_fraction <= safety.max_exit_fraction:
+        return None
+    return (
+        f"mass-exit guard: {counts.exited} of {counts.previous} members "
+        f"({counts.exit_fraction:.0%}) would exit, above safety.max_exit_fraction "
+        f"{safety.max_exit_fraction:g}; nothing sent. If the exit is real, run "
+        f"`audience-sync sync --audience {key} --force`"
+    )
+
+
+def _log_skipped(key: str, stats: ReadStats, duplicates: int) -> None:
+    if stats.skipped:
+        log.warning(
+            "audience %r: skipped %d unusable rows, e.g. %s", key, stats.skipped, "; ".join(stats.samples)
+        )
+    if duplicates:
+        log.info("audience %r: %d duplicate rows counted once", key, duplicates)
+
+
+def _fail(engine: Engine, report: RunReport, status: str, error: str, started: float) -> RunReport:
+    report.status, report.error = status, error
+    report.duration = time.monotonic() - started
+    with engine.begin() as connection:
+        report.pending = store.pending_count(connection, report.key)
+        store.update_run(
+            connection,
+            report.run_id,
+            status=status,
+            error=error,  # type: ignore[arg-type]
+            finished_at=store.utcnow(),
+            pending=report.pending,
+            members=report.members or None,
+            entered=report.entered,
+            exited=report.exited,
+            skipped=report.skipped,
+        )
+    _log_run(report)
+    return report
+
+
+# --- delivery and closing -----------------------------------------------------------------
+
+
+def _deliver(
+    engine: Engine,
+    planhat: PlanhatSettings,
+    ready: dict[str, RunReport],
+    sender_factory: Callable[[PlanhatSettings], Any],
+    progress: Progress | None,
+    should_stop: Callable[[], bool],
+) -> None:
+    run_ids = {key: report.run_id for key, report in ready.items() if report.run_id}
+    total = _pending_total(engine, list(run_ids))
+    if not total:
+        return
+    if progress:
+        progress.start(total)
+    counts: dict[str, DeliveryCounts] = {}
+    sender: Sender | None = None
+    try:
+        with sender_factory(planhat) as sender:
+            counts = deliver(
+                engine,
+                sender,
+                run_ids,  # type: ignore[arg-type]
+                progress.advance if progress else None,
+                should_stop,
+            )
+    except PlanhatError as exc:
+        for report in ready.values():
+            report.error = str(exc)
+    finally:
+        if progress:
+            progress.finish()
+    for key, tally in counts.items():
+        report = ready[key]
+        report.sent, report.failed = tally.sent, tally.failed
+        if tally.failed and not report.error:
+            report.error = f"Planhat did not accept {tally.failed} changes, e.g. {tally.errors[0]}"
+    if sender is not None and sender.exhausted:
+        for report in ready.values():
+            report.error = report.error or "Planhat unavailable: retry budget spent"
+
+
+def _pending_total(engine: Engine, keys: list[str]) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.select(sa.func.count()).select_from(m.pending).where(m.pending.c.audience_key.in_(keys))
+            ).scalar_one()
+        )
+
+
+def _finish(engine: Engine, report: RunReport, duration: float) -> None:
+    with engine.begin() as connection:
+        report.pending = store.pending_count(connection, report.key)
+        if report.pending == 0 and not report.error:
+            report.status = "success"
+        elif report.pending and not report.error:
+            report.status, report.error = "partial", "stopped before every change was delivered"
+        else:
+            report.status = "partial" if report.sent else "failed"
+        report.duration = duration
+        store.update_run(
+            connection,
+            report.run_id,
+            status=report.status,
+            error=report.error,  # type: ignore[arg-type]
+            sent=report.sent,
+            failed=report.failed,
+            pending=report.pending,
+            finished_at=store.utcnow(),
+        )
+        if report.kind == "full":
+            connection.execute(
+                m.resync_requests.update()
+                .where(
+                    m.resync_requests.c.audience_key == report.key, m.resync_requests.c.status == "pending"
+                )
+                .values(status="done", run_id=report.run_id, done_at=store.utcnow())
+            )
+    _log_run(report)
+
+
+def _log_run(report: RunReport) -> None:
+    log.info(
+        "run audience=%s kind=%s status=%s members=%d entered=%d exited=%d sent=%d failed=%d "
+        "skipped=%d pending=%d duration=%.2fs%s",
+        report.key,
+        report.kind,
+        report.status,
+        report.members,
+        report.entered,
+        report.exited,
+        report.sent,
+        report.failed,
+        report.skipped,
+        report.pending,
+        report.duration,
+        f" error={report.error!r}" if report.error else "",
+    )
+
+
+# --- dry run ------------------------------------------------------------------------------
+
+
+def _dry_run(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    options: SyncOptions,
+    settings: Settings,
+) -> RunReport:
+    """Everything a run would do up to delivery, inside a transaction that is rolled back."""
+    started = time.monotonic()
+    report = RunReport(key=audience.key, name=audience.name, status="dry-run")
+    stats = ReadStats()
+    with engine.connect() as connection:
+        try:
+            report.kind = _kind(connection, audience.key, options)
+            diff.create_stage(connection)
+            given = diff.load_stage(connection, read_members(pool, audience, stats))
+            counts = diff.measure(connection, audience.key)
+            report.members, report.entered, report.exited = counts.members, counts.entered, counts.exited
+            report.skipped = stats.skipped + (given - counts.members)
+            blocked = _guard(counts, settings.safety, options, audience.key)
+            if blocked:
+                report.status, report.error = "blocked", blocked
+            diff.queue_changes(connection, audience.key, None, store.utcnow(), full=report.kind == "full")
+            report.pending = store.pending_count(connection, audience.key)
+            report.samples = _samples(connection, audience.key, settings.planhat)
+        except AudienceSyncError as exc:
+            report.status, report.error = "failed", str(exc)
+        finally:
+            connection.rollback()
+            diff.drop_stage(connection)
+            connection.commit()
+    report.duration = time.monotonic() - started
+    return report
+
+
+def _samples(connection: sa.Connection, key: str, planhat: PlanhatSettings) -> list[dict[str, Any]]:
+    rows = connection.execute(
+        sa.select(m.pending)
+        .where(m.pending.c.audience_key == key)
+        .order_by(m.pending.c.value.desc(), m.pending.c.user_ref)
+        .limit(DRY_RUN_SAMPLES)
+    )
+    payloads = []
+    for row in rows:
+        contact = Contact(
+            ref=row.user_ref,
+            user_id=row.user_id,
+            email=row.email,
+            name=row.name,
+            title=row.title,
+            company_id=row.company_id,
+            values={key: bool(row.value)},
+        )
+        if planhat.transport == "segment":
+            payloads.append(build_identify(contact, planhat, "dry-run", store.utcnow().isoformat()))
+        else:
+            payloads.append(build_enduser(contact))
+    return payloads

@@ -1,0 +1,109 @@
+"""One run per audience at a time, across processes and hosts: a lease row in the state database.
+
+Taking a lease is one conditional UPDATE (steal it if expired, or renew our own) or, when no
+row exists, one INSERT ... ON CONFLICT DO NOTHING: both atomic on SQLite and PostgreSQL.
+A holder renews it while its run is alive; when the holder dies the lease simply expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from . import models as m
+from .store import dialect_insert, utcnow
+
+log = logging.getLogger("audience_sync.lease")
+
+
+def new_holder() -> str:
+    """host:pid:random, unique per process and readable in the leases table."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def try_acquire(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bool:
+    now = utcnow()
+    expires = now + timedelta(seconds=ttl_seconds)
+    with engine.begin() as connection:
+        taken = connection.execute(
+            m.leases.update()
+            .where(
+                m.leases.c.audience_key == key,
+                sa.or_(m.leases.c.expires_at < now, m.leases.c.holder == holder),
+            )
+            .values(holder=holder, acquired_at=now, expires_at=expires)
+        ).rowcount
+        if taken:
+            return True
+        insert = dialect_insert(connection)(m.leases).values(
+            audience_key=key, holder=holder, acquired_at=now, expires_at=expires
+        )
+        return bool(connection.execute(insert.on_conflict_do_nothing()).rowcount)
+
+
+def renew(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bool:
+    """Extend our lease; False when it is no longer ours (it expired and someone took it)."""
+    with engine.begin() as connection:
+        return bool(
+            connection.execute(
+                m.leases.update()
+                .where(m.leases.c.audience_key == key, m.leases.c.holder == holder)
+                .values(expires_at=utcnow() + timedelta(seconds=ttl_seconds))
+            ).rowcount
+        )
+
+
+def release(engine: Engine, key: str, holder: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            m.leases.delete().where(m.leases.c.audience_key == key, m.leases.c.holder == holder)
+        )
+
+
+def current_holder(engine: Engine, key: str) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.select(m.leases.c.holder).where(
+                m.leases.c.audience_key == key, m.leases.c.expires_at >= utcnow()
+            )
+        ).scalar_one_or_none()
+
+
+class LeaseKeeper:
+    """Renews a set of held leases in a background thread until stopped."""
+
+    def __init__(self, engine: Engine, keys: list[str], holder: str, ttl_seconds: float) -> None:
+        self.engine = engine
+        self.keys = list(keys)
+        self.holder = holder
+        self.ttl = ttl_seconds
+        self.lost: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.ttl)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            for key in self.keys:
+                if key in self.lost:
+                    continue
+                try:
+                    if not renew(self.engine, key, self.holder, self.ttl):
+                        log.error("lost the lease on audience %r", key)
+                        self.lost.add(key)
+                except sa.exc.SQLAlchemyError as exc:  # transient: try again next tick
+                    log.warning("could not renew the lease on %r: %s", key, exc.__class__.__name__)

@@ -1,0 +1,165 @@
+"""The state database's tables (documented for operators in README, "State database").
+
+audiences        one row per configured audience key; baseline_at set once its first full
+                 diff is committed, next_run_at written by the daemon
+baseline         the members Planhat has confirmed as `true` (what Planhat was told);
+                 advances only when Planhat accepts a change
+pending          the outbox: changes computed but not yet accepted by Planhat
+runs             one row per audience per run, with counts, status and error
+changes          one row per change sent (user, audience, value, outcome, when);
+                 pruned after history.retention_days
+leases           one row per audience being run: who holds it and until when
+resync_requests  full resyncs asked for with `audience-sync resync`
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+KEY = 255  # audience keys and user identifiers
+TEXT = 1024  # traits such as name and title
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC on every backend, read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("key", String(KEY), primary_key=True),
+    Column("name", String(TEXT), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("baseline_at", UTCDateTime, nullable=True),
+    Column("next_run_at", UTCDateTime, nullable=True),
+)
+
+baseline = Table(
+    "baseline",
+    metadata,
+    Column("audience_key", String(KEY), primary_key=True),
+    Column("user_ref", String(KEY), primary_key=True),
+    Column("user_id", String(KEY), nullable=True),
+    Column("email", String(KEY), nullable=True),
+    Column("run_id", Integer, nullable=True),
+    Column("told_at", UTCDateTime, nullable=False),
+)
+
+pending = Table(
+    "pending",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", String(KEY), nullable=False),
+    Column("user_ref", String(KEY), nullable=False),
+    Column("value", Boolean, nullable=False),
+    Column("user_id", String(KEY), nullable=True),
+    Column("email", String(KEY), nullable=True),
+    Column("name", String(TEXT), nullable=True),
+    Column("title", String(TEXT), nullable=True),
+    Column("company_id", String(KEY), nullable=True),
+    Column("run_id", Integer, nullable=True),
+    Column("queued_at", UTCDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Index("uq_pending_audience_user", "audience_key", "user_ref", unique=True),
+    # Delivery reads the outbox in user order, so one user's audiences coalesce.
+    Index("ix_pending_user_ref", "user_ref", "audience_key"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", String(KEY), nullable=False),
+    Column("kind", String(16), nullable=False),  # full | incremental
+    Column("trigger", String(16), nullable=False),  # cli | schedule | resync
+    Column("status", String(16), nullable=False),  # running | success | partial | failed | blocked | aborted
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("members", Integer, nullable=True),
+    Column("entered", Integer, nullable=False, server_default="0"),
+    Column("exited", Integer, nullable=False, server_default="0"),
+    Column("sent", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("skipped", Integer, nullable=False, server_default="0"),
+    Column("pending", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=True),
+    Column("holder", String(KEY), nullable=True),
+    Index("ix_runs_audience_started", "audience_key", "started_at"),
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, nullable=True),
+    Column("audience_key", String(KEY), nullable=False),
+    Column("user_ref", String(KEY), nullable=False),
+    Column("value", Boolean, nullable=False),
+    Column("outcome", String(16), nullable=False),  # delivered | failed
+    Column("error", Text, nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_changes_run_id", "run_id"),
+    Index("ix_changes_audience_user", "audience_key", "user_ref"),
+    Index("ix_changes_at", "at"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("audience_key", String(KEY), primary_key=True),
+    Column("holder", String(KEY), nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+resync_requests = Table(
+    "resync_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", String(KEY), nullable=False),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("requested_by", String(KEY), nullable=True),
+    Column("status", String(16), nullable=False),  # pending | done
+    Column("run_id", Integer, nullable=True),
+    Column("done_at", UTCDateTime, nullable=True),
+    Index("ix_resync_requests_status", "status", "audience_key"),
+)

@@ -1,0 +1,395 @@
+"""The state database: engine, migrations, and the queries operators and the engine share.
+
+Migrations ship inside the package (a wheel maps the top-level `migrations/` folder to
+`audience_sync/migrations`); Alembic is configured in code, so `audience-sync db upgrade`
+works from any directory with no alembic.ini.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from . import models as m
+from .errors import SchemaOutdatedError, StateDatabaseError
+
+log = logging.getLogger("audience_sync.store")
+
+UPGRADE_HINT = "run `audience-sync db upgrade`"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def safe_url(url: str | sa.URL) -> str:
+    """A database URL fit for logs and messages: the password hidden."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<invalid database URL>"
+
+
+# --- engine -------------------------------------------------------------------------------
+
+
+def create_state_engine(url: str) -> Engine:
+    """An engine for the state database, with SQLite tuned for a write-heavy single file."""
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise StateDatabaseError(f"database.url {safe_url(url)}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets `status` and `history` read while a run writes; NORMAL is durable under WAL
+    # for everything but a power cut, and the outbox makes a lost tail harmless (resent).
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA temp_store=MEMORY")
+    cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB
+    cursor.close()
+
+
+@contextmanager
+def translate_errors(what: str, url: str) -> Iterator[None]:
+    """Turn driver errors into one line naming the state database."""
+    try:
+        yield
+    except sa.exc.OperationalError as exc:
+        raise StateDatabaseError(f"{what} {safe_url(url)}: {_first_line(exc)}") from exc
+    except sa.exc.DBAPIError as exc:
+        raise StateDatabaseError(f"{what} {safe_url(url)}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: sa.exc.DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+
+
+def dialect_insert(connection: Connection) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (SQLite and PostgreSQL alike)."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """Shipped inside the package in a wheel; the top-level folder in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise StateDatabaseError("migrations folder not found: the installation is incomplete")
+
+
+def _alembic_config(connection: Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    script = ScriptDirectory(str(migrations_dir()))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Upgrade the schema; returns (revision before, revision after)."""
+    with translate_errors("cannot upgrade state database", str(engine.url)), engine.begin() as connection:
+        before = current_revision(connection)
+        command.upgrade(_alembic_config(connection), revision)
+        after = current_revision(connection)
+    assert after is not None
+    return before, after
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Refuse a schema that is behind. A brand-new, empty database is created at head."""
+    with translate_errors("cannot open state database", str(engine.url)), engine.connect() as connection:
+        revision = current_revision(connection)
+        empty = revision is None and not sa.inspect(connection).get_table_names()
+    if empty:
+        log.info("initialising empty state database %s", safe_url(engine.url))
+        upgrade(engine)
+        return
+    head = head_revision()
+    if revision != head:
+        raise SchemaOutdatedError(
+            f"state database {safe_url(engine.url)} is at revision {revision or 'none'}, "
+            f"this version needs {head}: {UPGRADE_HINT}"
+        )
+
+
+def open_state(url: str) -> Engine:
+    engine = create_state_engine(url)
+    try:
+        ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+# --- audiences and runs -------------------------------------------------------------------
+
+
+def register_audiences(connection: Connection, audiences: list[tuple[str, str]]) -> None:
+    """Insert unknown audience keys; keep the name current for known ones."""
+    now = utcnow()
+    existing = dict(connection.execute(sa.select(m.audiences.c.key, m.audiences.c.name)).all())
+    for key, name in audiences:
+        if key not in existing:
+            connection.execute(m.audiences.insert().values(key=key, name=name, created_at=now))
+        elif existing[key] != name:
+            connection.execute(m.audiences.update().where(m.audiences.c.key == key).values(name=name))
+
+
+def has_baseline(connection: Connection, key: str) -> bool:
+    value = connection.execute(
+        sa.select(m.audiences.c.baseline_at).where(m.audiences.c.key == key)
+    ).scalar_one_or_none()
+    return value is not None
+
+
+def start_run(connection: Connection, key: str, kind: str, trigger: str, holder: str) -> int:
+    result = connection.execute(
+        m.runs.insert().values(
+            audience_key=key,
+            kind=kind,
+            trigger=trigger,
+            status="running",
+            started_at=utcnow(),
+            holder=holder,
+        )
+    )
+    return int(result.inserted_primary_key[0])
+
+
+def update_run(connection: Connection, run_id: int, **values: Any) -> None:
+    connection.execute(m.runs.update().where(m.runs.c.id == run_id).values(**values))
+
+
+def abort_stale_runs(connection: Connection, key: str) -> int:
+    """Runs left 'running' by a process that died: called once we hold the audience's lease."""
+    result = connection.execute(
+        m.runs.update()
+        .where(m.runs.c.audience_key == key, m.runs.c.status == "running")
+        .values(
+            status="aborted",
+            finished_at=utcnow(),
+            error="the process ended before the run finished; its changes stay pending",
+        )
+    )
+    return result.rowcount or 0
+
+
+def pending_count(connection: Connection, key: str) -> int:
+    return int(
+        connection.execute(
+            sa.select(sa.func.count()).select_from(m.pending).where(m.pending.c.audience_key == key)
+        ).scalar_one()
+    )
+
+
+# --- history and status -------------------------------------------------------------------
+
+RUN_FIELDS = (
+    "id",
+    "audience",
+    "kind",
+    "trigger",
+    "status",
+    "started_at",
+    "finished_at",
+    "duration_seconds",
+    "members",
+    "entered",
+    "exited",
+    "sent",
+    "failed",
+    "skipped",
+    "pending",
+    "error",
+)
+
+
+def history(connection: Connection, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """Run records, newest first."""
+    query = sa.select(m.runs).order_by(m.runs.c.started_at.desc(), m.runs.c.id.desc()).limit(limit)
+    if key:
+        query = query.where(m.runs.c.audience_key == key)
+    return [_run_record(row._mapping) for row in connection.execute(query)]
+
+
+def _run_record(row: Any) -> dict[str, Any]:
+    duration = None
+    if row["finished_at"] is not None:
+        duration = round((row["finished_at"] - row["started_at"]).total_seconds(), 3)
+    return {
+        "id": row["id"],
+        "audience": row["audience_key"],
+        "kind": row["kind"],
+        "trigger": row["trigger"],
+        "status": row["status"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "duration_seconds": duration,
+        "members": row["members"],
+        "entered": row["entered"],
+        "exited": row["exited"],
+        "sent": row["sent"],
+        "failed": row["failed"],
+        "skipped": row["skipped"],
+        "pending": row["pending"],
+        "error": row["error"],
+    }
+
+
+@dataclass(frozen=True)
+class AudienceStatus:
+    key: str
+    name: str
+    configured: bool
+    members: int | None
+    baseline: int
+    pending: int
+    last_run: dict[str, Any] | None
+    last_success_at: datetime | None
+    last_error: str | None
+    next_run_at: datetime | None
+    resync_requested: bool
+
+
+def status(connection: Connection, configured: dict[str, str]) -> list[AudienceStatus]:
+    """One entry per audience known to the config or to the database."""
+    rows = {r.key: r for r in connection.execute(sa.select(m.audiences))}
+    keys = list(configured) + sorted(k for k in rows if k not in configured)
+    pending = _counts_by_audience(connection, m.pending)
+    baseline = _counts_by_audience(connection, m.baseline)
+    requested = set(
+        connection.execute(
+            sa.select(m.resync_requests.c.audience_key).where(m.resync_requests.c.status == "pending")
+        ).scalars()
+    )
+    result = []
+    for key in keys:
+        last = history(connection, key, limit=1)
+        last_run = last[0] if last else None
+        row = rows.get(key)
+        result.append(
+            AudienceStatus(
+                key=key,
+                name=configured.get(key) or (row.name if row else key),
+                configured=key in configured,
+                members=_last_members(connection, key),
+                baseline=baseline.get(key, 0),
+                pending=pending.get(key, 0),
+                last_run=last_run,
+                last_success_at=last_success_at(connection, key),
+                last_error=_last_error(connection, key),
+                next_run_at=row.next_run_at if row else None,
+                resync_requested=key in requested,
+            )
+        )
+    return result
+
+
+def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, int]:
+    query = sa.select(table.c.audience_key, sa.func.count()).group_by(table.c.audience_key)
+    return {key: int(count) for key, count in connection.execute(query)}
+
+
+def _last_members(connection: Connection, key: str) -> int | None:
+    return connection.execute(
+        sa.select(m.runs.c.members)
+        .where(m.runs.c.audience_key == key, m.runs.c.members.is_not(None))
+        .order_by(m.runs.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def last_success_at(connection: Connection, key: str) -> datetime | None:
+    return connection.execute(
+        sa.select(sa.func.max(m.runs.c.finished_at)).where(
+            m.runs.c.audience_key == key, m.runs.c.status == "success"
+        )
+    ).scalar_one_or_none()
+
+
+def last_run_finished_at(connection: Connection, key: str) -> datetime | None:
+    return connection.execute(
+        sa.select(sa.func.max(m.runs.c.finished_at)).where(m.runs.c.audience_key == key)
+    ).scalar_one_or_none()
+
+
+def _last_error(connection: Connection, key: str) -> str | None:
+    return connection.execute(
+        sa.select(m.runs.c.error)
+        .where(m.runs.c.audience_key == key, m.runs.c.error.is_not(None))
+        .order_by(m.runs.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+# --- resync requests ----------------------------------------------------------------------
+
+
+def request_resync(connection: Connection, keys: list[str], requested_by: str) -> list[int]:
+    """Record a full resync request per audience (one pending request each is enough)."""
+    ids = []
+    for key in keys:
+        existing = connection.execute(
+            sa.select(m.resync_requests.c.id).where(
+                m.resync_requests.c.audience_key == key, m.resync_requests.c.status == "pending"
+            )
+        ).scalar_one_or_none()
+        if existing is None:
+            existing = connection.execute(
+                m.resync_requests.insert().values(
+                    audience_key=key,
+                    requested_at=utcnow(),
+                    requested_by=requested_by,
+                    status="pending",
+                )
+            ).inserted_primary_key[0]
+        ids.append(int(existing))
+    return ids
+
+
+def pending_resync_keys(connection: Connection) -> list[str]:
+    return list(
+        connection.execute(
+            sa.select(m.resync_requests.c.audience_key)
+            .where(m.resync_requests.c.status == "pending")
+            .distinct()
+        ).scalars()
+    )
