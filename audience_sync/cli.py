@@ -121,8 +121,8 @@ def sync(
         if not dry_run and settings.planhat.token is None:
             dry_run = True
             _err(
-                f"No Planhat token set ({settings.planhat.token_setting}): dry run, "
-                "nothing is sent or recorded."
+                f"No Planhat token set: set {settings.planhat.token_setting}. "
+                "Dry run: nothing is sent or recorded."
             )
         options = sync_engine.SyncOptions(full=full, dry_run=dry_run, force=force)
         progress = _progress() if not as_json and not dry_run else None
