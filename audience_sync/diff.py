@@ -113,6 +113,13 @@ _QUEUE_ENTRIES = f"""
 _ENTERED = "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
 _EVERY_MEMBER = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
 
+# Typed parameters: PostgreSQL cannot infer a type for a bare parameter in a SELECT list.
+_PARAMS = (
+    sa.bindparam("key", type_=sa.String),
+    sa.bindparam("run_id", type_=sa.Integer),
+    sa.bindparam("now", type_=UTCDateTime),
+)
+
 _QUEUE_EXITS = sa.text(
     f"""
     INSERT INTO pending (audience_key, user_ref, value, user_id, email, name, title, company_id,
@@ -123,18 +130,14 @@ _QUEUE_EXITS = sa.text(
       AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = b.user_ref)
     {_UPSERT}
     """
-)
+).bindparams(*_PARAMS)
 
 
 def queue_changes(connection: Connection, key: str, run_id: int | None, now: datetime, *, full: bool) -> None:
     """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction)."""
-    params = {"key": key, "run_id": run_id, "now": _naive_utc(now)}
+    params = {"key": key, "run_id": run_id, "now": now}
     connection.execute(_DROP_STALE, {"key": key})
     condition = _EVERY_MEMBER if full else _ENTERED
-    connection.execute(sa.text(_QUEUE_ENTRIES.format(condition=condition)), params)
+    entries = sa.text(_QUEUE_ENTRIES.format(condition=condition)).bindparams(*_PARAMS)
+    connection.execute(entries, params)
     connection.execute(_QUEUE_EXITS, params)
-
-
-def _naive_utc(moment: datetime) -> datetime | None:
-    # Raw SQL bypasses models.UTCDateTime, so store the same naive-UTC form it does.
-    return UTCDateTime().process_bind_param(moment, None)

@@ -1,0 +1,199 @@
+"""Shared fixtures: a clean environment, state databases on SQLite and PostgreSQL, a source
+database, a config file, the loopback fake Planhat, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync.cli import main
+from tests.fake_planhat import FakePlanhat
+
+POSTGRES_URL = os.environ.get(
+    "AUDIENCE_SYNC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+# CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
+REQUIRE_POSTGRES = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
+TENANT_TOKEN = "tenant-secret-token-123"
+API_TOKEN = "api-secret-token-456"
+
+_postgres_error: str | None | bool = False  # False: not probed yet
+
+
+def postgres_unavailable() -> str | None:
+    """Why PostgreSQL cannot be used, or None when it can. Probed once per session."""
+    global _postgres_error
+    if _postgres_error is False:
+        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect():
+                _postgres_error = None
+        except sa.exc.SQLAlchemyError as exc:
+            _postgres_error = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc.__class__.__name__}"
+        finally:
+            engine.dispose()
+    return _postgres_error  # type: ignore[return-value]
+
+
+def require_postgres() -> None:
+    reason = postgres_unavailable()
+    if reason:
+        if REQUIRE_POSTGRES:
+            pytest.fail(reason + " (AUDIENCE_SYNC_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No machine setting leaks into a test; each test works in its own directory."""
+    for name in list(os.environ):
+        if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name not in (
+            "AUDIENCE_SYNC_TEST_POSTGRES",
+            "AUDIENCE_SYNC_REQUIRE_POSTGRES",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL, dropped afterwards."""
+    require_postgres()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The state database URL: a real SQLite file, then the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def fake_planhat() -> Iterator[FakePlanhat]:
+    with FakePlanhat(tenant_token=TENANT_TOKEN, api_token=API_TOKEN) as fake:
+        yield fake
+
+
+class SourceDB:
+    """A SQLite source database with a `users` table the tests rewrite between runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        with sqlite3.connect(path) as connection:
+            connection.execute(
+                "CREATE TABLE users (id TEXT, email TEXT, name TEXT, title TEXT, company_id TEXT, "
+                "plan TEXT, orders INTEGER)"
+            )
+        connection.close()
+
+    def set_users(self, rows: list[dict[str, Any]]) -> None:
+        with sqlite3.connect(self.path) as connection:
+            connection.execute("DELETE FROM users")
+            connection.executemany(
+                "INSERT INTO users VALUES (:id, :email, :name, :title, :company_id, :plan, :orders)",
+                [_user_row(row) for row in rows],
+            )
+        connection.close()
+
+
+def _user_row(row: dict[str, Any]) -> dict[str, Any]:
+    base = {"id": None, "email": None, "name": None, "title": None, "company_id": None,
+            "plan": "pro", "orders": 0}  # fmt: skip
+    return {**base, **row}
+
+
+def users(ids: list[int] | range, **extra: Any) -> list[dict[str, Any]]:
+    return [{"id": f"u{n}", "email": f"u{n}@example.com", **extra} for n in ids]
+
+
+@pytest.fixture
+def source_db(tmp_path: Path) -> SourceDB:
+    return SourceDB(tmp_path / "source.db")
+
+
+PRO_QUERY = "SELECT id AS user_id, email, name, title, company_id FROM users WHERE plan = 'pro'"
+BUYERS_QUERY = "SELECT id AS user_id, email FROM users WHERE orders > 0"
+
+
+@dataclass
+class Project:
+    """A config file on disk wired to a state database, a source and the fake Planhat."""
+
+    path: Path
+    state_url: str
+    source: SourceDB
+    planhat: FakePlanhat
+
+    def write(self, audiences: list[dict[str, str]] | None = None, transport: str = "segment",
+              extra: str = "", tokens: bool = True) -> Path:  # fmt: skip
+        audiences = audiences if audiences is not None else [
+            {"name": "Pro Plan", "query": PRO_QUERY},
+            {"name": "Buyers", "query": BUYERS_QUERY},
+        ]  # fmt: skip
+        lines = [
+            "[database]", f'url = "{self.state_url}"', "",
+            "[planhat]", f'transport = "{transport}"', f'base_url = "{self.planhat.url}"',
+            "backoff_base_seconds = 0.01", "backoff_max_seconds = 0.05", "retry_budget_seconds = 2",
+            "timeout_seconds = 2",
+        ]  # fmt: skip
+        if tokens:
+            lines += [f'tenant_token = "{TENANT_TOKEN}"', f'api_token = "{API_TOKEN}"']
+        lines += ["", "[sources.app]", f'url = "{self.source.url}"', ""]
+        for audience in audiences:
+            lines.append("[[audiences]]")
+            lines += [f"{key} = {_toml_string(value)}" for key, value in audience.items()]
+            lines.append('source = "app"' if "source" not in audience else "")
+            lines.append("")
+        self.path.write_text("\n".join(lines) + "\n" + extra)
+        return self.path
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def project(tmp_path: Path, state_url: str, source_db: SourceDB, fake_planhat: FakePlanhat) -> Project:
+    project = Project(tmp_path / "audience_sync.toml", state_url, source_db, fake_planhat)
+    project.write()
+    return project
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run `audience-sync ARGS` in-process; returns exit code, stdout and stderr."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

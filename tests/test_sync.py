@@ -1,0 +1,208 @@
+"""`audience-sync sync` end to end: CLI -> source -> state database -> loopback Planhat."""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, users
+
+
+def history(cli, *args: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    result = cli("--config", "audience_sync.toml", "history", "--json", *args)
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+def sync(cli, *args: str):  # type: ignore[no-untyped-def]
+    return cli("--config", "audience_sync.toml", "sync", *args)
+
+
+def test_first_run_sends_every_member_then_only_changes(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    project.source.set_users(users(range(1, 11), plan="pro"))
+
+    first = sync(cli)
+    assert first.code == 0, first.err
+    assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 11))
+    assert len(fake.requests) == 10
+
+    # u1, u2 leave; u11, u12 enter; the rest is unchanged.
+    project.source.set_users(users(range(3, 13), plan="pro"))
+    before = len(fake.requests)
+    second = sync(cli)
+    assert second.code == 0, second.err
+    assert len(fake.requests) - before == 4
+    assert fake.value("u1", "pro_plan") is False and fake.value("u2", "pro_plan") is False
+    assert fake.value("u11", "pro_plan") is True and fake.value("u12", "pro_plan") is True
+
+    runs = history(cli, "--audience", "pro_plan")
+    assert [(r["kind"], r["status"], r["entered"], r["exited"], r["sent"]) for r in runs] == [
+        ("incremental", "success", 2, 2, 4),
+        ("full", "success", 10, 0, 10),
+    ]
+    third = sync(cli)
+    assert third.code == 0 and len(fake.requests) - before == 4  # nothing changed, nothing sent
+
+
+def test_identify_payload_is_engage_shaped(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users([{"id": "u1", "email": "a@x.com", "name": "Ann", "title": "CTO",
+                               "company_id": "c9", "plan": "pro"}])  # fmt: skip
+    assert sync(cli).code == 0
+    method, path, body, status = project.planhat.requests[0][:4]
+    assert (method, path, status) == ("POST", "/dock/segment", 200)
+    assert body["type"] == "identify" and body["userId"] == body["user_id"] == "u1"
+    assert body["traits"] == {"pro_plan": True, "email": "a@x.com", "name": "Ann", "title": "CTO",
+                              "companyId": "c9"}  # fmt: skip
+    assert body["context"]["personas"]["computation_class"] == "audience"
+    assert body["context"]["personas"]["computation_key"] == "pro_plan"
+    assert body["source"] == "Segment" and body["messageId"] and body["timestamp"]
+
+
+def test_history_json_has_the_documented_fields(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro", orders=1))
+    assert sync(cli).code == 0
+    runs = history(cli)
+    assert len(runs) == 2  # one per audience per run
+    for field in ("id", "audience", "kind", "status", "started_at", "finished_at", "members",
+                  "entered", "exited", "sent", "failed", "skipped", "error"):  # fmt: skip
+        assert field in runs[0]
+    assert runs[0]["started_at"].endswith("+00:00") and runs[0]["finished_at"].endswith("+00:00")
+
+
+def test_a_users_audiences_coalesce_into_one_identify(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro", orders=2))
+    assert sync(cli).code == 0
+    assert len(project.planhat.requests) == 3
+    traits = project.planhat.requests[0][2]["traits"]
+    assert traits["pro_plan"] is True and traits["buyers"] is True
+
+
+def test_dry_run_changes_nothing(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 6), plan="pro"))
+    result = sync(cli, "--dry-run")
+    assert result.code == 0, result.err
+    assert "pro_plan" in result.out and '"type": "identify"' in result.out
+    assert project.planhat.requests == []
+    assert history(cli) == []
+    assert sync(cli).code == 0  # the real first run is still a full one
+    assert history(cli, "--audience", "pro_plan")[0]["kind"] == "full"
+
+
+def test_no_token_means_dry_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.write(tokens=False)
+    project.source.set_users(users(range(1, 3), plan="pro"))
+    result = sync(cli)
+    assert result.code == 0
+    assert "No Planhat token set" in result.err and "Dry run" in result.err
+    assert project.planhat.requests == []
+
+
+def test_full_flag_resends_everyone_and_false_for_leavers(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    project.source.set_users(users(range(1, 6), plan="pro"))
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    project.source.set_users(users(range(2, 6), plan="pro"))
+    fake.requests.clear()
+    assert sync(cli, "--audience", "pro_plan", "--full").code == 0
+    sent = {(b["userId"], b["traits"]["pro_plan"]) for _, _, b, *_ in fake.requests}
+    assert sent == {("u1", False), ("u2", True), ("u3", True), ("u4", True), ("u5", True)}
+    assert history(cli, "--audience", "pro_plan")[0]["kind"] == "full"
+
+
+def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    project.source.set_users(users(range(1, 6), plan="pro"))
+    fake.always(503)
+    failed = sync(cli, "--audience", "pro_plan")
+    assert failed.code != 0
+    assert "pro_plan" in failed.err
+    run = history(cli)[0]
+    assert run["status"] == "failed" and run["sent"] == 0 and run["pending"] == 5
+
+    fake.clear_faults()
+    # Meanwhile u5 left: its never-delivered `true` is dropped, nothing false is sent for it.
+    project.source.set_users(users(range(1, 5), plan="pro"))
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 5))
+    assert fake.value("u5", "pro_plan") is None
+    assert history(cli)[0]["pending"] == 0
+
+
+def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 6), plan="pro"))
+    project.path.write_text(project.path.read_text().replace(TENANT_TOKEN, "wrong-token"))
+    result = sync(cli, "--audience", "pro_plan")
+    assert result.code != 0
+    assert "planhat.tenant_token" in result.err and "401" in result.err
+    assert "wrong-token" not in result.err + result.out
+    assert "Traceback" not in result.err
+    assert len(project.planhat.requests) == 1  # no retry storm
+    assert history(cli)[0]["pending"] == 5
+
+
+def test_a_failing_query_fails_its_audience_only(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.write([
+        {"name": "Broken", "query": "SELECT id AS user_id FROM no_such_table"},
+        {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
+    ])  # fmt: skip
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    result = sync(cli)
+    assert result.code != 0
+    assert "broken" in result.err and "no_such_table" in result.err
+    assert "Traceback" not in result.err
+    assert all(project.planhat.value(f"u{n}", "pro_plan") for n in range(1, 4))
+    statuses = {r["audience"]: r["status"] for r in history(cli)}
+    assert statuses == {"broken": "failed", "pro_plan": "success"}
+
+
+def test_a_query_without_identifiers_is_refused(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.write([{"name": "Names", "query": "SELECT name FROM users"}])
+    project.source.set_users(users(range(1, 3)))
+    result = sync(cli)
+    assert result.code != 0
+    assert "names" in result.err and "neither user_id nor email" in result.err
+
+
+def test_bad_rows_are_skipped_and_counted(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    rows = users(range(1, 4), plan="pro") + [
+        {"id": None, "email": None, "plan": "pro"},  # no identifier
+        {"id": "u1", "email": "dup@example.com", "plan": "pro"},  # duplicate user
+        {"id": "x" * 300, "plan": "pro"},  # over-long identifier
+        {"id": None, "email": "only-email@example.com", "plan": "pro"},  # email identifies
+    ]
+    project.source.set_users(rows)
+    result = sync(cli, "--audience", "pro_plan")
+    assert result.code == 0, result.err
+    run = history(cli)[0]
+    assert (run["members"], run["skipped"], run["sent"]) == (4, 3, 4)
+    assert project.planhat.value("only-email@example.com", "pro_plan") is True
+
+
+def test_tokens_never_reach_the_state_database(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    project.planhat.fail_next(1, status=500)
+    sync(cli)
+    engine = sa.create_engine(project.state_url)
+    with engine.connect() as connection:
+        dump = ""
+        for table in sa.inspect(connection).get_table_names():
+            dump += str(connection.exec_driver_sql(f"SELECT * FROM {table}").all())
+    engine.dispose()
+    assert "u1" in dump
+    assert TENANT_TOKEN not in dump and API_TOKEN not in dump
+
+
+def test_status_reports_members_pending_and_last_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    project.planhat.always(503)
+    sync(cli, "--audience", "pro_plan")
+    result = cli("--config", "audience_sync.toml", "status", "--json")
+    assert result.code == 0, result.err
+    entries = {e["key"]: e for e in json.loads(result.out)}
+    assert entries["pro_plan"]["members"] == 3 and entries["pro_plan"]["pending"] == 3
+    assert entries["pro_plan"]["last_run"]["status"] == "failed"
+    assert entries["buyers"]["last_run"] is None
+    table = cli("--config", "audience_sync.toml", "status")
+    assert "pro_plan" in table.out and "failed" in table.out
