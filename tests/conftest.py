@@ -25,7 +25,7 @@ REQUIRE_POSTGRES = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
 TENANT_TOKEN = "tenant-secret-token-123"
 API_TOKEN = "api-secret-token-456"
 
-_postgres_error: str | None | bool = False  # False: not probed yet
+_postgres_error: str | bool | None = False  # False: not probed yet
 
 
 def postgres_unavailable() -> str | None:

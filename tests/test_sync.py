@@ -166,7 +166,8 @@ def test_a_query_without_identifiers_is_refused(project: Project, cli) -> None: 
 
 
 def test_bad_rows_are_skipped_and_counted(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    rows = users(range(1, 4), plan="pro") + [
+    rows = [
+        *users(range(1, 4), plan="pro"),
         {"id": None, "email": None, "plan": "pro"},  # no identifier
         {"id": "u1", "email": "dup@example.com", "plan": "pro"},  # duplicate user
         {"id": "x" * 300, "plan": "pro"},  # over-long identifier
