@@ -32,12 +32,16 @@ def try_acquire(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bo
     now = utcnow()
     expires = now + timedelta(seconds=ttl_seconds)
     with engine.begin() as connection:
+        current = connection.execute(
+            sa.select(m.leases.c.holder).where(m.leases.c.audience_key == key)
+        ).scalar_one_or_none()
+        takeable = sa.or_(m.leases.c.expires_at < now, m.leases.c.holder == holder)
+        if current and holder_is_dead(current):
+            # A process on this host that was killed: no need to wait for its lease to expire.
+            takeable = sa.or_(takeable, m.leases.c.holder == current)
         taken = connection.execute(
             m.leases.update()
-            .where(
-                m.leases.c.audience_key == key,
-                sa.or_(m.leases.c.expires_at < now, m.leases.c.holder == holder),
-            )
+            .where(m.leases.c.audience_key == key, takeable)
             .values(holder=holder, acquired_at=now, expires_at=expires)
         ).rowcount
         if taken:
@@ -46,6 +50,21 @@ def try_acquire(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bo
             audience_key=key, holder=holder, acquired_at=now, expires_at=expires
         )
         return bool(connection.execute(insert.on_conflict_do_nothing()).rowcount)
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True only when the holder ran on this host and its process no longer exists."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by someone else
+        return False
+    return False
 
 
 def renew(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bool:

@@ -145,7 +145,7 @@ class Project:
     planhat: FakePlanhat
 
     def write(self, audiences: list[dict[str, str]] | None = None, transport: str = "segment",
-              extra: str = "", tokens: bool = True) -> Path:  # fmt: skip
+              extra: str = "", tokens: bool = True, planhat: str = "") -> Path:  # fmt: skip
         audiences = audiences if audiences is not None else [
             {"name": "Pro Plan", "query": PRO_QUERY},
             {"name": "Buyers", "query": BUYERS_QUERY},
@@ -158,6 +158,7 @@ class Project:
         ]  # fmt: skip
         if tokens:
             lines += [f'tenant_token = "{TENANT_TOKEN}"', f'api_token = "{API_TOKEN}"']
+        lines += planhat.splitlines()
         lines += ["", "[sources.app]", f'url = "{self.source.url}"', ""]
         for audience in audiences:
             lines.append("[[audiences]]")
