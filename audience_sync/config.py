@@ -34,6 +34,11 @@ DEFAULT_RPS = {"segment": 100.0, "endusers": 3.0}
 
 Transport = Literal["segment", "endusers"]
 
+# Keys that collide with contact traits or identity fields on the identify / enduser payload.
+RESERVED_KEYS = frozenset(
+    {"id", "user_id", "userid", "email", "name", "title", "company_id", "companyid", "externalid", "custom"}
+)
+
 
 class Secret:
     """A token. Only `reveal()` gives the value; repr and str are masked."""
@@ -344,8 +349,9 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
 def _parse_planhat(table: _Table, environ: dict[str, str]) -> PlanhatSettings:
     transport = table.take_choice("transport", "segment", TRANSPORTS)
     subdomain = table.take_choice("subdomain", "api", SUBDOMAINS)
-    tenant = environ.get(TENANT_TOKEN_ENV) or table.take_str("tenant_token")
-    api = environ.get(API_TOKEN_ENV) or table.take_str("api_token")
+    # Stripped: a token pasted with a trailing newline would otherwise break the auth header.
+    tenant = (environ.get(TENANT_TOKEN_ENV) or table.take_str("tenant_token") or "").strip()
+    api = (environ.get(API_TOKEN_ENV) or table.take_str("api_token") or "").strip()
     table.data.pop("tenant_token", None)
     table.data.pop("api_token", None)
     base_url = environ.get(BASE_URL_ENV) or table.take_str("base_url")
@@ -446,6 +452,9 @@ def _parse_audiences(root: _Table, sources: dict[str, SourceSettings]) -> tuple[
             raise table.error("name", f"{name!r} yields an empty key; set audiences.key")
         if explicit_key and derive_key(explicit_key) != explicit_key:
             raise table.error("key", f"{explicit_key!r} is not a snake_case key")
+        if key in RESERVED_KEYS:
+            field_name = "key" if explicit_key else "name"
+            raise table.error(field_name, f"key {key!r} collides with a contact field; set audiences.key")
         source = table.take_str("source", required=True)
         if source not in sources:
             known = ", ".join(sources) or "none"

@@ -30,3 +30,5 @@ def configure_logging(level: str = "WARNING", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # httpx logs every request at INFO: one line per contact on the segment transport.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

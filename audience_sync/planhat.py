@@ -322,7 +322,7 @@ class _Exchange:
         if status in (401, 403):
             self._reject(status)
         if status == 429 or status >= 500:
-            text = f"{status} {response.reason_phrase}".strip()
+            text = self.scrub(f"{status} {response.reason_phrase}".strip())
             return _Fault(text, retry_after=parse_retry_after(response.headers.get("Retry-After")))
         return _Reply(status, response.content)
 
@@ -572,18 +572,26 @@ class PlanhatClient:
             raise PlanhatAuthError(
                 f"no Planhat {_token_kind(settings)} configured: set {settings.token_setting}"
             )
+        token = settings.token.reveal()
+        if not token or not all("!" <= char <= "~" for char in token):
+            # h11 would refuse it with the header value (the token) in its message.
+            raise PlanhatAuthError(
+                f"the Planhat {_token_kind(settings)} has spaces, line breaks or non-ASCII "
+                f"characters: check {settings.token_setting}"
+            )
         try:
             origin = httpx.URL(settings.origin)
         except httpx.InvalidURL:
             raise PlanhatError("planhat.base_url is not a valid URL") from None
-        self._where = f"{origin.scheme}://{origin.host}" + (f":{origin.port}" if origin.port else "")
+        port = f":{origin.port}" if origin.port else ""
+        self._where = f"{origin.scheme}://{origin.host}{port}"  # never userinfo
         self._transport_name = settings.transport
         segment = settings.transport == "segment"
         # Bulk upserts run one after another: one worker, one connection.
         workers = max(1, settings.concurrency) if segment else 1
         self._exchange = _Exchange(
             settings,
-            settings.token.reveal(),
+            token,
             transport=transport,
             workers=workers,
             sleep=sleep,

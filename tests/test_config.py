@@ -110,6 +110,7 @@ def test_env_references_in_urls_are_expanded(tmp_path: Path) -> None:
         (('name = "Order Completed Last 30days"', 'name = "!!!"'), "yields an empty key"),
         (('tenant_token = "file-token"', "batch_size = 6000"), "planhat.batch_size"),
         (('query = "SELECT id AS user_id FROM users"', ""), "audiences[0].query: is required"),
+        (('name = "Order Completed Last 30days"', 'name = "Email"'), "collides with a contact field"),
     ],
 )
 def test_invalid_settings_name_the_key_and_file(
