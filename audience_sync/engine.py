@@ -23,7 +23,7 @@ from . import models as m
 from .config import AudienceSettings, PlanhatSettings, SafetySettings, Settings
 from .delivery import DeliveryCounts, Sender, deliver
 from .errors import AudienceSyncError, PlanhatError
-from .planhat import Contact, PlanhatClient, build_enduser, build_identify
+from .planhat import Contact, PlanhatClient, build_enduser, build_identify, utc_timestamp
 from .sources import ReadStats, SourcePool, read_members
 
 log = logging.getLogger("audience_sync.engine")
@@ -261,9 +261,18 @@ def _stage_and_queue(
             connection.commit()
             return counts, skipped
         finally:
-            connection.rollback()
-            diff.drop_stage(connection)
-            connection.commit()
+            _discard_stage(connection)
+
+
+def _discard_stage(connection: sa.Connection) -> None:
+    """Roll back and drop the staging table without masking the error that got us here."""
+    try:
+        connection.rollback()
+        diff.drop_stage(connection)
+        connection.commit()
+    except sa.exc.SQLAlchemyError as exc:  # the temp table dies with the connection anyway
+        log.warning("could not drop the staging table: %s", exc.__class__.__name__)
+        connection.invalidate()
 
 
 def _guard(counts: diff.DiffCounts, safety: SafetySettings, options: SyncOptions, key: str) -> str | None:
@@ -445,9 +454,7 @@ def _dry_run(
         except AudienceSyncError as exc:
             report.status, report.error = "failed", str(exc)
         finally:
-            connection.rollback()
-            diff.drop_stage(connection)
-            connection.commit()
+            _discard_stage(connection)
     report.duration = time.monotonic() - started
     return report
 
@@ -471,7 +478,7 @@ def _samples(connection: sa.Connection, key: str, planhat: PlanhatSettings) -> l
             values={key: bool(row.value)},
         )
         if planhat.transport == "segment":
-            payloads.append(build_identify(contact, planhat, "dry-run", store.utcnow().isoformat()))
+            payloads.append(build_identify(contact, planhat, "dry-run", utc_timestamp()))
         else:
             payloads.append(build_enduser(contact))
     return payloads
