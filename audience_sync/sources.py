@@ -87,7 +87,12 @@ def read_members(
     engine = pool.engine(audience.source)
     where = f"audience {audience.key!r} (source {audience.source!r})"
     try:
-        with engine.connect() as connection:
+        connection = engine.connect()
+    except sa.exc.DBAPIError as exc:
+        url = safe_url(engine.url)
+        raise SourceError(f"{where}: cannot connect to {url}: {_driver_message(exc)}") from exc
+    try:
+        with connection:
             result = connection.execution_options(stream_results=True, yield_per=chunk_rows).execute(
                 sa.text(audience.query)
             )

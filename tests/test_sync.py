@@ -207,3 +207,28 @@ def test_status_reports_members_pending_and_last_run(project: Project, cli) -> N
     assert entries["buyers"]["last_run"] is None
     table = cli("--config", "audience_sync.toml", "status")
     assert "pro_plan" in table.out and "failed" in table.out
+
+
+def test_an_unreachable_source_is_one_line_and_others_still_sync(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    text = project.path.read_text().replace(
+        "[sources.app]",
+        '[sources.down]\nurl = "postgresql://nobody:hunter2@127.0.0.1:1/app"\n\n[sources.app]',
+    )
+    text += '\n[[audiences]]\nname = "Lost"\nsource = "down"\nquery = "SELECT 1 AS user_id"\n'
+    project.path.write_text(text)
+    project.source.set_users(users(range(1, 3), plan="pro"))
+    result = sync(cli)
+    assert result.code != 0
+    line = next(line for line in result.err.splitlines() if line.startswith("lost:"))
+    assert "cannot connect" in line and "hunter2" not in result.err
+    assert "Traceback" not in result.err
+    assert project.planhat.value("u1", "pro_plan") is True
+
+
+def test_an_unreachable_state_database_is_one_line(tmp_path, cli) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "c.toml"
+    config.write_text('[database]\nurl = "postgresql://nobody:hunter2@127.0.0.1:1/state"\n')
+    result = cli("--config", str(config), "status")
+    assert result.code != 0
+    assert result.err.startswith("State database error:") and len(result.err.strip().splitlines()) == 1
+    assert "hunter2" not in result.err and "***" in result.err
