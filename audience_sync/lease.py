@@ -49,7 +49,11 @@ def try_acquire(engine: Engine, key: str, holder: str, ttl_seconds: float) -> bo
         insert = dialect_insert(connection)(m.leases).values(
             audience_key=key, holder=holder, acquired_at=now, expires_at=expires
         )
-        return bool(connection.execute(insert.on_conflict_do_nothing()).rowcount)
+        # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+        inserted = connection.execute(
+            insert.on_conflict_do_nothing().returning(m.leases.c.audience_key)
+        ).first()
+        return inserted is not None
 
 
 def holder_is_dead(holder: str) -> bool:

@@ -232,3 +232,49 @@ def test_an_unreachable_state_database_is_one_line(tmp_path, cli) -> None:  # ty
     assert result.code != 0
     assert result.err.startswith("State database error:") and len(result.err.strip().splitlines()) == 1
     assert "hunter2" not in result.err and "***" in result.err
+
+
+def test_resync_request_makes_the_next_run_full_and_is_marked_done(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    requested = cli("--config", "audience_sync.toml", "resync", "--audience", "pro_plan")
+    assert requested.code == 0 and "requested" in requested.out
+    status = json.loads(cli("--config", "audience_sync.toml", "status", "--json").out)
+    assert next(e for e in status if e["key"] == "pro_plan")["resync_requested"] is True
+
+    project.planhat.requests.clear()
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert len(project.planhat.requests) == 3  # everyone again
+    run = history(cli, "--audience", "pro_plan")[0]
+    assert run["kind"] == "full"
+    engine = sa.create_engine(project.state_url)
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT status, run_id FROM resync_requests").all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("done", run["id"])]
+
+
+def test_resync_now_runs_a_full_sync_here(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    project.planhat.requests.clear()
+    result = cli("--config", "audience_sync.toml", "resync", "--audience", "pro_plan", "--now")
+    assert result.code == 0, result.err
+    assert len(project.planhat.requests) == 3
+    run = history(cli, "--audience", "pro_plan")[0]
+    assert (run["kind"], run["status"]) == ("full", "success")
+
+
+def test_sync_of_an_audience_another_process_runs_says_already_running(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    from audience_sync import lease, store
+
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    engine = store.open_state(project.state_url)
+    assert lease.try_acquire(engine, "pro_plan", "otherhost:1:abc", 60)
+    try:
+        result = sync(cli, "--audience", "pro_plan")
+    finally:
+        engine.dispose()
+    assert result.code != 0
+    assert "already running" in result.err and "otherhost:1:abc" in result.err
+    assert project.planhat.requests == []
