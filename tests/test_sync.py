@@ -178,6 +178,7 @@ def test_bad_rows_are_skipped_and_counted(project: Project, cli) -> None:  # typ
     assert result.code == 0, result.err
     run = history(cli)[0]
     assert (run["members"], run["skipped"], run["sent"]) == (4, 3, 4)
+    assert "skipped 2 unusable rows" in result.err and "unusable user_id 'xxx" in result.err
     assert project.planhat.value("only-email@example.com", "pro_plan") is True
 
 
