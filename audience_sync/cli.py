@@ -202,6 +202,26 @@ def resync(
     _exit_unless(all(report.ok for report in reports))
 
 
+# --- daemon -------------------------------------------------------------------------------
+
+
+@app.command()
+def run(ctx: typer.Context) -> None:
+    """Run as a daemon: every audience on schedule (default each 2-3 h), resyncs within seconds."""
+    from . import scheduler
+
+    cli = _context(ctx)
+    settings = cli.settings()
+    scheduler.require_token(settings)  # before touching the state database
+    configure_logging(cli.log_level or "info", settings.daemon.log_format)
+    engine = store.open_state(settings.database_url)
+    try:
+        code = scheduler.run_daemon(settings, engine)
+    finally:
+        engine.dispose()
+    raise typer.Exit(code)
+
+
 # --- history and status -------------------------------------------------------------------
 
 

@@ -163,12 +163,14 @@ def open_state(url: str) -> Engine:
 
 
 def register_audiences(connection: Connection, audiences: list[tuple[str, str]]) -> None:
-    """Insert unknown audience keys; keep the name current for known ones."""
+    """Insert unknown audience keys; keep the name current for known ones. Safe when several
+    processes register the same new audience at once (ON CONFLICT DO NOTHING)."""
     now = utcnow()
     existing = dict(connection.execute(sa.select(m.audiences.c.key, m.audiences.c.name)).all())
     for key, name in audiences:
         if key not in existing:
-            connection.execute(m.audiences.insert().values(key=key, name=name, created_at=now))
+            insert = dialect_insert(connection)(m.audiences).values(key=key, name=name, created_at=now)
+            connection.execute(insert.on_conflict_do_nothing(index_elements=["key"]))
         elif existing[key] != name:
             connection.execute(m.audiences.update().where(m.audiences.c.key == key).values(name=name))
 
@@ -393,3 +395,18 @@ def pending_resync_keys(connection: Connection) -> list[str]:
             .distinct()
         ).scalars()
     )
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+def prune_changes(connection: Connection, older_than: datetime, limit: int | None = None) -> int:
+    """Delete per-change history (`changes`) recorded before `older_than`, at most `limit` rows
+    (None: all); run records are kept. Returns how many rows were deleted."""
+    condition = m.changes.c.at < older_than
+    if limit is None:
+        statement = m.changes.delete().where(condition)
+    else:
+        batch = sa.select(m.changes.c.id).where(condition).limit(limit)
+        statement = m.changes.delete().where(m.changes.c.id.in_(batch))
+    return connection.execute(statement).rowcount or 0

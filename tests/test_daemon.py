@@ -1,0 +1,204 @@
+"""`audience-sync run` as a real process: resync pick-up, SIGTERM within the grace, nothing lost."""
+
+from __future__ import annotations
+
+import configparser
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync import models as m
+from audience_sync import store
+from audience_sync.config import DaemonSettings
+from tests.conftest import Project, users
+from tests.test_scheduler import finished, runs, schedule, wait_for
+
+_SCRIPT = Path(sys.executable).with_name("audience-sync")
+# The installed console script when there is one, else the same entry point through -c.
+CLI = (
+    [str(_SCRIPT)]
+    if _SCRIPT.exists()
+    else [sys.executable, "-c", "from audience_sync.cli import entrypoint; entrypoint()"]
+)
+POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
+PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
+# A source query that takes about half a second: SQLite counts to four million first.
+SLOW_PRO_QUERY = (
+    "WITH RECURSIVE slow(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM slow WHERE x < 4000000) "
+    "SELECT id AS user_id, email FROM users WHERE plan = 'pro' AND (SELECT count(*) FROM slow) > 0"
+)
+
+
+class DaemonProcess:
+    """`audience-sync --config CONFIG run` in its own process, its output in a log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [*CLI, "--config", str(config), "run"], stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int, float]:
+        """Send `signum`; returns the exit code and the seconds the process took to exit."""
+        sent = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - sent
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons on a project (its schema created first, as `db upgrade` would); any still
+    running at the end of the test is killed."""
+    started: list[DaemonProcess] = []
+
+    def start(project: Project) -> DaemonProcess:
+        if not started:
+            store.open_state(project.state_url).dispose()
+        daemon = DaemonProcess(project.path, tmp_path / f"daemon{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def query(url: str, statement: Any) -> list[Any]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(statement))
+    finally:
+        engine.dispose()
+
+
+def count(url: str, table: sa.Table, *where: Any) -> int:
+    return int(query(url, sa.select(sa.func.count()).select_from(table).where(*where))[0][0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_resync_request_is_run_within_ten_seconds(project: Project, spawn, cli) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    project.source.set_users(users(range(1, 6), plan="pro", orders=1))
+    project.write(extra=schedule("1h", "2h"))  # the default resync poll: 5 s
+    daemon = spawn(project)
+    wait_for(lambda: len(finished(project.state_url)) == 2, what="initial full syncs")
+    before = len(fake.requests)
+
+    asked = time.monotonic()
+    result = cli("--config", "audience_sync.toml", "resync", "--audience", "pro_plan")
+    assert result.code == 0, result.err
+    done = wait_for(
+        lambda: query(
+            project.state_url,
+            sa.select(m.resync_requests).where(m.resync_requests.c.status == "done"),
+        ),
+        timeout=12,
+        what="resync request done",
+    )[0]
+    latency = time.monotonic() - asked
+    assert latency < 10, f"resync picked up after {latency:.1f}s"
+
+    run = next(r for r in runs(project.state_url) if r["id"] == done.run_id)
+    assert (run["audience_key"], run["kind"], run["trigger"], run["status"]) == (
+        "pro_plan", "full", "resync", "success",
+    )  # fmt: skip
+    assert run["sent"] == 5 and len(fake.requests) - before == 5  # every member again
+    assert len(runs(project.state_url, "buyers")) == 1  # only the audience asked for
+    code, _ = daemon.signal(signal.SIGINT)  # Ctrl-C stops it like SIGTERM
+    assert code == 0 and "SIGINT: stopping" in daemon.log(), daemon.log()
+    print(f"resync pick-up latency: {latency:.2f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", ["sqlite", POSTGRES], indirect=True)
+def test_sigterm_lets_the_chunk_in_flight_finish_records_the_run_and_exits_0(  # type: ignore[no-untyped-def]
+    project: Project, spawn, cli
+) -> None:
+    fake = project.planhat
+    project.source.set_users(users(range(1, 201), plan="pro"))
+    project.write(PRO_ONLY, extra=schedule("1h", "2h", '[daemon]\ngrace = "4s"\n'))
+    fake.delay_next(200, 0.1)  # 40 identifies per chunk, 10 at a time: ~0.4 s a chunk
+    daemon = spawn(project)
+    wait_for(lambda: count(project.state_url, m.changes) >= 40, what="a first chunk delivered")
+
+    code, took = daemon.signal(signal.SIGTERM)
+    assert code == 0, daemon.log()
+    assert took < 4.0, f"exited {took:.1f}s after SIGTERM, grace 4s"
+    [run] = runs(project.state_url)
+    assert run["status"] == "partial" and run["finished_at"] is not None
+    assert run["error"] == "stopped before every change was delivered"
+    assert 40 <= run["sent"] < 200 and run["sent"] + run["pending"] == 200
+    assert count(project.state_url, m.pending) == run["pending"]
+    assert fake.state()["true"]["pro_plan"] == run["sent"]
+    assert count(project.state_url, m.leases) == 0
+    assert "SIGTERM" in daemon.log() and "stopped in" in daemon.log()
+
+    # Nothing pending is lost: the next run sends exactly the rest.
+    fake.requests.clear()
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    assert len(fake.requests) == run["pending"]
+    assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 201))
+    print(f"SIGTERM to exit: {took:.2f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0(  # type: ignore[no-untyped-def]
+    project: Project, spawn, cli
+) -> None:
+    fake = project.planhat
+    project.source.set_users(users(range(1, 21), plan="pro"))
+    project.write(PRO_ONLY, extra=schedule("1h", "2h", '[daemon]\ngrace = "2s"\n'))
+    fake.delay_next(1000, 30)  # Planhat hangs: every request times out (after 2 s) and is retried
+    daemon = spawn(project)
+    wait_for(lambda: fake.max_in_flight > 0, what="a request in flight")
+
+    code, took = daemon.signal(signal.SIGTERM)
+    assert code == 0, daemon.log()
+    assert took < 2.0, f"exited {took:.1f}s after SIGTERM, grace 2s"
+    [run] = runs(project.state_url)
+    assert run["status"] == "aborted" and run["finished_at"] is not None
+    assert "grace" in run["error"] and run["pending"] == 20
+    assert count(project.state_url, m.pending) == 20
+    assert count(project.state_url, m.leases) == 0  # released: the next process need not wait
+    assert "recorded pro_plan as aborted" in daemon.log()
+
+    fake.clear_faults()
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 21))
+
+
+def test_the_systemd_unit_runs_the_daemon_and_outlasts_its_grace() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(Path(__file__).parent.parent / "deploy" / "audience-sync.service")
+    service = unit["Service"]
+    assert service["Type"] == "simple" and service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM" and service["EnvironmentFile"]
+    assert service["ExecStart"].endswith(" run")
+    grace = DaemonSettings().grace_seconds
+    assert grace < float(service["TimeoutStopSec"]) <= grace + 10

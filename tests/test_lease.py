@@ -1,0 +1,119 @@
+"""One run per audience at a time: the lease row, then real processes competing for it."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from audience_sync import lease, store
+from audience_sync import models as m
+from tests.conftest import Project, users
+from tests.test_daemon import POSTGRES, SLOW_PRO_QUERY, count, spawn  # noqa: F401  (spawn is a fixture)
+from tests.test_scheduler import finished, runs, schedule, wait_for
+
+
+@pytest.fixture
+def state(state_url: str) -> Iterator[Engine]:
+    engine = store.open_state(state_url)
+    yield engine
+    engine.dispose()
+
+
+def test_one_holder_at_a_time_until_released(state: Engine) -> None:
+    assert lease.try_acquire(state, "a", "holder-1", 60)
+    assert not lease.try_acquire(state, "a", "holder-2", 60)
+    assert lease.current_holder(state, "a") == "holder-1"
+    assert lease.try_acquire(state, "b", "holder-2", 60)  # other audiences are independent
+    assert lease.try_acquire(state, "a", "holder-1", 60)  # our own: renewed
+    lease.release(state, "a", "holder-2")  # not ours: nothing happens
+    assert lease.current_holder(state, "a") == "holder-1"
+    lease.release(state, "a", "holder-1")
+    assert lease.current_holder(state, "a") is None
+    assert lease.try_acquire(state, "a", "holder-2", 60)
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it(state: Engine) -> None:
+    assert lease.try_acquire(state, "a", "holder-1", 0.2)
+    assert not lease.try_acquire(state, "a", "holder-2", 60)
+    time.sleep(0.3)
+    assert lease.current_holder(state, "a") is None
+    assert lease.try_acquire(state, "a", "holder-2", 60)
+    assert not lease.renew(state, "a", "holder-1", 60)  # it lost the lease
+    assert lease.renew(state, "a", "holder-2", 60)
+
+
+def test_the_keeper_renews_a_lease_for_as_long_as_the_run_lives(state: Engine) -> None:
+    assert lease.try_acquire(state, "a", "holder-1", 0.2)
+    with lease.LeaseKeeper(state, ["a"], "holder-1", 0.2) as keeper:
+        time.sleep(0.6)  # three times the lease
+        assert not lease.try_acquire(state, "a", "holder-2", 0.2)
+        assert not keeper.lost
+    time.sleep(0.3)
+    assert lease.try_acquire(state, "a", "holder-2", 0.2)  # no longer renewed: it expired
+
+
+# --- across processes ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", [POSTGRES], indirect=True)
+def test_two_daemons_on_one_database_never_run_one_audience_at_once(project: Project, spawn) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    slow = SLOW_PRO_QUERY.replace("4000000", "2000000")  # about 0.3 s
+    project.write(
+        [
+            {"name": "Pro Plan", "query": slow},
+            {"name": "Everyone", "query": slow.replace("plan = 'pro' AND ", "")},
+        ],
+        extra=schedule("0.5s", "0.8s"),
+    )
+    project.source.set_users(users(range(1, 31), plan="pro"))
+    first, second = spawn(project), spawn(project)
+    wait_for(lambda: len(finished(project.state_url)) >= 6, timeout=20, what="six runs")
+    for daemon in (first, second):
+        code, _ = daemon.signal(signal.SIGTERM)
+        assert code == 0, daemon.log()
+
+    history = runs(project.state_url)
+    assert all(run["finished_at"] is not None for run in history)
+    for key in ("pro_plan", "everyone"):
+        own = sorted((r for r in history if r["audience_key"] == key), key=lambda r: r["started_at"])
+        assert len(own) >= 3
+        for before, after in itertools.pairwise(own):
+            assert after["started_at"] >= before["finished_at"], (key, before, after)
+        assert own[0]["kind"] == "full" and all(r["kind"] == "incremental" for r in own[1:])
+    # The daemons did compete: one found an audience leased by the other.
+    logs = first.log() + second.log()
+    assert re.search(r"skipped: audience '\w+' is already running \(lease held by ", logs), logs
+    assert project.planhat.value("u1", "pro_plan") is True and project.planhat.value("u30", "everyone")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_sync_while_the_daemon_runs_the_audience_says_already_running(project: Project, spawn, cli) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    project.write([{"name": "Pro Plan", "query": SLOW_PRO_QUERY.replace("4000000", "8000000")}],
+                  extra=schedule("1h", "2h"))  # fmt: skip
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    daemon = spawn(project)
+    wait_for(lambda: count(project.state_url, m.runs, m.runs.c.status == "running"), what="a run in flight")
+
+    for args in (["sync"], ["sync", "--audience", "pro_plan"], ["resync", "--now"]):
+        result = cli("--config", "audience_sync.toml", *args)
+        assert result.code == 1, (args, result.out, result.err)
+        line = "pro_plan: audience 'pro_plan' is already running (lease held by "
+        assert line in result.err and f":{daemon.pid}:" in result.err, result.err
+
+    code, _ = daemon.signal(signal.SIGTERM)
+    assert code == 0, daemon.log()
+    [run] = runs(project.state_url)  # recorded: delivered, or stopped by the SIGTERM and pending
+    assert run["finished_at"] is not None and run["sent"] + run["pending"] == 3
+    assert count(project.state_url, m.leases) == 0
+    # The --now resync could not run here; it stayed recorded, for the daemon (or a later run).
+    requests = count(project.state_url, m.resync_requests, m.resync_requests.c.status == "pending")
+    done = count(project.state_url, m.resync_requests, m.resync_requests.c.status == "done")
+    assert requests + done == 1
