@@ -397,7 +397,12 @@ def _finish(engine: Engine, report: RunReport, duration: float) -> None:
             connection.execute(
                 m.resync_requests.update()
                 .where(
-                    m.resync_requests.c.audience_key == report.key, m.resync_requests.c.status == "pending"
+                    m.resync_requests.c.audience_key == report.key,
+                    m.resync_requests.c.status == "pending",
+                    # A request made while this run was already reading its source is not
+                    # answered by it: it stays pending and gets a full run of its own.
+                    m.resync_requests.c.requested_at
+                    <= sa.select(m.runs.c.started_at).where(m.runs.c.id == report.run_id).scalar_subquery(),
                 )
                 .values(status="done", run_id=report.run_id, done_at=store.utcnow())
             )

@@ -279,3 +279,33 @@ def test_sync_of_an_audience_another_process_runs_says_already_running(project: 
     assert result.code != 0
     assert "already running" in result.err and "otherhost:1:abc" in result.err
     assert project.planhat.requests == []
+
+
+def test_a_resync_requested_during_a_full_run_gets_its_own_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    from audience_sync import store
+    from audience_sync.config import load_settings
+    from audience_sync.engine import SyncOptions
+    from audience_sync.engine import sync as run_sync
+
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    settings = load_settings(project.path)
+    engine = store.open_state(project.state_url)
+    requested: list[int] = []
+    calls = []
+
+    def request_mid_run() -> bool:
+        # The engine asks before the run starts, then between delivery chunks: request then.
+        calls.append(1)
+        if len(calls) == 2:
+            with engine.begin() as connection:
+                requested.extend(store.request_resync(connection, ["pro_plan"], "test"))
+        return False
+
+    try:
+        (report,) = run_sync(settings, engine, ["pro_plan"], SyncOptions(full=True),
+                             should_stop=request_mid_run)  # fmt: skip
+        assert report.status == "success" and requested
+        with engine.connect() as connection:
+            assert store.pending_resync_keys(connection) == ["pro_plan"]
+    finally:
+        engine.dispose()
