@@ -224,25 +224,6 @@ def pending_count(connection: Connection, key: str) -> int:
 
 # --- history and status -------------------------------------------------------------------
 
-RUN_FIELDS = (
-    "id",
-    "audience",
-    "kind",
-    "trigger",
-    "status",
-    "started_at",
-    "finished_at",
-    "duration_seconds",
-    "members",
-    "entered",
-    "exited",
-    "sent",
-    "failed",
-    "skipped",
-    "pending",
-    "error",
-)
-
 
 def history(connection: Connection, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """Run records, newest first."""
@@ -312,12 +293,12 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
                 key=key,
                 name=configured.get(key) or (row.name if row else key),
                 configured=key in configured,
-                members=_last_members(connection, key),
+                members=_latest(connection, key, m.runs.c.members),
                 baseline=baseline.get(key, 0),
                 pending=pending.get(key, 0),
                 last_run=last_run,
                 last_success_at=last_success_at(connection, key),
-                last_error=_last_error(connection, key),
+                last_error=_latest(connection, key, m.runs.c.error),
                 next_run_at=row.next_run_at if row else None,
                 resync_requested=key in requested,
             )
@@ -330,10 +311,11 @@ def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, in
     return {key: int(count) for key, count in connection.execute(query)}
 
 
-def _last_members(connection: Connection, key: str) -> int | None:
+def _latest(connection: Connection, key: str, column: sa.Column[Any]) -> Any:
+    """The audience's most recent run value of `column` that is set."""
     return connection.execute(
-        sa.select(m.runs.c.members)
-        .where(m.runs.c.audience_key == key, m.runs.c.members.is_not(None))
+        sa.select(column)
+        .where(m.runs.c.audience_key == key, column.is_not(None))
         .order_by(m.runs.c.id.desc())
         .limit(1)
     ).scalar_one_or_none()
@@ -350,15 +332,6 @@ def last_success_at(connection: Connection, key: str) -> datetime | None:
 def last_run_finished_at(connection: Connection, key: str) -> datetime | None:
     return connection.execute(
         sa.select(sa.func.max(m.runs.c.finished_at)).where(m.runs.c.audience_key == key)
-    ).scalar_one_or_none()
-
-
-def _last_error(connection: Connection, key: str) -> str | None:
-    return connection.execute(
-        sa.select(m.runs.c.error)
-        .where(m.runs.c.audience_key == key, m.runs.c.error.is_not(None))
-        .order_by(m.runs.c.id.desc())
-        .limit(1)
     ).scalar_one_or_none()
 
 
