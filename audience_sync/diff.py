@@ -1,7 +1,12 @@
 """Staging a snapshot and diffing it against the baseline, set-based, in the state database.
 
-A run streams its members into a temporary table (`stage_members`, keyed on user_ref, so
-duplicates collapse), then one transaction:
+A run streams its members into a temporary heap table (`stage_raw`, in source order, no
+index: appending is all the database does per row, by COPY on PostgreSQL and executemany on
+SQLite). One sorted INSERT ... SELECT then builds `stage_members`, keyed on user_ref (user_id
+when known, else email), keeping the first row of a user listed twice. Sorting once beats
+keeping an index up to date row by row when the source's order is not the key's, and leaves
+the stage in key order, so the joins below and the outbox writes walk the indexes in order.
+Then one transaction:
 
 * measures: members, entered (staged but not in baseline), exited (baseline but not staged);
 * rewrites the audience's outbox (`pending`) so that it holds exactly what Planhat still has
@@ -9,12 +14,13 @@ duplicates collapse), then one transaction:
   `false` whose user came back), entries `true` upserted for entered users (every member on
   a full sync), entries `false` upserted for exited users.
 
-Nothing here holds an audience in Python: memory is one chunk of rows.
+Both tables are TEMPORARY: the state database never grows by a snapshot. Nothing here holds
+an audience in Python: memory is one chunk of rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,10 +28,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .models import UTCDateTime
-from .sources import Member
+from .sources import MEMBER_FIELDS, Member
 
 STAGE = "stage_members"
-_STAGE_COLUMNS = "user_ref, user_id, email, name, title, company_id"
+RAW = "stage_raw"
+_RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -41,30 +48,79 @@ class DiffCounts:
 
 
 def create_stage(connection: Connection) -> None:
-    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+    drop_stage(connection)
+    sqlite = connection.dialect.name == "sqlite"
+    text, key = ("TEXT", "TEXT") if sqlite else ("VARCHAR(1024)", "VARCHAR(255)")
+    # SQLite: the heap's rowid is the arrival order. PostgreSQL: a heap's physical order is not
+    # guaranteed, so an identity column records it.
+    seq = "" if sqlite else "seq BIGINT GENERATED ALWAYS AS IDENTITY, "
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {RAW} ({seq}user_id {key}, email {key}, name {text}, "
+        f"title {text}, company_id {key})"
+    )
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE {STAGE} ("
-        "user_ref VARCHAR(255) NOT NULL PRIMARY KEY, user_id VARCHAR(255), email VARCHAR(255), "
-        "name VARCHAR(1024), title VARCHAR(1024), company_id VARCHAR(255))"
+        f"user_ref {key} NOT NULL PRIMARY KEY, user_id {key}, email {key}, "
+        f"name {text}, title {text}, company_id {key})" + (" WITHOUT ROWID" if sqlite else "")
     )
 
 
 def drop_stage(connection: Connection) -> None:
+    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {RAW}")
     connection.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
 
 
-def load_stage(connection: Connection, chunks: Iterable[list[Member]]) -> int:
-    """Bulk-insert chunks of members; the first row of a duplicated user wins. Returns rows given."""
-    marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    sql = (
-        f"INSERT INTO {STAGE} ({_STAGE_COLUMNS}) VALUES ({', '.join([marker] * 6)}) "
-        "ON CONFLICT (user_ref) DO NOTHING"
-    )
+def load_stage(
+    connection: Connection,
+    chunks: Iterable[list[Member]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Stage every member; the first row of a duplicated user wins. Returns rows given.
+
+    `progress`, when given, is told how many rows each chunk added.
+    """
+    if connection.dialect.name == "postgresql":
+        given = _copy_raw(connection, chunks, progress)
+        connection.exec_driver_sql(
+            f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
+            f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_RAW_COLUMNS} "
+            f"FROM {RAW} ORDER BY user_ref, seq"
+        )
+        connection.exec_driver_sql(f"DROP TABLE {RAW}")
+        connection.exec_driver_sql(f"ANALYZE {STAGE}")  # autovacuum never sees temp tables
+        return given
     given = 0
+    insert = f"INSERT INTO {RAW} ({_RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
     for chunk in chunks:
         if chunk:
-            connection.exec_driver_sql(sql, chunk)  # type: ignore[arg-type]
+            connection.exec_driver_sql(insert, chunk)  # type: ignore[arg-type]
             given += len(chunk)
+            if progress:
+                progress(len(chunk))
+    connection.exec_driver_sql(
+        f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
+        f"SELECT coalesce(user_id, email), {_RAW_COLUMNS} FROM {RAW} "
+        "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
+        "ON CONFLICT (user_ref) DO NOTHING"
+    )
+    connection.exec_driver_sql(f"DROP TABLE {RAW}")
+    return given
+
+
+def _copy_raw(
+    connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None] | None
+) -> int:
+    """COPY the members into the raw stage through psycopg, inside the connection's transaction."""
+    driver = connection.connection.driver_connection
+    given = 0
+    with driver.cursor() as cursor, cursor.copy(f"COPY {RAW} ({_RAW_COLUMNS}) FROM STDIN") as copy:  # type: ignore[union-attr]
+        write = copy.write_row
+        for chunk in chunks:
+            for member in chunk:
+                write(member)
+            given += len(chunk)
+            if progress and chunk:
+                progress(len(chunk))
     return given
 
 
