@@ -4,25 +4,29 @@ The outbox is read with keyset pagination on (user_ref), so one user's changes a
 run's audiences arrive together and go out as one identify / one contact item. After each
 chunk, one transaction applies what Planhat accepted: the baseline advances (`true` rows
 inserted, `false` rows removed), the change is logged in `changes`, the pending row deleted.
+These are four set-based statements over the chunk's outbox ids, whatever the chunk's size.
 What Planhat did not accept stays pending, with its attempt count and error. A crash loses
 at most the acknowledgement of the chunk in flight; those changes are simply sent again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
+from operator import itemgetter
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Engine
 
 from . import models as m
+from .models import UTCDateTime
 from .planhat import Contact, Outcome
-from .store import dialect_insert, utcnow
+from .store import utcnow
 
 log = logging.getLogger("audience_sync.delivery")
 
@@ -41,6 +45,8 @@ class DeliveryCounts:
     errors: list[str] = field(default_factory=list)
 
 
+PageRow = tuple[Any, ...]  # one outbox row, columns in the order of _COLUMNS
+
 _COLUMNS = (
     m.pending.c.id,
     m.pending.c.audience_key,
@@ -54,38 +60,64 @@ _COLUMNS = (
 )
 
 
-def read_page(engine: Engine, keys: list[str], after: str, limit: int) -> list[Row[Any]]:
-    query = (
-        sa.select(*_COLUMNS)
-        .where(m.pending.c.audience_key.in_(keys), m.pending.c.user_ref > after)
-        .order_by(m.pending.c.user_ref, m.pending.c.audience_key)
-        .limit(limit)
-    )
+def read_page(engine: Engine, keys: list[str], after: str, limit: int) -> list[PageRow]:
+    """The next `limit` outbox rows of these audiences after user `after`, in user order.
+
+    Read through the driver's own cursor: plain tuples, no result-row objects, for a million
+    rows in a full sync.
+    """
     with engine.connect() as connection:
-        return list(connection.execute(query))
+        marker = "?" if connection.dialect.name == "sqlite" else "%s"
+        sql = (
+            f"SELECT {', '.join(column.name for column in _COLUMNS)} FROM pending "
+            f"WHERE audience_key IN ({', '.join([marker] * len(keys))}) AND user_ref > {marker} "
+            f"ORDER BY user_ref, audience_key LIMIT {int(limit)}"
+        )
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(sql, (*keys, after))
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
 
-def coalesce(rows: list[Row[Any]], complete: bool) -> list[tuple[Contact, list[Row[Any]]]]:
+# Positions in a page row (the order of _COLUMNS).
+_ID, _KEY, _REF, _VALUE, _USER_ID, _EMAIL, _NAME, _TITLE, _COMPANY = range(len(_COLUMNS))
+
+
+def coalesce(rows: list[PageRow], complete: bool) -> list[tuple[Contact, list[PageRow]]]:
     """Group rows per user. When the page was cut (`complete` False), the last user may be
     missing audiences on the next page, so it is left for the next page."""
-    groups = [list(group) for _, group in groupby(rows, key=lambda row: row.user_ref)]
+    groups = [list(group) for _, group in groupby(rows, key=itemgetter(_REF))]
     if not complete and len(groups) > 1:
         groups.pop()
     return [(_contact(group), group) for group in groups]
 
 
-def _contact(rows: list[Row[Any]]) -> Contact:
-    def first(attribute: str) -> str | None:
-        return next((getattr(r, attribute) for r in rows if getattr(r, attribute)), None)
+def _contact(rows: list[PageRow]) -> Contact:
+    if len(rows) == 1:  # one audience: the common case, and a million of them in a full sync
+        row = rows[0]
+        return Contact(
+            ref=row[_REF],
+            user_id=row[_USER_ID],
+            email=row[_EMAIL],
+            name=row[_NAME],
+            title=row[_TITLE],
+            company_id=row[_COMPANY],
+            values={row[_KEY]: bool(row[_VALUE])},
+        )
+
+    def first(position: int) -> str | None:
+        return next((r[position] for r in rows if r[position]), None)
 
     return Contact(
-        ref=rows[0].user_ref,
-        user_id=first("user_id"),
-        email=first("email"),
-        name=first("name"),
-        title=first("title"),
-        company_id=first("company_id"),
-        values={row.audience_key: bool(row.value) for row in rows},
+        ref=rows[0][_REF],
+        user_id=first(_USER_ID),
+        email=first(_EMAIL),
+        name=first(_NAME),
+        title=first(_TITLE),
+        company_id=first(_COMPANY),
+        values={row[_KEY]: bool(row[_VALUE]) for row in rows},
     )
 
 
@@ -120,12 +152,16 @@ def deliver(
 
 def acknowledge(
     engine: Engine,
-    batch: list[tuple[Contact, list[Row[Any]]]],
+    batch: list[tuple[Contact, list[PageRow]]],
     outcome: Outcome,
     run_ids: dict[str, int],
     counts: dict[str, DeliveryCounts],
 ) -> None:
-    """Apply one chunk's outcome in one transaction."""
+    """Apply one chunk's outcome in one transaction.
+
+    What Planhat accepted is applied set-based from the outbox rows themselves (a handful of
+    statements per chunk, whatever its size); refusals, usually few, row by row.
+    """
     now = utcnow()
     accepted = set(outcome.accepted)
     delivered = [row for contact, rows in batch if contact.ref in accepted for row in rows]
@@ -137,74 +173,85 @@ def acknowledge(
     ]
     with engine.begin() as connection:
         if delivered:
-            _advance_baseline(connection, delivered, run_ids, now)
-            connection.execute(m.pending.delete().where(m.pending.c.id.in_([row.id for row in delivered])))
+            _apply_delivered(connection, delivered, run_ids, now)
         if failed:
             connection.execute(
                 m.pending.update()
                 .where(m.pending.c.id == sa.bindparam("row_id"))
                 .values(attempts=m.pending.c.attempts + 1, last_error=sa.bindparam("error")),
-                [{"row_id": row.id, "error": error} for row, error in failed],
+                [{"row_id": row[_ID], "error": error} for row, error in failed],
             )
-        log_rows = [_change(row, run_ids, "delivered", None, now) for row in delivered]
-        log_rows += [_change(row, run_ids, "failed", error, now) for row, error in failed]
-        if log_rows:
-            connection.execute(m.changes.insert(), log_rows)
+            connection.execute(
+                m.changes.insert(), [_change(row, run_ids, "failed", error, now) for row, error in failed]
+            )
     for row in delivered:
-        counts[row.audience_key].sent += 1
+        counts[row[_KEY]].sent += 1
     for row, error in failed:
-        counts[row.audience_key].failed += 1
-        if len(counts[row.audience_key].errors) < 3:
-            counts[row.audience_key].errors.append(f"{row.user_ref}: {error}")
+        tally = counts[row[_KEY]]
+        tally.failed += 1
+        if len(tally.errors) < 3:
+            tally.errors.append(f"{row[_REF]}: {error}")
 
 
-def _advance_baseline(
-    connection: sa.Connection, rows: list[Row[Any]], run_ids: dict[str, int], now: datetime
+def _apply_delivered(
+    connection: sa.Connection, rows: list[PageRow], run_ids: dict[str, int], now: datetime
 ) -> None:
-    entered = [
-        {
-            "audience_key": row.audience_key,
-            "user_ref": row.user_ref,
-            "user_id": row.user_id,
-            "email": row.email,
-            "run_id": run_ids[row.audience_key],
-            "told_at": now,
-        }
-        for row in rows
-        if row.value
-    ]
-    if entered:
-        insert = dialect_insert(connection)(m.baseline)
+    """Advance the baseline, log the changes and empty the outbox for the accepted rows."""
+    sqlite = connection.dialect.name == "sqlite"
+    ids = [row[_ID] for row in rows]
+    # The chunk's outbox ids travel as one parameter: a JSON array on SQLite, an array on
+    # PostgreSQL (thousands of bound parameters would cost more than the statements).
+    chosen = "IN (SELECT value FROM json_each(:ids))" if sqlite else "= ANY(CAST(:ids AS BIGINT[]))"
+    params: dict[str, Any] = {"ids": json.dumps(ids) if sqlite else ids, "now": now}
+    run_id = _run_id_case(run_ids, params)
+    now_param = sa.bindparam("now", type_=UTCDateTime)
+    if any(row[_VALUE] for row in rows):
         connection.execute(
-            insert.on_conflict_do_update(
-                index_elements=["audience_key", "user_ref"],
-                set_={
-                    "user_id": insert.excluded.user_id,
-                    "email": insert.excluded.email,
-                    "run_id": insert.excluded.run_id,
-                    "told_at": insert.excluded.told_at,
-                },
+            sa.text(
+                "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at) "
+                f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now "
+                f"FROM pending p WHERE p.id {chosen} AND p.value = TRUE "
+                "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
+                "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at"
+            ).bindparams(now_param),
+            params,
+        )
+    if not all(row[_VALUE] for row in rows):
+        connection.execute(
+            sa.text(
+                "DELETE FROM baseline WHERE (audience_key, user_ref) IN ("
+                f"SELECT p.audience_key, p.user_ref FROM pending p WHERE p.id {chosen} AND p.value = FALSE)"
             ),
-            entered,
+            {"ids": params["ids"]},
         )
-    exited: dict[str, list[str]] = {}
-    for row in rows:
-        if not row.value:
-            exited.setdefault(row.audience_key, []).append(row.user_ref)
-    for key, refs in exited.items():
-        connection.execute(
-            m.baseline.delete().where(m.baseline.c.audience_key == key, m.baseline.c.user_ref.in_(refs))
-        )
+    connection.execute(
+        sa.text(
+            "INSERT INTO changes (run_id, audience_key, user_ref, value, outcome, error, at) "
+            f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, 'delivered', NULL, :now "
+            f"FROM pending p WHERE p.id {chosen}"
+        ).bindparams(now_param),
+        params,
+    )
+    connection.execute(sa.text(f"DELETE FROM pending WHERE id {chosen}"), {"ids": params["ids"]})
+
+
+def _run_id_case(run_ids: dict[str, int], params: dict[str, Any]) -> str:
+    """SQL for "this run's id for the row's audience", its parameters added to `params`."""
+    whens = []
+    for index, (key, run_id) in enumerate(run_ids.items()):
+        params[f"key_{index}"], params[f"run_{index}"] = key, run_id
+        whens.append(f"WHEN :key_{index} THEN CAST(:run_{index} AS INTEGER)")
+    return f"CASE p.audience_key {' '.join(whens)} END"
 
 
 def _change(
-    row: Row[Any], run_ids: dict[str, int], outcome: str, error: str | None, now: datetime
+    row: PageRow, run_ids: dict[str, int], outcome: str, error: str | None, now: datetime
 ) -> dict[str, Any]:
     return {
-        "run_id": run_ids[row.audience_key],
-        "audience_key": row.audience_key,
-        "user_ref": row.user_ref,
-        "value": bool(row.value),
+        "run_id": run_ids[row[_KEY]],
+        "audience_key": row[_KEY],
+        "user_ref": row[_REF],
+        "value": bool(row[_VALUE]),
         "outcome": outcome,
         "error": error,
         "at": now,
