@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 import httpx
+import orjson
 
 from .config import PlanhatSettings
 from .errors import PlanhatAuthError, PlanhatError
@@ -104,16 +105,18 @@ def build_identify(
 
 def build_enduser(contact: Contact) -> dict[str, Any]:
     """One item of a PUT /endusers bulk upsert; audience booleans go to custom fields."""
+    # Spelled out rather than looped: a full sync builds a million of these.
     item: dict[str, Any] = {}
-    for name, value in (
-        ("externalId", contact.user_id),
-        ("email", contact.email),
-        ("name", contact.name),
-        ("title", contact.title),
-        ("companyExternalId", contact.company_id),
-    ):
-        if value is not None:
-            item[name] = value
+    if contact.user_id is not None:
+        item["externalId"] = contact.user_id
+    if contact.email is not None:
+        item["email"] = contact.email
+    if contact.name is not None:
+        item["name"] = contact.name
+    if contact.title is not None:
+        item["title"] = contact.title
+    if contact.company_id is not None:
+        item["companyExternalId"] = contact.company_id
     item["custom"] = dict(contact.values)
     return item
 
@@ -366,7 +369,8 @@ def _authorization(settings: PlanhatSettings, token: str) -> str:
 
 
 def _encode(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON. orjson: encoding was a fifth of a full sync's time with the stdlib."""
+    return orjson.dumps(payload)
 
 
 def _excerpt(content: bytes) -> str:
