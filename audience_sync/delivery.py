@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,8 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import models as m
+from .diff import ANALYZE_AFTER
 from .models import UTCDateTime
 from .planhat import Contact, Outcome
+from .sources import frozen_gc
 from .store import utcnow
 
 log = logging.getLogger("audience_sync.delivery")
@@ -85,9 +88,29 @@ def read_page(engine: Engine, keys: list[str], after: str, limit: int) -> list[P
 _ID, _KEY, _REF, _VALUE, _USER_ID, _EMAIL, _NAME, _TITLE, _COMPANY = range(len(_COLUMNS))
 
 
-def coalesce(rows: list[PageRow], complete: bool) -> list[tuple[Contact, list[PageRow]]]:
+def coalesce(
+    rows: list[PageRow], complete: bool, one_audience: bool = False
+) -> list[tuple[Contact, list[PageRow]]]:
     """Group rows per user. When the page was cut (`complete` False), the last user may be
-    missing audiences on the next page, so it is left for the next page."""
+    missing audiences on the next page, so it is left for the next page. With `one_audience`
+    every row is its own user (the outbox holds a user once per audience): no grouping."""
+    if one_audience:
+        kept = rows if complete or len(rows) < 2 else rows[:-1]
+        return [
+            (
+                Contact(
+                    r[_REF],
+                    r[_USER_ID],
+                    r[_EMAIL],
+                    r[_NAME],
+                    r[_TITLE],
+                    r[_COMPANY],
+                    {r[_KEY]: bool(r[_VALUE])},
+                ),
+                [r],
+            )
+            for r in kept
+        ]
     groups = [list(group) for _, group in groupby(rows, key=itemgetter(_REF))]
     if not complete and len(groups) > 1:
         groups.pop()
@@ -137,16 +160,20 @@ def deliver(
     counts = {key: DeliveryCounts() for key in keys}
     after = ""
     limit = sender.chunk_size + 1
-    while not sender.exhausted and not should_stop():
-        rows = read_page(engine, keys, after, limit)
-        if not rows:
-            break
-        batch = coalesce(rows, complete=len(rows) < limit)
-        after = batch[-1][0].ref
-        outcome = sender.send([contact for contact, _ in batch])
-        acknowledge(engine, batch, outcome, run_ids, counts)
-        if progress:
-            progress(sum(len(group) for _, group in batch))
+    with frozen_gc():
+        while not sender.exhausted and not should_stop():
+            rows = read_page(engine, keys, after, limit)
+            if not rows:
+                break
+            batch = coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1)
+            after = batch[-1][0].ref
+            outcome = sender.send([contact for contact, _ in batch])
+            acknowledge(engine, batch, outcome, run_ids, counts)
+            if progress:
+                progress(sum(len(group) for _, group in batch))
+    if engine.dialect.name == "postgresql" and sum(c.sent for c in counts.values()) > ANALYZE_AFTER:
+        with engine.begin() as connection:  # the next run's diff plans against the new baseline
+            connection.exec_driver_sql("ANALYZE baseline")
     return counts
 
 
@@ -184,8 +211,8 @@ def acknowledge(
             connection.execute(
                 m.changes.insert(), [_change(row, run_ids, "failed", error, now) for row, error in failed]
             )
-    for row in delivered:
-        counts[row[_KEY]].sent += 1
+    for key, sent in Counter(map(itemgetter(_KEY), delivered)).items():
+        counts[key].sent += sent
     for row, error in failed:
         tally = counts[row[_KEY]]
         tally.failed += 1

@@ -1,37 +1,45 @@
 """Staging a snapshot and diffing it against the baseline, set-based, in the state database.
 
 A run streams its members into a temporary heap table (`stage_raw`, in source order, no
-index: appending is all the database does per row, by COPY on PostgreSQL and executemany on
-SQLite). One sorted INSERT ... SELECT then builds `stage_members`, keyed on user_ref (user_id
-when known, else email), keeping the first row of a user listed twice. Sorting once beats
-keeping an index up to date row by row when the source's order is not the key's, and leaves
-the stage in key order, so the joins below and the outbox writes walk the indexes in order.
-Then one transaction:
+index: appending is all the database does per row; COPY on PostgreSQL, one statement per
+chunk on SQLite). One sorted INSERT ... SELECT then builds `stage_members`, keyed on user_ref
+(user_id when known, else email), keeping the first row of a user listed twice. Sorting once
+beats keeping an index up to date row by row when the source's order is not the key's, and
+leaves the stage in key order, so the joins below and the outbox writes walk the indexes in
+order. Then one transaction:
 
 * measures: members, entered (staged but not in baseline), exited (baseline but not staged);
+  the entered rows are kept aside (`stage_entered`) for the next step;
 * rewrites the audience's outbox (`pending`) so that it holds exactly what Planhat still has
   to be told: stale entries dropped (a pending `true` whose user left again, a pending
   `false` whose user came back), entries `true` upserted for entered users (every member on
   a full sync), entries `false` upserted for exited users.
 
-Both tables are TEMPORARY: the state database never grows by a snapshot. Nothing here holds
-an audience in Python: memory is one chunk of rows.
+Every staging table is TEMPORARY: the state database never grows by a snapshot. Nothing here
+holds an audience in Python: memory is a few chunks of rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from queue import Full, Queue
+from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .models import UTCDateTime
-from .sources import MEMBER_FIELDS, Member
+from .sources import MEMBER_FIELDS, Member, frozen_gc
 
 STAGE = "stage_members"
 RAW = "stage_raw"
+ENTERED = "stage_entered"  # the staged rows not in the baseline, kept by measure() for queue_changes()
+ANALYZE_AFTER = 10_000  # rows written in one go before PostgreSQL's statistics are refreshed
+_ENTERED_FOR = "audience_sync.stage_entered_for"  # connection.info: the audience ENTERED was measured for
 _RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
 
 
@@ -58,16 +66,18 @@ def create_stage(connection: Connection) -> None:
         f"CREATE TEMPORARY TABLE {RAW} ({seq}user_id {key}, email {key}, name {text}, "
         f"title {text}, company_id {key})"
     )
-    connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {STAGE} ("
-        f"user_ref {key} NOT NULL PRIMARY KEY, user_id {key}, email {key}, "
-        f"name {text}, title {text}, company_id {key})" + (" WITHOUT ROWID" if sqlite else "")
-    )
+    for table in (STAGE, ENTERED):
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {table} ("
+            f"user_ref {key} NOT NULL PRIMARY KEY, user_id {key}, email {key}, "
+            f"name {text}, title {text}, company_id {key})" + (" WITHOUT ROWID" if sqlite else "")
+        )
 
 
 def drop_stage(connection: Connection) -> None:
-    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {RAW}")
-    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+    connection.info.pop(_ENTERED_FOR, None)
+    for table in (RAW, STAGE, ENTERED):
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
 
 
 def load_stage(
@@ -77,34 +87,91 @@ def load_stage(
 ) -> int:
     """Stage every member; the first row of a duplicated user wins. Returns rows given.
 
-    `progress`, when given, is told how many rows each chunk added.
+    PostgreSQL: one COPY, which the server consumes in its own process while we read on.
+    SQLite works inside this process, so a helper thread reads the source a chunk or two
+    ahead while SQLite writes the previous chunk, as one statement over a JSON array: SQLite
+    then runs without the GIL for the whole chunk (executemany takes the GIL back for every
+    row, which stalls the reader). `progress`, when given, is told how many rows each chunk
+    added.
     """
-    if connection.dialect.name == "postgresql":
-        given = _copy_raw(connection, chunks, progress)
+    with frozen_gc():
+        if connection.dialect.name == "postgresql":
+            given = _copy_raw(connection, chunks, progress)
+            connection.exec_driver_sql(
+                f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
+                f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_RAW_COLUMNS} "
+                f"FROM {RAW} ORDER BY user_ref, seq"
+            )
+            connection.exec_driver_sql(f"DROP TABLE {RAW}")
+            connection.exec_driver_sql(f"ANALYZE {STAGE}")  # autovacuum never sees temp tables
+            return given
+        given = 0
+        fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(MEMBER_FIELDS)))
+        insert = f"INSERT INTO {RAW} ({_RAW_COLUMNS}) SELECT {fields} FROM json_each(?)"
+        cursor = connection.connection.cursor()
+        try:
+            for chunk in read_ahead(chunks):
+                if chunk:
+                    cursor.execute(insert, (orjson.dumps(chunk).decode(),))
+                    given += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+        finally:
+            cursor.close()
         connection.exec_driver_sql(
             f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
-            f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_RAW_COLUMNS} "
-            f"FROM {RAW} ORDER BY user_ref, seq"
+            f"SELECT coalesce(user_id, email), {_RAW_COLUMNS} FROM {RAW} "
+            "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
+            "ON CONFLICT (user_ref) DO NOTHING"
         )
         connection.exec_driver_sql(f"DROP TABLE {RAW}")
-        connection.exec_driver_sql(f"ANALYZE {STAGE}")  # autovacuum never sees temp tables
         return given
-    given = 0
-    insert = f"INSERT INTO {RAW} ({_RAW_COLUMNS}) VALUES (?, ?, ?, ?, ?)"
-    for chunk in chunks:
-        if chunk:
-            connection.exec_driver_sql(insert, chunk)  # type: ignore[arg-type]
-            given += len(chunk)
-            if progress:
-                progress(len(chunk))
-    connection.exec_driver_sql(
-        f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
-        f"SELECT coalesce(user_id, email), {_RAW_COLUMNS} FROM {RAW} "
-        "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
-        "ON CONFLICT (user_ref) DO NOTHING"
-    )
-    connection.exec_driver_sql(f"DROP TABLE {RAW}")
-    return given
+
+
+_END = object()
+
+
+def read_ahead(chunks: Iterable[list[Member]], depth: int = 2) -> Iterator[list[Member]]:
+    """Iterate `chunks` in a helper thread, at most `depth` chunks ahead, so memory stays a few
+    chunks. An error in the helper is raised here; leaving early stops the helper after the
+    chunk it is reading, which then closes the source."""
+    queue: Queue[Any] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work() -> None:
+        iterator = iter(chunks)
+        try:
+            for chunk in iterator:
+                if not put(chunk):
+                    break
+            else:
+                put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    helper = threading.Thread(target=work, name="audience-sync-source", daemon=True)
+    helper.start()
+    try:
+        while (item := queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        helper.join()
 
 
 def _copy_raw(
@@ -125,17 +192,25 @@ def _copy_raw(
 
 
 def measure(connection: Connection, key: str) -> DiffCounts:
+    """Count members, entered and exited. The entered rows are kept aside (ENTERED), so that
+    queue_changes() does not walk the whole stage against the baseline a second time."""
     members = connection.exec_driver_sql(f"SELECT count(*) FROM {STAGE}").scalar_one()
     previous = connection.execute(
         sa.text("SELECT count(*) FROM baseline WHERE audience_key = :key"), {"key": key}
     ).scalar_one()
-    entered = connection.execute(
-        sa.text(
-            f"SELECT count(*) FROM {STAGE} s WHERE NOT EXISTS ("
-            "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
-        ),
-        {"key": key},
-    ).scalar_one()
+    connection.info.pop(_ENTERED_FOR, None)
+    connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+    if previous == 0:  # a first sync: everyone enters, and a full sync queues the stage itself
+        entered = members
+    else:
+        entered = connection.execute(
+            sa.text(
+                f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT EXISTS ("
+                "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+            ),
+            {"key": key},
+        ).rowcount
+        connection.info[_ENTERED_FOR] = key
     # Members also in the baseline are members - entered; the rest of the baseline exited.
     exited = previous - (members - entered)
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
@@ -162,12 +237,14 @@ _QUEUE_ENTRIES = f"""
                          run_id, queued_at, attempts)
     SELECT :key, s.user_ref, TRUE, s.user_id, s.email, s.name, s.title, s.company_id,
            :run_id, :now, 0
-    FROM {STAGE} s
+    FROM {{table}} s
     WHERE {{condition}}
     {_UPSERT}
 """
-_ENTERED = "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
-_EVERY_MEMBER = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
+_NOT_IN_BASELINE = (
+    "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+)
+_EVERY_ROW = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
 
 # Typed parameters: PostgreSQL cannot infer a type for a bare parameter in a SELECT list.
 _PARAMS = (
@@ -193,7 +270,15 @@ def queue_changes(connection: Connection, key: str, run_id: int | None, now: dat
     """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction)."""
     params = {"key": key, "run_id": run_id, "now": now}
     connection.execute(_DROP_STALE, {"key": key})
-    condition = _EVERY_MEMBER if full else _ENTERED
-    entries = sa.text(_QUEUE_ENTRIES.format(condition=condition)).bindparams(*_PARAMS)
-    connection.execute(entries, params)
-    connection.execute(_QUEUE_EXITS, params)
+    if full:
+        table, condition = STAGE, _EVERY_ROW
+    elif connection.info.get(_ENTERED_FOR) == key:
+        table, condition = ENTERED, _EVERY_ROW  # measured just before, in this transaction
+    else:
+        table, condition = STAGE, _NOT_IN_BASELINE
+    entries = sa.text(_QUEUE_ENTRIES.format(table=table, condition=condition)).bindparams(*_PARAMS)
+    queued = connection.execute(entries, params).rowcount + connection.execute(_QUEUE_EXITS, params).rowcount
+    if connection.dialect.name == "postgresql" and queued > ANALYZE_AFTER:
+        # Fresh statistics, or the planner takes a million-row outbox for an empty one and
+        # sorts all of it for every delivery page.
+        connection.exec_driver_sql("ANALYZE pending")
