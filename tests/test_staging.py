@@ -1,0 +1,150 @@
+"""The bulk paths behind a large sync: member rows, staging, the diff's shortcut, page grouping,
+and the helpers that keep them fast (the read-ahead thread, the frozen collector)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync import diff, store
+from audience_sync.delivery import coalesce
+from audience_sync.models import UTCDateTime
+from audience_sync.sources import Member, ReadStats, _member, _members, frozen_gc
+
+COLUMNS = {"user_id": 0, "email": 1, "name": 2, "title": 3, "company_id": 4}
+NOW = datetime(2026, 11, 23, tzinfo=UTC)
+
+
+@pytest.fixture
+def state(state_url: str) -> Iterator[sa.Engine]:
+    engine = store.open_state(state_url)
+    yield engine
+    engine.dispose()
+
+
+def test_the_fast_path_reads_rows_exactly_as_the_full_contract() -> None:
+    rows = [
+        ("u1", "a@x.com", "Ann", "CEO", "c1"),
+        ("  u2 ", " b@x.com ", "  Bob  ", "", " c2 "),  # trimmed; a blank trait is no trait
+        (None, "c@x.com", None, None, None),  # email identifies
+        ("", "d@x.com", None, None, None),  # a blank user_id is unusable: skipped
+        (None, "", None, None, None),  # nothing usable
+        (None, None, "Nobody", None, None),
+        ("x" * 256, "e@x.com", None, None, None),  # over-long user_id
+        ("u3", "y" * 256, None, None, None),  # over-long email: dropped, user_id identifies
+        (42, None, 7, None, 9),  # numbers: the slow path renders them
+        (True, "f@x.com", None, None, None),  # a bool is no identifier
+        ("u4", None, "N" * 2000, None, "C" * 300),  # traits cut to their limits
+    ]
+    fast_stats, slow_stats = ReadStats(), ReadStats()
+    fast = _members(rows, COLUMNS, fast_stats)
+    slow = [m for row in rows if (m := _member(row, COLUMNS, slow_stats)) is not None]
+    assert fast == slow
+    assert (fast_stats.skipped, fast_stats.samples) == (slow_stats.skipped, slow_stats.samples)
+    assert fast[0] == ("u1", "a@x.com", "Ann", "CEO", "c1")
+    assert fast[1] == ("u2", "b@x.com", "Bob", None, "c2")
+    assert ("42", None, "7", None, "9") in fast
+
+
+def test_staging_keeps_the_first_row_of_a_user_listed_twice(state: sa.Engine) -> None:
+    chunks = [
+        [("u2", "two@x.com", "First", None, None), ("u1", None, "One", None, None)],
+        [(None, "mail@x.com", "Mail", None, None), ("u2", "again@x.com", "Second", None, None)],
+    ]
+    with state.connect() as connection:
+        diff.create_stage(connection)
+        assert diff.load_stage(connection, iter(chunks)) == 4
+        staged = connection.exec_driver_sql(
+            f"SELECT user_ref, email, name FROM {diff.STAGE} ORDER BY user_ref"
+        ).all()
+        diff.drop_stage(connection)
+        connection.commit()
+    assert [tuple(row) for row in staged] == [
+        ("mail@x.com", "mail@x.com", "Mail"),
+        ("u1", None, "One"),
+        ("u2", "two@x.com", "First"),
+    ]
+
+
+def _stage(connection: sa.Connection, refs: list[str]) -> None:
+    diff.create_stage(connection)
+    diff.load_stage(connection, iter([[(ref, None, None, None, None) for ref in refs]]))
+
+
+def _pending(connection: sa.Connection, key: str) -> list[tuple[str, bool]]:
+    rows = connection.execute(
+        sa.text("SELECT user_ref, value FROM pending WHERE audience_key = :key ORDER BY user_ref"),
+        {"key": key},
+    )
+    return [(ref, bool(value)) for ref, value in rows]
+
+
+def test_measure_then_queue_matches_the_plain_diff_and_never_crosses_audiences(state: sa.Engine) -> None:
+    with state.begin() as connection:
+        for key in ("a", "b"):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO baseline (audience_key, user_ref, told_at) VALUES (:key, 'u1', :now), "
+                    "(:key, 'u2', :now)"
+                ).bindparams(sa.bindparam("now", type_=UTCDateTime)),
+                {"key": key, "now": NOW},
+            )
+    with state.connect() as connection:
+        _stage(connection, ["u2", "u3"])
+        counts = diff.measure(connection, "a")
+        assert (counts.members, counts.previous, counts.entered, counts.exited) == (2, 2, 1, 1)
+        diff.queue_changes(connection, "a", 1, NOW, full=False)  # uses what measure kept aside
+        diff.queue_changes(connection, "b", 1, NOW, full=False)  # measured for "a": diffs afresh
+        expected = [("u1", False), ("u3", True)]
+        assert _pending(connection, "a") == expected and _pending(connection, "b") == expected
+        connection.rollback()
+        diff.drop_stage(connection)
+        connection.commit()
+
+
+def test_read_ahead_hands_over_errors_and_stops_the_source_when_left_early() -> None:
+    def failing() -> Iterator[list[Member]]:
+        yield [("u1", None, None, None, None)]
+        raise RuntimeError("source went away")
+
+    with pytest.raises(RuntimeError, match="source went away"):
+        list(diff.read_ahead(failing()))
+
+    closed = threading.Event()
+
+    def endless() -> Iterator[list[Member]]:
+        try:
+            while True:
+                yield [("u1", None, None, None, None)]
+        finally:
+            closed.set()
+
+    ahead = diff.read_ahead(endless())
+    assert next(ahead) == [("u1", None, None, None, None)]
+    ahead.close()
+    assert closed.wait(5)
+
+
+def test_one_audience_pages_group_like_the_general_path() -> None:
+    rows = [(n, "k", f"u{n}", n % 2, f"u{n}", None, "Name", None, None) for n in range(1, 6)]
+    for complete in (True, False):
+        fast = coalesce(rows, complete, one_audience=True)
+        general = coalesce(rows, complete)
+        assert [(c, g) for c, g in fast] == [(c, g) for c, g in general]
+    assert len(coalesce(rows, False, one_audience=True)) == 4  # the cut page leaves its last user
+
+
+def test_frozen_gc_nests_and_thaws() -> None:
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with frozen_gc():
+            assert gc.get_freeze_count() == frozen  # one freeze for nested and concurrent phases
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0
