@@ -56,6 +56,7 @@ READ_CHUNK = 10_000
 @dataclass
 class Sync:
     seconds: float
+    cpu_seconds: float  # user + system time of the CLI process: less sensitive to a busy machine
     peak_rss_mb: float
     delivered: int  # changes Planhat accepted (the run's `sent`), with /_state checked against the source
 
@@ -231,8 +232,9 @@ def write_config(path: Path, state_url: str, source: Path, planhat_url: str) -> 
 CLI = [str(Path(sys.executable).with_name("audience-sync"))]
 
 
-def run_cli(config: Path, label: str, py_spy: Path | None) -> tuple[float, float]:
-    """Run one sync through the CLI; returns (wall seconds, peak RSS in MB of that process)."""
+def run_cli(config: Path, label: str, py_spy: Path | None) -> tuple[float, float, float]:
+    """Run one sync through the CLI; returns wall seconds, CPU seconds and peak RSS in MB of
+    that process."""
     command = [*CLI, "--config", str(config), "sync"]
     if py_spy is not None:
         py_spy.mkdir(parents=True, exist_ok=True)
@@ -247,11 +249,11 @@ def run_cli(config: Path, label: str, py_spy: Path | None) -> tuple[float, float
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{label}: audience-sync exited {process.returncode}\n{out}\n{err}")
-    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def checked_sync(config: Path, source: Path, planhat_url: str, label: str, py_spy: Path | None) -> Sync:
-    seconds, rss = run_cli(config, label, py_spy)
+    seconds, cpu, rss = run_cli(config, label, py_spy)
     state = planhat_state(planhat_url)
     members, leavers = expected(source)
     true, false = state["true"].get(KEY, 0), state["false"].get(KEY, 0)
@@ -263,7 +265,7 @@ def checked_sync(config: Path, source: Path, planhat_url: str, label: str, py_sp
     last = last_run(config)
     if last["status"] != "success" or last["pending"]:
         raise SystemExit(f"{label}: the run ended {last['status']} with {last['pending']} pending")
-    return Sync(seconds, rss, int(last["sent"]))
+    return Sync(seconds, cpu, rss, int(last["sent"]))
 
 
 def last_run(config: Path) -> dict[str, Any]:
@@ -292,10 +294,10 @@ def one_sample(state: str, n: int, template: Path, workdir: Path, rep: int, py_s
     sample = Sample(floor, full, incremental)
     print(
         f"  {state:10} n={n:<8} run {rep + 1}: floor {floor:6.2f}s | "
-        f"full {full.seconds:6.2f}s ({full.seconds / floor:4.1f}x) {full.peak_rss_mb:5.0f} MB "
-        f"{full.delivered} changes | incremental {incremental.seconds:6.2f}s "
-        f"({incremental.seconds / floor:4.1f}x) {incremental.peak_rss_mb:5.0f} MB "
-        f"{incremental.delivered} changes",
+        f"full {full.seconds:6.2f}s ({full.seconds / floor:4.1f}x, cpu {full.cpu_seconds:5.2f}s) "
+        f"{full.peak_rss_mb:4.0f} MB {full.delivered} changes | incremental {incremental.seconds:5.2f}s "
+        f"({incremental.seconds / floor:3.1f}x, cpu {incremental.cpu_seconds:5.2f}s) "
+        f"{incremental.peak_rss_mb:4.0f} MB {incremental.delivered} changes",
         flush=True,
     )
     return sample
@@ -382,8 +384,8 @@ def _postgres_size(url: str) -> dict[str, Any]:
 def summary(cases: list[Case]) -> None:
     print(
         "\n| state | N | full (s) | incremental (s) | floor (s) | full / floor | incr. / floor "
-        "| peak RSS full / incr. (MB) | rows/s full / incr. |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| peak RSS full / incr. (MB) | rows/s full / incr. | CPU s full / incr. |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for case in cases:
         s = case.samples
@@ -399,7 +401,8 @@ def summary(cases: list[Case]) -> None:
             f"| {med(x.full.seconds / x.floor for x in s):.1f}x "
             f"| {med(x.incremental.seconds / x.floor for x in s):.1f}x "
             f"| {med(x.full.peak_rss_mb for x in s):.0f} / {med(x.incremental.peak_rss_mb for x in s):.0f} "
-            f"| {case.n / full:,.0f} / {case.n / inc:,.0f} |"
+            f"| {case.n / full:,.0f} / {case.n / inc:,.0f} "
+            f"| {med(x.full.cpu_seconds for x in s):.1f} / {med(x.incremental.cpu_seconds for x in s):.1f} |"
         )
     print(f"\nmedians of {max(len(c.samples) for c in cases)} runs per row", flush=True)
 
