@@ -21,7 +21,9 @@ holds an audience in Python: memory is a few chunks of rows.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +36,8 @@ from sqlalchemy.engine import Connection
 
 from .models import UTCDateTime
 from .sources import MEMBER_FIELDS, Member, frozen_gc
+
+log = logging.getLogger("audience_sync.diff")
 
 STAGE = "stage_members"
 RAW = "stage_raw"
@@ -92,8 +96,10 @@ def load_stage(
     ahead while SQLite writes the previous chunk, as one statement over a JSON array: SQLite
     then runs without the GIL for the whole chunk (executemany takes the GIL back for every
     row, which stalls the reader). `progress`, when given, is told how many rows each chunk
-    added.
+    added; without it, a long load logs a line every STAGING_LOG_SECONDS.
     """
+    if progress is None:
+        progress = _StagingLog()
     with frozen_gc():
         if connection.dialect.name == "postgresql":
             given = _copy_raw(connection, chunks, progress)
@@ -126,6 +132,24 @@ def load_stage(
         )
         connection.exec_driver_sql(f"DROP TABLE {RAW}")
         return given
+
+
+STAGING_LOG_SECONDS = 10.0
+
+
+class _StagingLog:
+    """A heartbeat for loads of millions of rows: one log line every STAGING_LOG_SECONDS."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self._started = self._last = time.monotonic()
+
+    def __call__(self, count: int) -> None:
+        self.rows += count
+        now = time.monotonic()
+        if now - self._last >= STAGING_LOG_SECONDS:
+            self._last = now
+            log.info("staged %d rows (%.0f/s)", self.rows, self.rows / (now - self._started))
 
 
 _END = object()

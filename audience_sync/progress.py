@@ -1,4 +1,8 @@
-"""Progress of a long delivery: a bar on a terminal, periodic log lines otherwise."""
+"""Progress of a long delivery: a bar on a terminal, periodic log lines otherwise.
+
+The bar is drawn on stderr, the stream `make_progress` checks: stdout stays for the run's
+table (or `--json`), also when it is piped.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 import sys
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 log = logging.getLogger("audience_sync.progress")
@@ -18,6 +23,7 @@ class BarProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
             transient=True,
         )
         self._task = self._bar.add_task("delivering", total=0)
