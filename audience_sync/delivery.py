@@ -4,9 +4,10 @@ The outbox is read with keyset pagination on (user_ref), so one user's changes a
 run's audiences arrive together and go out as one identify / one contact item. After each
 chunk, one transaction applies what Planhat accepted: the baseline advances (`true` rows
 inserted, `false` rows removed), the change is logged in `changes`, the pending row deleted.
-These are four set-based statements over the chunk's outbox ids, whatever the chunk's size.
-What Planhat did not accept stays pending, with its attempt count and error. A crash loses
-at most the acknowledgement of the chunk in flight; those changes are simply sent again.
+This is set-based over the chunk's outbox ids (one statement on PostgreSQL, four on SQLite),
+whatever the chunk's size. What Planhat did not accept stays pending, with its attempt count
+and error. A crash loses at most the acknowledgement of the chunk in flight; those changes
+are simply sent again.
 """
 
 from __future__ import annotations
@@ -223,21 +224,43 @@ def acknowledge(
 def _apply_delivered(
     connection: sa.Connection, rows: list[PageRow], run_ids: dict[str, int], now: datetime
 ) -> None:
-    """Advance the baseline, log the changes and empty the outbox for the accepted rows."""
-    sqlite = connection.dialect.name == "sqlite"
+    """Advance the baseline, log the changes and empty the outbox for the accepted rows.
+
+    The chunk's outbox ids travel as one parameter (thousands of bound parameters would cost
+    more than the statements): an array on PostgreSQL, where one statement does it all, the
+    outbox rows read once as they are deleted; a JSON array on SQLite, in four statements.
+    """
     ids = [row[_ID] for row in rows]
-    # The chunk's outbox ids travel as one parameter: a JSON array on SQLite, an array on
-    # PostgreSQL (thousands of bound parameters would cost more than the statements).
-    chosen = "IN (SELECT value FROM json_each(:ids))" if sqlite else "= ANY(CAST(:ids AS BIGINT[]))"
-    params: dict[str, Any] = {"ids": json.dumps(ids) if sqlite else ids, "now": now}
+    params: dict[str, Any] = {"now": now}
     run_id = _run_id_case(run_ids, params)
     now_param = sa.bindparam("now", type_=UTCDateTime)
+    if connection.dialect.name == "postgresql":
+        params["ids"] = ids
+        connection.execute(
+            sa.text(
+                "WITH done AS (DELETE FROM pending p WHERE p.id = ANY(CAST(:ids AS BIGINT[])) "
+                "  RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email), "
+                "entered AS (INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at) "
+                f"  SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now FROM done p "
+                "  WHERE p.value ON CONFLICT (audience_key, user_ref) DO UPDATE SET "
+                "  user_id = excluded.user_id, email = excluded.email, run_id = excluded.run_id, "
+                "  told_at = excluded.told_at), "
+                "exited AS (DELETE FROM baseline b USING done p WHERE NOT p.value "
+                "  AND b.audience_key = p.audience_key AND b.user_ref = p.user_ref) "
+                "INSERT INTO changes (run_id, audience_key, user_ref, value, outcome, error, at) "
+                f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, 'delivered', NULL, :now FROM done p"
+            ).bindparams(now_param),
+            params,
+        )
+        return
+    params["ids"] = json.dumps(ids)
+    chosen = "p.id IN (SELECT value FROM json_each(:ids))"
     if any(row[_VALUE] for row in rows):
         connection.execute(
             sa.text(
                 "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at) "
                 f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now "
-                f"FROM pending p WHERE p.id {chosen} AND p.value = TRUE "
+                f"FROM pending p WHERE {chosen} AND p.value = TRUE "
                 "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
                 "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at"
             ).bindparams(now_param),
@@ -247,19 +270,19 @@ def _apply_delivered(
         connection.execute(
             sa.text(
                 "DELETE FROM baseline WHERE (audience_key, user_ref) IN ("
-                f"SELECT p.audience_key, p.user_ref FROM pending p WHERE p.id {chosen} AND p.value = FALSE)"
+                f"SELECT p.audience_key, p.user_ref FROM pending p WHERE {chosen} AND p.value = FALSE)"
             ),
-            {"ids": params["ids"]},
+            params,
         )
     connection.execute(
         sa.text(
             "INSERT INTO changes (run_id, audience_key, user_ref, value, outcome, error, at) "
             f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, 'delivered', NULL, :now "
-            f"FROM pending p WHERE p.id {chosen}"
+            f"FROM pending p WHERE {chosen}"
         ).bindparams(now_param),
         params,
     )
-    connection.execute(sa.text(f"DELETE FROM pending WHERE id {chosen}"), {"ids": params["ids"]})
+    connection.execute(sa.text("DELETE FROM pending WHERE id IN (SELECT value FROM json_each(:ids))"), params)
 
 
 def _run_id_case(run_ids: dict[str, int], params: dict[str, Any]) -> str:
