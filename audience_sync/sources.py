@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,17 +123,40 @@ def read_members(
         raise SourceError(f"{where}: cannot connect to {url}: {_driver_message(exc)}") from exc
     try:
         with connection:
-            result = connection.execution_options(stream_results=True, yield_per=chunk_rows).execute(
-                sa.text(audience.query)
-            )
-            columns = _column_positions(list(result.keys()), where)
-            for rows in result.partitions(chunk_rows):
+            keys, chunks = _query(connection, audience.query, chunk_rows)
+            columns = _column_positions(keys, where)
+            for rows in chunks:
                 stats.rows += len(rows)
                 yield _members(rows, columns, stats)
     except sa.exc.DBAPIError as exc:
         raise SourceError(f"{where}: query failed: {_driver_message(exc)}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise SourceError(f"{where}: {exc.__class__.__name__}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise SourceError(f"{where}: query failed: {_first_line(exc)}") from exc
+
+
+def _query(connection: sa.Connection, query: str, chunk_rows: int) -> tuple[list[str], Iterator[Any]]:
+    """The query's column names and its rows in chunks, streamed.
+
+    SQLite has no server-side cursors to manage: its own cursor streams, and reading it
+    directly skips SQLAlchemy's row objects, a third of the read time at a million rows.
+    Every other driver goes through SQLAlchemy's streaming result (server-side cursors).
+    """
+    if connection.dialect.driver == "pysqlite":
+        cursor = connection.connection.cursor()
+        cursor.execute(query)
+
+        def chunks() -> Iterator[Any]:
+            try:
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield rows
+            finally:
+                cursor.close()
+
+        return [column[0] for column in cursor.description or ()], chunks()
+    result = connection.execution_options(stream_results=True, yield_per=chunk_rows).execute(sa.text(query))
+    return list(result.keys()), result.partitions(chunk_rows)
 
 
 def _column_positions(keys: list[str], where: str) -> dict[str, int]:
@@ -229,5 +253,9 @@ def _sample(value: object) -> str:
 
 
 def _driver_message(exc: sa.exc.DBAPIError) -> str:
-    text = str(exc.orig if exc.orig is not None else exc).strip()
+    return _first_line(exc.orig if exc.orig is not None else exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
     return text.splitlines()[0] if text else exc.__class__.__name__
