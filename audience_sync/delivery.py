@@ -16,6 +16,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
@@ -154,24 +155,32 @@ def deliver(
 ) -> dict[str, DeliveryCounts]:
     """Send every pending change of the given audiences; returns counts per audience.
 
+    A chunk is acknowledged by a helper thread while this one reads and groups the next page
+    (the database works without the GIL), and the next chunk is sent only once that
+    acknowledgement is committed: requests go one after another, and at most the chunk on
+    the wire is unacknowledged.
+
     Raises whatever the sender raises for a fatal error (PlanhatAuthError): everything not yet
     acknowledged stays pending.
     """
     keys = list(run_ids)
     counts = {key: DeliveryCounts() for key in keys}
-    after = ""
     limit = sender.chunk_size + 1
-    with frozen_gc():
-        while not sender.exhausted and not should_stop():
-            rows = read_page(engine, keys, after, limit)
-            if not rows:
-                break
-            batch = coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1)
-            after = batch[-1][0].ref
+
+    def page(after: str) -> list[tuple[Contact, list[PageRow]]]:
+        rows = read_page(engine, keys, after, limit)
+        return coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1) if rows else []
+
+    with frozen_gc(), ThreadPoolExecutor(1, thread_name_prefix="audience-sync-ack") as helper:
+        batch = page("")
+        while batch and not sender.exhausted and not should_stop():
             outcome = sender.send([contact for contact, _ in batch])
-            acknowledge(engine, batch, outcome, run_ids, counts)
+            acknowledging = helper.submit(acknowledge, engine, batch, outcome, run_ids, counts)
+            upcoming = page(batch[-1][0].ref)  # after this chunk's users: untouched by its ack
+            acknowledging.result()
             if progress:
                 progress(sum(len(group) for _, group in batch))
+            batch = upcoming
     if engine.dialect.name == "postgresql" and sum(c.sent for c in counts.values()) > ANALYZE_AFTER:
         with engine.begin() as connection:  # the next run's diff plans against the new baseline
             connection.exec_driver_sql("ANALYZE baseline")
