@@ -10,16 +10,21 @@ N it repeats `--runs` times, on a fresh state database and a fresh fake Planhat:
 3. 1% churn in the source (0.5% of the members leave, as many new users enter);
 4. an incremental sync, again through the CLI.
 
-Each sync is timed on the wall clock and its peak RSS is the child's own (`os.wait4`'s
-`ru_maxrss`); after each the fake's `/_state` must show every member `true` and every leaver
-`false`. `--history K` then runs, per state database and N, one full sync and K incremental
-syncs (1% churn each) and reports the state database's size and rows per table.
+Each sync is timed on the wall clock; its CPU time and peak RSS are the child's own (`os.wait4`'s
+rusage). After each, the run must have ended `success` with nothing pending, and the fake's
+`/_state` must show every member `true` and every leaver `false`. `--history K` then runs, per
+state database and N, one full sync and K incremental syncs (1% churn each) and reports the
+state database's size and rows per table.
 
     python benchmarks/bench_sync.py --n 100000 1000000 --state sqlite postgresql --runs 3
-    python benchmarks/bench_sync.py --n 1000000 --state sqlite --runs 0 --history 30
+    python benchmarks/bench_sync.py --n 1000000 --state sqlite postgresql --runs 0 --history 30
 
-`--py-spy DIR` runs each sync under `py-spy record` (installed separately) and writes one
-flame graph per sync there; times measured that way include the sampler's overhead.
+Transport `endusers` at `max_requests_per_second = 150` (Planhat's hard limit; the default of
+3 a second alone would hold a 1M full sync for 67 s). PostgreSQL runs get a fresh schema on
+$AUDIENCE_SYNC_BENCH_POSTGRES (default postgres@127.0.0.1:5432/test), dropped afterwards.
+`--py-spy DIR` runs each sync under `py-spy record` (installed separately), writing collapsed
+stacks there; times measured that way include the sampler's overhead. `--cli` runs another
+command in place of `audience-sync`, for experiments.
 """
 
 from __future__ import annotations
