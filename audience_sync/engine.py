@@ -235,6 +235,7 @@ def _stage_and_queue(
         try:
             diff.create_stage(connection)
             given = diff.load_stage(connection, read_members(pool, audience, stats))
+            store.begin_write(connection)
             counts = diff.measure(connection, audience.key)
             skipped = stats.skipped + (given - counts.members)  # bad rows + duplicates
             _log_skipped(audience.key, stats, given - counts.members)

@@ -102,6 +102,20 @@ def dialect_insert(connection: Connection) -> Any:
     return insert
 
 
+def begin_write(connection: Connection) -> None:
+    """Start a transaction that reads and then writes the main database.
+
+    SQLite cannot upgrade a read transaction to a write one once another connection has
+    committed in between ("database is locked", with no wait), so there the write lock is
+    taken up front with BEGIN IMMEDIATE, which does wait (busy_timeout). PostgreSQL needs
+    nothing: it has row locks and MVCC.
+    """
+    if connection.dialect.name != "sqlite":
+        return
+    connection.commit()  # whatever came before (temporary tables only) is kept
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 # --- migrations ---------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from tests.conftest import Project, users
 
-BULK = 'batch_size = 5\nmax_requests_per_second = 150'
+BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
 
 def sync(cli, *args: str):  # type: ignore[no-untyped-def]
@@ -95,7 +95,7 @@ def test_429_with_retry_after_is_honoured_and_everything_arrives(project: Projec
 
 
 def test_a_source_that_suddenly_returns_nothing_is_blocked(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    project.write(transport="endusers", planhat='batch_size = 500\nmax_requests_per_second = 150')
+    project.write(transport="endusers", planhat="batch_size = 500\nmax_requests_per_second = 150")
     fake = project.planhat
     project.source.set_users(users(range(1, 151), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0

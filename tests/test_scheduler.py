@@ -253,7 +253,11 @@ def test_an_overdue_audience_runs_at_once_incrementally(project: Project, start_
         "incremental", "schedule", "success", 0,
     )  # fmt: skip
     assert len(project.planhat.requests) == sent  # nothing changed: nothing resent
-    planned = wait_for(lambda: next_runs(project.state_url)["pro_plan"])
+    # The plan written at start said "now"; wait for the draw written after the run.
+    planned = wait_for(
+        lambda: (p := next_runs(project.state_url)["pro_plan"]) and p > second["finished_at"] and p,
+        what="next run drawn after the overdue run",
+    )
     drawn = planned - second["finished_at"]
     assert timedelta(hours=2) <= drawn <= timedelta(hours=3, seconds=1)
 
