@@ -98,39 +98,29 @@ def coalesce(
     every row is its own user (the outbox holds a user once per audience): no grouping."""
     if one_audience:
         kept = rows if complete or len(rows) < 2 else rows[:-1]
-        return [
-            (
-                Contact(
-                    r[_REF],
-                    r[_USER_ID],
-                    r[_EMAIL],
-                    r[_NAME],
-                    r[_TITLE],
-                    r[_COMPANY],
-                    {r[_KEY]: bool(r[_VALUE])},
-                ),
-                [r],
-            )
-            for r in kept
-        ]
+        return [(_single_contact(row), [row]) for row in kept]
     groups = [list(group) for _, group in groupby(rows, key=itemgetter(_REF))]
     if not complete and len(groups) > 1:
         groups.pop()
     return [(_contact(group), group) for group in groups]
 
 
+def _single_contact(row: PageRow) -> Contact:
+    """One row, one audience: the common case, and a million of them in a full sync."""
+    return Contact(
+        row[_REF],
+        row[_USER_ID],
+        row[_EMAIL],
+        row[_NAME],
+        row[_TITLE],
+        row[_COMPANY],
+        {row[_KEY]: bool(row[_VALUE])},
+    )
+
+
 def _contact(rows: list[PageRow]) -> Contact:
-    if len(rows) == 1:  # one audience: the common case, and a million of them in a full sync
-        row = rows[0]
-        return Contact(
-            ref=row[_REF],
-            user_id=row[_USER_ID],
-            email=row[_EMAIL],
-            name=row[_NAME],
-            title=row[_TITLE],
-            company_id=row[_COMPANY],
-            values={row[_KEY]: bool(row[_VALUE])},
-        )
+    if len(rows) == 1:
+        return _single_contact(rows[0])
 
     def first(position: int) -> str | None:
         return next((r[position] for r in rows if r[position]), None)

@@ -124,8 +124,7 @@ def load_stage(
                 if chunk:
                     cursor.execute(insert, (orjson.dumps(chunk).decode(),))
                     given += len(chunk)
-                    if progress:
-                        progress(len(chunk))
+                    progress(len(chunk))
         finally:
             cursor.close()
         connection.exec_driver_sql(
@@ -202,9 +201,7 @@ def read_ahead(chunks: Iterable[list[Member]], depth: int = 2) -> Iterator[list[
         helper.join()
 
 
-def _copy_raw(
-    connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None] | None
-) -> int:
+def _copy_raw(connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None]) -> int:
     """COPY the members into the raw stage through psycopg, inside the connection's transaction."""
     driver = connection.connection.driver_connection
     given = 0
@@ -214,7 +211,7 @@ def _copy_raw(
             for member in chunk:
                 write(member)
             given += len(chunk)
-            if progress and chunk:
+            if chunk:
                 progress(len(chunk))
     return given
 

@@ -192,7 +192,7 @@ def _snapshot(
             engine,
             report,
             "failed",
-            f"state database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}",
+            f"state database: {exc.__class__.__name__}: {store.first_line(exc)}",
             started,
         )
     report.members, report.entered, report.exited, report.skipped = (

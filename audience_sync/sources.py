@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from .config import AudienceSettings, SourceSettings
 from .errors import SourceError
 from .keys import MAX_IDENTIFIER_LENGTH, clean_identifier
-from .store import safe_url
+from .store import driver_message, first_line, safe_url
 
 log = logging.getLogger("audience_sync.sources")
 
@@ -120,7 +120,7 @@ def read_members(
         connection = engine.connect()
     except sa.exc.DBAPIError as exc:
         url = safe_url(engine.url)
-        raise SourceError(f"{where}: cannot connect to {url}: {_driver_message(exc)}") from exc
+        raise SourceError(f"{where}: cannot connect to {url}: {driver_message(exc)}") from exc
     try:
         with connection:
             keys, chunks = _query(connection, audience.query, chunk_rows)
@@ -129,11 +129,11 @@ def read_members(
                 stats.rows += len(rows)
                 yield _members(rows, columns, stats)
     except sa.exc.DBAPIError as exc:
-        raise SourceError(f"{where}: query failed: {_driver_message(exc)}") from exc
+        raise SourceError(f"{where}: query failed: {driver_message(exc)}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise SourceError(f"{where}: {exc.__class__.__name__}: {exc}") from exc
     except sqlite3.Error as exc:
-        raise SourceError(f"{where}: query failed: {_first_line(exc)}") from exc
+        raise SourceError(f"{where}: query failed: {first_line(exc)}") from exc
 
 
 def _query(connection: sa.Connection, query: str, chunk_rows: int) -> tuple[list[str], Iterator[Any]]:
@@ -250,12 +250,3 @@ def _trait(row: Any, columns: dict[str, int], column: str, limit: int = MAX_TRAI
 def _sample(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _driver_message(exc: sa.exc.DBAPIError) -> str:
-    return _first_line(exc.orig if exc.orig is not None else exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__

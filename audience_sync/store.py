@@ -83,14 +83,19 @@ def translate_errors(what: str, url: str) -> Iterator[None]:
     """Turn driver errors into one line naming the state database."""
     try:
         yield
-    except sa.exc.OperationalError as exc:
-        raise StateDatabaseError(f"{what} {safe_url(url)}: {_first_line(exc)}") from exc
     except sa.exc.DBAPIError as exc:
-        raise StateDatabaseError(f"{what} {safe_url(url)}: {_first_line(exc)}") from exc
+        raise StateDatabaseError(f"{what} {safe_url(url)}: {driver_message(exc)}") from exc
 
 
-def _first_line(exc: sa.exc.DBAPIError) -> str:
-    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+def first_line(exc: BaseException) -> str:
+    """An error's first line of text, or its class name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def driver_message(exc: sa.exc.DBAPIError) -> str:
+    """The database's own message, without SQLAlchemy's statement and background link."""
+    return first_line(exc.orig if exc.orig is not None else exc)
 
 
 def dialect_insert(connection: Connection) -> Any:
