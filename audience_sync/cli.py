@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +22,7 @@ from . import engine as sync_engine
 from . import store
 from .config import Settings, load_settings
 from .demo import ensure_demo_source
-from .errors import AudienceSyncError
+from .errors import AudienceSyncError, StateDatabaseError
 from .logs import configure_logging
 
 app = typer.Typer(
@@ -202,6 +203,67 @@ def resync(
     _exit_unless(all(report.ok for report in reports))
 
 
+# --- reconcile ----------------------------------------------------------------------------
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    audience: AudienceOption = None,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Repair: make Planhat hold the truth (changes are recorded).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --fix: let a mass exit through the guard.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Read Planhat's contacts back and compare each audience's field with the state database.
+
+    Exits 1 when Planhat disagrees (without --fix) or when the repair did not complete."""
+    from . import reconcile as reconciling
+
+    settings, engine = _open(_context(ctx), default_level="info" if fix else "warning")
+    try:
+        progress = _progress() if fix and not as_json else None
+        reports = reconciling.reconcile(settings, engine, audience, fix=fix, force=force, progress=progress)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps([_reconcile_record(r) for r in reports], indent=2, default=str))
+    else:
+        _print_reconcile(reports, fix)
+    _exit_unless(all(r.ok for r in reports))
+
+
+def _reconcile_record(report: Any) -> dict[str, Any]:
+    record = asdict(report)
+    record["drift"] = report.drift
+    return record
+
+
+def _print_reconcile(reports: list[Any], fix: bool) -> None:
+    table = Table(title=f"Planhat read back: {reports[0].contacts if reports else 0} contacts")
+    columns = ("audience", "status", "members", "agree", "true, not member", "member, not true",
+               "contact missing", "in doubt")  # fmt: skip
+    columns += ("sent", "pending") if fix else ()
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("audience", "status") else "right")
+    for r in reports:
+        counts = (r.members, r.agree, r.unexpected_true, r.missing_true, r.missing_contact, r.in_doubt)
+        counts += (r.run.sent, r.run.pending) if fix and r.run else ("", "") if fix else ()
+        table.add_row(r.key, r.status, *map(str, counts))
+    _console().print(table)
+    for r in reports:
+        for category, refs in r.samples.items():
+            if refs:
+                typer.echo(f"{r.key}: {category.replace('_', ' ')}, e.g. {', '.join(refs)}")
+        if r.error:
+            _err(f"{r.key}: {r.error}")
+    if not fix and any(r.drift for r in reports):
+        _err("Planhat has drifted; run `audience-sync reconcile --fix` to repair it.")
+
+
 # --- daemon -------------------------------------------------------------------------------
 
 
@@ -233,9 +295,10 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """Sync history: one record per audience per run, newest first."""
-    _settings, engine = _open(_context(ctx))
+    settings, engine = _open(_context(ctx))
     try:
-        with engine.connect() as connection:
+        reading = store.translate_errors("cannot read state database", settings.database_url)
+        with reading, engine.connect() as connection:
             records = store.history(connection, audience, limit)
     finally:
         engine.dispose()
@@ -255,6 +318,7 @@ def history(
         "exited",
         "sent",
         "failed",
+        "in doubt",
         "skipped",
         "error",
     ):
@@ -269,7 +333,7 @@ def history(
             "" if r["duration_seconds"] is None else f"{r['duration_seconds']:.1f}",
             *(
                 "" if r[k] is None else str(r[k])
-                for k in ("members", "entered", "exited", "sent", "failed", "skipped")
+                for k in ("members", "entered", "exited", "sent", "failed", "in_doubt", "skipped")
             ),
             r["error"] or "",
         )
@@ -281,7 +345,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Per audience: members, last run, pending changes, last error, next scheduled run."""
     settings, engine = _open(_context(ctx))
     try:
-        with engine.connect() as connection:
+        reading = store.translate_errors("cannot read state database", settings.database_url)
+        with reading, engine.connect() as connection:
             entries = store.status(connection, {a.key: a.name for a in settings.audiences})
     finally:
         engine.dispose()
@@ -294,6 +359,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
         "members",
         "in Planhat",
         "pending",
+        "in doubt",
         "last run",
         "status",
         "next run",
@@ -307,6 +373,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             "" if e.members is None else str(e.members),
             str(e.baseline),
             str(e.pending),
+            str(e.in_doubt),
             _short_time(last.get("started_at")),
             last.get("status", "never"),
             "resync requested" if e.resync_requested else _short_time(e.next_run_at),
@@ -350,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except AudienceSyncError as exc:
         _err(f"{exc.kind}: {exc}")
+        return 1
+    except sa.exc.SQLAlchemyError as exc:  # one a command did not translate: still one line
+        message = store.driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else store.first_line(exc)
+        _err(f"{StateDatabaseError.kind}: {exc.__class__.__name__}: {message}")
         return 1
     return 0
 

@@ -1,7 +1,8 @@
 """Configuration: a TOML file, validated on load, with environment overrides.
 
 Every problem is a `ConfigError` whose message names the file and the key, in one line.
-Secrets are held in `Secret`, whose repr and str never show the value.
+Secrets are held in `Secret`, whose repr and str never show the value; URLs, which can carry
+passwords (often expanded from ${VAR}), show masked in the settings' reprs.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
+
 from .errors import ConfigError
 from .keys import derive_key
+from .urls import safe_http_url, safe_url
 
 DEFAULT_CONFIG_NAME = "audience_sync.toml"
 CONFIG_ENV = "AUDIENCE_SYNC_CONFIG"
@@ -33,6 +38,11 @@ MAX_BULK_BATCH = 5000
 DEFAULT_RPS = {"segment": 100.0, "endusers": 3.0}
 
 Transport = Literal["segment", "endusers"]
+
+# The state database's dialects and drivers: the code relies on their behaviour (ON CONFLICT,
+# RETURNING, BEGIN IMMEDIATE, the SQLite pragmas). Sources accept any SQLAlchemy URL.
+STATE_DRIVERS = frozenset({"sqlite", "sqlite+pysqlite", "postgresql+psycopg"})
+STATE_DRIVERS_HINT = "sqlite:///PATH (pysqlite) or postgresql:// / postgresql+psycopg:// (psycopg 3)"
 
 # Keys that collide with contact traits or identity fields on the identify / enduser payload.
 RESERVED_KEYS = frozenset(
@@ -63,13 +73,34 @@ class Secret:
         return hash(self._value)
 
 
+def _masked(mask: Callable[[str], str]) -> dict[str, Callable[[str], str]]:
+    """Field metadata: show the field through `mask` in the dataclass's repr."""
+    return {"mask": mask}
+
+
+def _masked_repr(self: Any) -> str:
+    """A dataclass repr with URL fields masked: URLs can carry passwords (expanded ${VAR}s)."""
+    shown = []
+    for item in fields(self):
+        if not item.repr:
+            continue
+        value = getattr(self, item.name)
+        mask = item.metadata.get("mask")
+        if mask is not None and value is not None:
+            value = mask(value)
+        shown.append(f"{item.name}={value!r}")
+    return f"{type(self).__name__}({', '.join(shown)})"
+
+
 @dataclass(frozen=True)
 class PlanhatSettings:
+    __repr__ = _masked_repr
+
     transport: Transport = "segment"
     subdomain: str = "api"
     tenant_token: Secret | None = None
     api_token: Secret | None = None
-    base_url: str | None = None
+    base_url: str | None = field(default=None, metadata=_masked(safe_http_url))
     source_marker: str = "Segment"
     batch_size: int = MAX_BULK_BATCH
     max_requests_per_second: float | None = None
@@ -113,6 +144,13 @@ class SafetySettings:
 
 
 @dataclass(frozen=True)
+class ReconcileSettings:
+    interval: timedelta | None = None  # the daemon reconciles (with --fix) this often; None: never
+    page_size: int = 5000  # contacts per read request
+    max_requests_per_second: float = 3.0  # Planhat's soft quota is 200 calls/minute
+
+
+@dataclass(frozen=True)
 class HistorySettings:
     retention_days: int = 90
 
@@ -134,8 +172,10 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class SourceSettings:
+    __repr__ = _masked_repr
+
     name: str
-    url: str
+    url: str = field(metadata=_masked(safe_url))
 
 
 @dataclass(frozen=True)
@@ -148,12 +188,15 @@ class AudienceSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    __repr__ = _masked_repr
+
     path: Path | None
-    database_url: str = "sqlite:///audience_sync.db"
+    database_url: str = field(default="sqlite:///audience_sync.db", metadata=_masked(safe_url))
     planhat: PlanhatSettings = field(default_factory=PlanhatSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
     history: HistorySettings = field(default_factory=HistorySettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     sources: dict[str, SourceSettings] = field(default_factory=dict)
@@ -327,6 +370,7 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
     url = environ.get(DATABASE_URL_ENV) or database.take_str("url", "sqlite:///audience_sync.db")
     database.data.pop("url", None)
     database_url = normalize_database_url(_expand_env(url, database, "url", environ))
+    _check_state_driver(database_url, database, from_env=bool(environ.get(DATABASE_URL_ENV)))
     database.finish()
 
     settings = Settings(
@@ -336,6 +380,7 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
         schedule=_parse_schedule(root.table("schedule")),
         safety=_parse_safety(root.table("safety")),
         history=_parse_history(root.table("history")),
+        reconcile=_parse_reconcile(root.table("reconcile")),
         daemon=_parse_daemon(root.table("daemon")),
         metrics=_parse_metrics(root.table("metrics")),
         sources=_parse_sources(root.table("sources"), environ),
@@ -344,6 +389,19 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
     audiences = _parse_audiences(root, settings.sources)
     root.finish()
     return Settings(**{**settings.__dict__, "audiences": audiences})
+
+
+def _check_state_driver(url: str, table: _Table, *, from_env: bool) -> None:
+    """Refuse, at load, a state database the code cannot drive (it would fail mid-run)."""
+    try:
+        driver = sa.make_url(url).drivername
+    except (sa.exc.ArgumentError, ValueError):
+        driver = None
+    if driver not in STATE_DRIVERS:
+        where = f" (from {DATABASE_URL_ENV})" if from_env else ""
+        raise table.error(
+            "url", f"unsupported state database {safe_url(url)}{where}: use {STATE_DRIVERS_HINT}"
+        )
 
 
 def _parse_planhat(table: _Table, environ: dict[str, str]) -> PlanhatSettings:
@@ -357,7 +415,7 @@ def _parse_planhat(table: _Table, environ: dict[str, str]) -> PlanhatSettings:
     base_url = environ.get(BASE_URL_ENV) or table.take_str("base_url")
     table.data.pop("base_url", None)
     if base_url and not re.match(r"^https?://[^/\s]+", base_url):
-        raise table.error("base_url", f"must be an http(s) URL, got {base_url!r}")
+        raise table.error("base_url", f"must be an http(s) URL, got {safe_http_url(base_url)!r}")
     settings = PlanhatSettings(
         transport=transport,  # type: ignore[arg-type]
         subdomain=subdomain,
@@ -398,6 +456,17 @@ def _parse_safety(table: _Table) -> SafetySettings:
 
 def _parse_history(table: _Table) -> HistorySettings:
     settings = HistorySettings(retention_days=table.take_int("retention_days", 90, low=1, high=36500))
+    table.finish()
+    return settings
+
+
+def _parse_reconcile(table: _Table) -> ReconcileSettings:
+    interval = table.take_duration("interval", timedelta(0)) if "interval" in table.data else None
+    settings = ReconcileSettings(
+        interval=interval,
+        page_size=table.take_int("page_size", 5000, low=1, high=5000),
+        max_requests_per_second=table.take_number("max_requests_per_second", 3, low=0.01, high=150),
+    )
     table.finish()
     return settings
 

@@ -1,13 +1,22 @@
 """Delivering the outbox: read pending changes in user order, send, acknowledge.
 
 The outbox is read with keyset pagination on (user_ref), so one user's changes across the
-run's audiences arrive together and go out as one identify / one contact item. After each
-chunk, one transaction applies what Planhat accepted: the baseline advances (`true` rows
-inserted, `false` rows removed), the change is logged in `changes`, the pending row deleted.
-This is set-based over the chunk's outbox ids (one statement on PostgreSQL, four on SQLite),
-whatever the chunk's size. What Planhat did not accept stays pending, with its attempt count
-and error. A crash loses at most the acknowledgement of the chunk in flight; those changes
-are simply sent again.
+run's audiences arrive together and go out as one identify / one contact item.
+
+Before a chunk leaves, one row per audience in it goes into `in_flight` (the chunk's user_ref
+range), in its own commit: whatever happens next, a trace of what may be on the wire exists.
+After the chunk, one transaction applies its outcome and removes that trace:
+
+    accepted   the baseline advances (`true` inserted, `false` removed), the change is logged
+               in `changes`, the outbox row deleted; set-based over the chunk's outbox ids
+               (one statement on PostgreSQL, four on SQLite), whatever the chunk's size
+    failed     the row stays pending with its attempt count and error
+    in doubt   the row stays pending, marked `in_doubt`: Planhat may hold the value, so the
+               diff never drops it, only supersedes it with the truth, and it is resent
+
+A process killed between the send and the acknowledgement leaves its `in_flight` rows behind;
+the next run of each audience settles them (`settle_in_flight`) by marking that range of its
+outbox in doubt. So at most the chunk on the wire is sent twice, and never forgotten.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from sqlalchemy.engine import Engine
 
 from . import models as m
 from .diff import ANALYZE_AFTER
+from .errors import AudienceSyncError
 from .models import UTCDateTime
 from .planhat import Contact, Outcome
 from .sources import frozen_gc
@@ -46,7 +56,8 @@ class Sender(Protocol):
 @dataclass
 class DeliveryCounts:
     sent: int = 0
-    failed: int = 0
+    failed: int = 0  # not accepted, in doubt included
+    in_doubt: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -140,21 +151,24 @@ def deliver(
     engine: Engine,
     sender: Sender,
     run_ids: dict[str, int],
+    counts: dict[str, DeliveryCounts],
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-) -> dict[str, DeliveryCounts]:
-    """Send every pending change of the given audiences; returns counts per audience.
+) -> None:
+    """Send every pending change of the given audiences, adding up what happened in `counts`
+    (the caller's, so the counts survive an error that ends the delivery).
 
     A chunk is acknowledged by a helper thread while this one reads and groups the next page
     (the database works without the GIL), and the next chunk is sent only once that
     acknowledgement is committed: requests go one after another, and at most the chunk on
     the wire is unacknowledged.
 
-    Raises whatever the sender raises for a fatal error (PlanhatAuthError): everything not yet
-    acknowledged stays pending.
+    Raises the sender's fatal error (a rejected token, an answer proving nothing) once the
+    chunk it ended has been acknowledged: what was accepted before it stays accepted.
     """
     keys = list(run_ids)
-    counts = {key: DeliveryCounts() for key in keys}
+    for key in keys:
+        counts.setdefault(key, DeliveryCounts())
     limit = sender.chunk_size + 1
 
     def page(after: str) -> list[tuple[Contact, list[PageRow]]]:
@@ -162,19 +176,88 @@ def deliver(
         return coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1) if rows else []
 
     with frozen_gc(), ThreadPoolExecutor(1, thread_name_prefix="audience-sync-ack") as helper:
-        batch = page("")
+        after, batch = "", page("")
         while batch and not sender.exhausted and not should_stop():
-            outcome = sender.send([contact for contact, _ in batch])
-            acknowledging = helper.submit(acknowledge, engine, batch, outcome, run_ids, counts)
-            upcoming = page(batch[-1][0].ref)  # after this chunk's users: untouched by its ack
+            trace = mark_in_flight(engine, batch, run_ids, after)
+            outcome = _send(engine, sender, batch, trace)
+            acknowledging = helper.submit(acknowledge, engine, batch, outcome, run_ids, counts, trace)
+            after = batch[-1][0].ref
+            upcoming = page(after) if outcome.stop is None else []  # untouched by the ack
             acknowledging.result()
             if progress:
                 progress(sum(len(group) for _, group in batch))
+            if outcome.stop is not None:
+                raise outcome.stop
             batch = upcoming
     if engine.dialect.name == "postgresql" and sum(c.sent for c in counts.values()) > ANALYZE_AFTER:
         with engine.begin() as connection:  # the next run's diff plans against the new baseline
             connection.exec_driver_sql("ANALYZE baseline")
-    return counts
+
+
+def _send(
+    engine: Engine, sender: Sender, batch: list[tuple[Contact, list[PageRow]]], trace: list[int]
+) -> Outcome:
+    try:
+        return sender.send([contact for contact, _ in batch])
+    except AudienceSyncError:
+        # Refused before anything left (delivery already stopped): nothing is in doubt. Any
+        # other exception keeps the trace, and the next run puts the chunk in doubt.
+        with engine.begin() as connection:
+            _clear_in_flight(connection, trace)
+        raise
+
+
+# --- what may be on the wire ----------------------------------------------------------------
+
+
+def mark_in_flight(
+    engine: Engine, batch: list[tuple[Contact, list[PageRow]]], run_ids: dict[str, int], after: str
+) -> list[int]:
+    """Record, in its own commit, that the chunk's outbox rows are about to be sent: one row
+    per audience with the chunk's user_ref range. Returns their ids."""
+    keys = sorted({row[_KEY] for _, rows in batch for row in rows})
+    now = utcnow()
+    last = batch[-1][0].ref
+    with engine.begin() as connection:
+        result = connection.execute(
+            m.in_flight.insert().returning(m.in_flight.c.id),
+            [
+                {
+                    "audience_key": k,
+                    "run_id": run_ids.get(k),
+                    "after_ref": after,
+                    "last_ref": last,
+                    "sent_at": now,
+                }
+                for k in keys
+            ],
+        )
+        return [int(row_id) for row_id in result.scalars()]
+
+
+def _clear_in_flight(connection: sa.Connection, ids: list[int]) -> None:
+    if ids:
+        connection.execute(m.in_flight.delete().where(m.in_flight.c.id.in_(ids)))
+
+
+def settle_in_flight(connection: sa.Connection, key: str) -> int:
+    """Put in doubt the outbox rows of chunks a dead process left on the wire (inside the
+    caller's transaction, under the audience's lease). Returns how many rows that marked."""
+    ranges = m.in_flight.c
+    covered = sa.exists().where(
+        ranges.audience_key == key,
+        m.pending.c.user_ref > ranges.after_ref,
+        m.pending.c.user_ref <= ranges.last_ref,
+    )
+    marked = connection.execute(
+        m.pending.update()
+        .where(m.pending.c.audience_key == key, m.pending.c.in_doubt.is_(False), covered)
+        .values(in_doubt=True, last_error="the process ended while this change was on the wire")
+    ).rowcount
+    connection.execute(m.in_flight.delete().where(ranges.audience_key == key))
+    if marked:
+        log.warning("audience %r: %d changes a stopped run had on the wire are now in doubt", key, marked)
+    return marked or 0
 
 
 def acknowledge(
@@ -183,17 +266,19 @@ def acknowledge(
     outcome: Outcome,
     run_ids: dict[str, int],
     counts: dict[str, DeliveryCounts],
+    trace: Sequence[int] = (),
 ) -> None:
-    """Apply one chunk's outcome in one transaction.
+    """Apply one chunk's outcome in one transaction, and remove its in-flight trace.
 
     What Planhat accepted is applied set-based from the outbox rows themselves (a handful of
-    statements per chunk, whatever its size); refusals, usually few, row by row.
+    statements per chunk, whatever its size); refusals, usually few, row by row. A row in
+    doubt stays in doubt until a delivery of it is confirmed.
     """
     now = utcnow()
     accepted = set(outcome.accepted)
     delivered = [row for contact, rows in batch if contact.ref in accepted for row in rows]
     failed = [
-        (row, outcome.failed[contact.ref])
+        (row, outcome.failed[contact.ref], contact.ref in outcome.in_doubt)
         for contact, rows in batch
         if contact.ref not in accepted and contact.ref in outcome.failed
         for row in rows
@@ -205,17 +290,27 @@ def acknowledge(
             connection.execute(
                 m.pending.update()
                 .where(m.pending.c.id == sa.bindparam("row_id"))
-                .values(attempts=m.pending.c.attempts + 1, last_error=sa.bindparam("error")),
-                [{"row_id": row[_ID], "error": error} for row, error in failed],
+                .values(
+                    attempts=m.pending.c.attempts + 1,
+                    last_error=sa.bindparam("error"),
+                    in_doubt=m.pending.c.in_doubt | sa.bindparam("doubt", type_=sa.Boolean),
+                ),
+                [{"row_id": row[_ID], "error": error, "doubt": doubt} for row, error, doubt in failed],
             )
             connection.execute(
-                m.changes.insert(), [_change(row, run_ids, "failed", error, now) for row, error in failed]
+                m.changes.insert(),
+                [
+                    _change(row, run_ids, "in_doubt" if doubt else "failed", error, now)
+                    for row, error, doubt in failed
+                ],
             )
+        _clear_in_flight(connection, list(trace))
     for key, sent in Counter(map(itemgetter(_KEY), delivered)).items():
         counts[key].sent += sent
-    for row, error in failed:
+    for row, error, doubt in failed:
         tally = counts[row[_KEY]]
         tally.failed += 1
+        tally.in_doubt += doubt
         if len(tally.errors) < 3:
             tally.errors.append(f"{row[_REF]}: {error}")
 

@@ -15,6 +15,11 @@ order. Then one transaction:
   `false` whose user came back), entries `true` upserted for entered users (every member on
   a full sync), entries `false` upserted for exited users.
 
+An entry in doubt (sent, no definite answer: Planhat may hold its value) is never dropped as
+stale: Planhat may hold the very value the truth has moved away from. It is set to the truth
+instead (`true` for a member, `false` otherwise) and sent again, even when the truth moved
+back to the value sent: Planhat may not have it.
+
 Every staging table is TEMPORARY: the state database never grows by a snapshot. Nothing here
 holds an audience in Python: memory is a few chunks of rows.
 """
@@ -243,10 +248,33 @@ def measure(connection: Connection, key: str) -> DiffCounts:
 
 _DROP_STALE = sa.text(
     f"""
-    DELETE FROM pending WHERE audience_key = :key AND (
+    DELETE FROM pending WHERE audience_key = :key AND NOT in_doubt AND (
         (value = TRUE AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = pending.user_ref))
         OR (value = FALSE AND EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = pending.user_ref))
     )
+    """
+)
+
+# In-doubt entries (few: the partial index ix_pending_in_doubt finds them) follow the truth.
+_DOUBT_TO_FALSE = sa.text(
+    f"""
+    UPDATE pending SET value = FALSE, name = NULL, title = NULL, company_id = NULL,
+        run_id = :run_id, queued_at = :now
+    WHERE audience_key = :key AND in_doubt AND value = TRUE
+      AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = pending.user_ref)
+    """
+)
+_DOUBT_TO_TRUE = sa.text(
+    f"""
+    UPDATE pending SET value = TRUE,
+        user_id = (SELECT s.user_id FROM {STAGE} s WHERE s.user_ref = pending.user_ref),
+        email = (SELECT s.email FROM {STAGE} s WHERE s.user_ref = pending.user_ref),
+        name = (SELECT s.name FROM {STAGE} s WHERE s.user_ref = pending.user_ref),
+        title = (SELECT s.title FROM {STAGE} s WHERE s.user_ref = pending.user_ref),
+        company_id = (SELECT s.company_id FROM {STAGE} s WHERE s.user_ref = pending.user_ref),
+        run_id = :run_id, queued_at = :now
+    WHERE audience_key = :key AND in_doubt AND value = FALSE
+      AND EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = pending.user_ref)
     """
 )
 
@@ -295,6 +323,8 @@ def queue_changes(connection: Connection, key: str, run_id: int | None, now: dat
     """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction)."""
     params = {"key": key, "run_id": run_id, "now": now}
     connection.execute(_DROP_STALE, {"key": key})
+    for statement in (_DOUBT_TO_FALSE, _DOUBT_TO_TRUE):
+        connection.execute(statement.bindparams(*_PARAMS), params)
     if full:
         table, condition = STAGE, _EVERY_ROW
     elif connection.info.get(_ENTERED_FOR) == key:

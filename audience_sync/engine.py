@@ -21,8 +21,8 @@ from sqlalchemy.engine import Engine
 from . import diff, lease, store
 from . import models as m
 from .config import AudienceSettings, PlanhatSettings, SafetySettings, Settings
-from .delivery import DeliveryCounts, Sender, deliver
-from .errors import AudienceSyncError, PlanhatError
+from .delivery import DeliveryCounts, Sender, deliver, settle_in_flight
+from .errors import AudienceSyncError, PlanhatError, StateDatabaseError
 from .planhat import Contact, PlanhatClient, build_enduser, build_identify, utc_timestamp
 from .sources import ReadStats, SourcePool, read_members
 
@@ -46,6 +46,7 @@ class SyncOptions:
     dry_run: bool = False
     force: bool = False  # let a mass exit through the guard
     trigger: str = "cli"  # cli | schedule | resync
+    reconcile: bool = False  # the repairing run of a reconcile (kind `reconcile`, a diff of changes)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunReport:
     sent: int = 0
     failed: int = 0
     pending: int = 0
+    in_doubt: int = 0  # of `pending`: Planhat may hold these values; resent next run
     error: str | None = None
     duration: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -87,25 +89,30 @@ def sync(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[RunReport]:
-    """Run the named audiences (default all) once. Returns one report per audience."""
+    """Run the named audiences (default all) once. Returns one report per audience.
+
+    A state database error that ends the whole run is raised as one StateDatabaseError line
+    naming the database (password hidden), once every run record that could be written has been.
+    """
     audiences = settings.select(keys)
-    with engine.begin() as connection:
-        store.register_audiences(connection, [(a.key, a.name) for a in audiences])
     pool = sources or SourcePool(settings.sources)
     try:
-        if options.dry_run:
-            return [_dry_run(engine, pool, a, options, settings) for a in audiences]
-        return _sync_leased(
-            settings,
-            engine,
-            pool,
-            audiences,
-            options,
-            sender_factory,
-            holder or lease.new_holder(),
-            progress,
-            should_stop,
-        )
+        with store.translate_errors("state database", str(engine.url)):
+            with engine.begin() as connection:
+                store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+            if options.dry_run:
+                return [_dry_run(engine, pool, a, options, settings) for a in audiences]
+            return _sync_leased(
+                settings,
+                engine,
+                pool,
+                audiences,
+                options,
+                sender_factory,
+                holder or lease.new_holder(),
+                progress,
+                should_stop,
+            )
     finally:
         if sources is None:
             pool.close()
@@ -138,21 +145,60 @@ def _sync_leased(
                     break
                 reports[audience.key] = _snapshot(engine, pool, audience, options, settings.safety, holder)
             ready = {k: r for k, r in reports.items() if r.status == "running" and r.run_id}
-            if ready:
-                _deliver(
-                    engine,
-                    settings.planhat,
-                    ready,
-                    sender_factory,
-                    progress,
-                    lambda: should_stop() or bool(keeper.lost),
-                )
-            for report in ready.values():
-                _finish(engine, report, time.monotonic() - started)
+            try:
+                if ready:
+                    _deliver(
+                        engine,
+                        settings.planhat,
+                        ready,
+                        sender_factory,
+                        progress,
+                        lambda: should_stop() or bool(keeper.lost),
+                    )
+            except (Exception, KeyboardInterrupt) as exc:
+                # A bug or Ctrl-C: the runs are still recorded with what happened. A kill (or a
+                # simulated one, which is no Exception) leaves them to abort_stale_runs.
+                status = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _finish_all(engine, ready, time.monotonic() - started, f"{status}: {store.first_line(exc)}")
+                raise
+            for key in keeper.lost & ready.keys():
+                ready[key].error = ready[key].error or "lost the audience's lease; stopped delivering"
+            _finish_all(engine, ready, time.monotonic() - started)
     finally:
         for audience in held:
-            lease.release(engine, audience.key, holder)
+            _release(engine, audience.key, holder)
     return [reports[a.key] for a in audiences if a.key in reports]
+
+
+def _finish_all(
+    engine: Engine, ready: dict[str, RunReport], duration: float, error: str | None = None
+) -> None:
+    """Record every run's final state; a database error is raised once all were tried."""
+    failure: str | None = None
+    for report in ready.values():
+        if error is not None:
+            report.error = report.error or error
+        try:
+            _finish(engine, report, duration)
+        except sa.exc.SQLAlchemyError as exc:
+            failure = failure or _db_error(engine, exc)
+            report.status, report.error = "failed", report.error or failure
+            log.error("audience %s: could not record the run's end: %s", report.key, failure)
+    if failure is not None:
+        raise StateDatabaseError(failure)
+
+
+def _release(engine: Engine, key: str, holder: str) -> None:
+    try:
+        lease.release(engine, key, holder)
+    except sa.exc.SQLAlchemyError as exc:  # it expires on its own
+        log.warning("audience %s: could not release the lease: %s", key, _db_error(engine, exc))
+
+
+def _db_error(engine: Engine, exc: sa.exc.SQLAlchemyError) -> str:
+    """One line naming the state database (password hidden) and the driver's message."""
+    detail = store.driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else store.first_line(exc)
+    return f"state database {store.safe_url(engine.url)}: {detail}"
 
 
 def _already_running(engine: Engine, audience: AudienceSettings) -> RunReport:
@@ -188,13 +234,7 @@ def _snapshot(
     except AudienceSyncError as exc:
         return _fail(engine, report, "failed", str(exc), started)
     except sa.exc.SQLAlchemyError as exc:
-        return _fail(
-            engine,
-            report,
-            "failed",
-            f"state database: {exc.__class__.__name__}: {store.first_line(exc)}",
-            started,
-        )
+        return _fail(engine, report, "failed", _db_error(engine, exc), started)
     report.members, report.entered, report.exited, report.skipped = (
         counts.members,
         counts.entered,
@@ -207,6 +247,8 @@ def _snapshot(
 
 
 def _kind(connection: sa.Connection, key: str, options: SyncOptions) -> str:
+    if options.reconcile:
+        return "reconcile"
     full = options.full or not store.has_baseline(connection, key) or _resync_requested(connection, key)
     return "full" if full else "incremental"
 
@@ -236,6 +278,7 @@ def _stage_and_queue(
             diff.create_stage(connection)
             given = diff.load_stage(connection, read_members(pool, audience, stats))
             store.begin_write(connection)
+            settle_in_flight(connection, audience.key)
             counts = diff.measure(connection, audience.key)
             skipped = stats.skipped + (given - counts.members)  # bad rows + duplicates
             _log_skipped(audience.key, stats, given - counts.members)
@@ -304,7 +347,7 @@ def _fail(engine: Engine, report: RunReport, status: str, error: str, started: f
     report.status, report.error = status, error
     report.duration = time.monotonic() - started
     with engine.begin() as connection:
-        report.pending = store.pending_count(connection, report.key)
+        report.pending, report.in_doubt = store.pending_counts(connection, report.key)
         store.update_run(
             connection,
             report.run_id,
@@ -312,6 +355,7 @@ def _fail(engine: Engine, report: RunReport, status: str, error: str, started: f
             error=error,  # type: ignore[arg-type]
             finished_at=store.utcnow(),
             pending=report.pending,
+            in_doubt=report.in_doubt,
             members=report.members or None,
             entered=report.entered,
             exited=report.exited,
@@ -342,16 +386,20 @@ def _deliver(
     sender: Sender | None = None
     try:
         with sender_factory(planhat) as sender:
-            counts = deliver(
+            deliver(
                 engine,
                 sender,
                 run_ids,  # type: ignore[arg-type]
+                counts,
                 progress.advance if progress else None,
                 should_stop,
             )
     except PlanhatError as exc:
         for report in ready.values():
             report.error = str(exc)
+    except sa.exc.SQLAlchemyError as exc:  # what was acknowledged stays; the rest stays pending
+        for report in ready.values():
+            report.error = _db_error(engine, exc)
     finally:
         if progress:
             progress.finish()
@@ -359,7 +407,8 @@ def _deliver(
         report = ready[key]
         report.sent, report.failed = tally.sent, tally.failed
         if tally.failed and not report.error:
-            report.error = f"Planhat did not accept {tally.failed} changes, e.g. {tally.errors[0]}"
+            doubt = f" ({tally.in_doubt} in doubt)" if tally.in_doubt else ""
+            report.error = f"Planhat did not accept {tally.failed} changes{doubt}, e.g. {tally.errors[0]}"
     if sender is not None and sender.exhausted:
         for report in ready.values():
             report.error = report.error or "Planhat unavailable: retry budget spent"
@@ -376,7 +425,7 @@ def _pending_total(engine: Engine, keys: list[str]) -> int:
 
 def _finish(engine: Engine, report: RunReport, duration: float) -> None:
     with engine.begin() as connection:
-        report.pending = store.pending_count(connection, report.key)
+        report.pending, report.in_doubt = store.pending_counts(connection, report.key)
         if report.pending == 0 and not report.error:
             report.status = "success"
         elif report.pending and not report.error:
@@ -392,6 +441,7 @@ def _finish(engine: Engine, report: RunReport, duration: float) -> None:
             sent=report.sent,
             failed=report.failed,
             pending=report.pending,
+            in_doubt=report.in_doubt,
             finished_at=store.utcnow(),
         )
         if report.kind == "full":
@@ -413,7 +463,7 @@ def _finish(engine: Engine, report: RunReport, duration: float) -> None:
 def _log_run(report: RunReport) -> None:
     log.info(
         "run audience=%s kind=%s status=%s members=%d entered=%d exited=%d sent=%d failed=%d "
-        "skipped=%d pending=%d duration=%.2fs%s",
+        "skipped=%d pending=%d in_doubt=%d duration=%.2fs%s",
         report.key,
         report.kind,
         report.status,
@@ -424,6 +474,7 @@ def _log_run(report: RunReport) -> None:
         report.failed,
         report.skipped,
         report.pending,
+        report.in_doubt,
         report.duration,
         f" error={report.error!r}" if report.error else "",
     )
@@ -448,6 +499,7 @@ def _dry_run(
             report.kind = _kind(connection, audience.key, options)
             diff.create_stage(connection)
             given = diff.load_stage(connection, read_members(pool, audience, stats))
+            settle_in_flight(connection, audience.key)  # rolled back with the rest
             counts = diff.measure(connection, audience.key)
             report.members, report.entered, report.exited = counts.members, counts.entered, counts.exited
             report.skipped = stats.skipped + (given - counts.members)
@@ -455,10 +507,12 @@ def _dry_run(
             if blocked:
                 report.status, report.error = "blocked", blocked
             diff.queue_changes(connection, audience.key, None, store.utcnow(), full=report.kind == "full")
-            report.pending = store.pending_count(connection, audience.key)
+            report.pending, report.in_doubt = store.pending_counts(connection, audience.key)
             report.samples = _samples(connection, audience.key, settings.planhat)
         except AudienceSyncError as exc:
             report.status, report.error = "failed", str(exc)
+        except sa.exc.SQLAlchemyError as exc:
+            report.status, report.error = "failed", _db_error(engine, exc)
         finally:
             _discard_stage(connection)
     report.duration = time.monotonic() - started

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import models as m
-from .store import dialect_insert, utcnow
+from .store import dialect_insert, first_line, utcnow
 
 log = logging.getLogger("audience_sync.lease")
 
@@ -108,6 +109,9 @@ class LeaseKeeper:
         self.holder = holder
         self.ttl = ttl_seconds
         self.lost: set[str] = set()
+        # When each lease was last renewed (monotonic; a call's start, erring early). It was
+        # taken just before the keeper was made, which counts as the first renewal.
+        self._renewed = dict.fromkeys(self.keys, time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
 
@@ -120,13 +124,32 @@ class LeaseKeeper:
         self._thread.join(timeout=self.ttl)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            for key in self.keys:
-                if key in self.lost:
-                    continue
-                try:
-                    if not renew(self.engine, key, self.holder, self.ttl):
-                        log.error("lost the lease on audience %r", key)
-                        self.lost.add(key)
-                except sa.exc.SQLAlchemyError as exc:  # transient: try again next tick
-                    log.warning("could not renew the lease on %r: %s", key, exc.__class__.__name__)
+        try:
+            while not self._stop.wait(self.ttl / 3):
+                for key in self.keys:
+                    if key not in self.lost:
+                        self._renew(key)
+        except Exception as exc:  # a bug: without this thread the run would go on unleased
+            log.error(
+                "lease renewal stopped by an unexpected error (%s: %s): stopping the runs of %s",
+                exc.__class__.__name__,
+                first_line(exc),
+                ", ".join(map(repr, self.keys)),
+            )
+            self.lost.update(self.keys)
+
+    def _renew(self, key: str) -> None:
+        started = time.monotonic()
+        try:
+            if renew(self.engine, key, self.holder, self.ttl):
+                self._renewed[key] = started
+            else:
+                log.error("lost the lease on audience %r", key)
+                self.lost.add(key)
+        except sa.exc.SQLAlchemyError as exc:  # transient: try again next tick ...
+            log.warning("could not renew the lease on %r: %s", key, exc.__class__.__name__)
+            # ... unless the lease has run out meanwhile: another process may take it now.
+            unrenewed = time.monotonic() - self._renewed[key]
+            if unrenewed >= self.ttl:
+                log.error("lost the lease on audience %r: not renewed for %.1fs", key, unrenewed)
+                self.lost.add(key)

@@ -4,7 +4,12 @@ audiences        one row per configured audience key; baseline_at set once its f
                  diff is committed, next_run_at written by the daemon
 baseline         the members Planhat has confirmed as `true` (what Planhat was told);
                  advances only when Planhat accepts a change
-pending          the outbox: changes computed but not yet accepted by Planhat
+pending          the outbox: changes computed but not yet accepted by Planhat; `in_doubt`
+                 marks a pair whose value in Planhat is unknown (a send had no definite
+                 answer), so the row stays until a delivery is confirmed
+in_flight        one row per audience per chunk on the wire, written before the chunk is
+                 sent and removed with its acknowledgement; a row left behind (a kill) puts
+                 that chunk's outbox rows in doubt
 runs             one row per audience per run, with counts, status and error
 changes          one row per change sent (user, audience, value, outcome, when);
                  pruned after history.retention_days
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 from sqlalchemy import (
     Boolean,
     Column,
@@ -99,9 +105,32 @@ pending = Table(
     Column("queued_at", UTCDateTime, nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
+    # Planhat may hold either value for this pair: never dropped, only superseded and resent.
+    Column("in_doubt", Boolean, nullable=False, server_default=sa.false()),
     Index("uq_pending_audience_user", "audience_key", "user_ref", unique=True),
     # Delivery reads the outbox in user order, so one user's audiences coalesce.
     Index("ix_pending_user_ref", "user_ref", "audience_key"),
+    # In-doubt rows are few: a partial index finds them without scanning the outbox.
+    Index(
+        "ix_pending_in_doubt",
+        "audience_key",
+        "user_ref",
+        sqlite_where=sa.text("in_doubt"),
+        postgresql_where=sa.text("in_doubt"),
+    ),
+)
+
+in_flight = Table(
+    "in_flight",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", String(KEY), nullable=False),
+    Column("run_id", Integer, nullable=True),
+    # The chunk is this audience's outbox rows with after_ref < user_ref <= last_ref.
+    Column("after_ref", String(KEY), nullable=False),
+    Column("last_ref", String(KEY), nullable=False),
+    Column("sent_at", UTCDateTime, nullable=False),
+    Index("ix_in_flight_audience_key", "audience_key"),
 )
 
 runs = Table(
@@ -109,7 +138,7 @@ runs = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("audience_key", String(KEY), nullable=False),
-    Column("kind", String(16), nullable=False),  # full | incremental
+    Column("kind", String(16), nullable=False),  # full | incremental | reconcile
     Column("trigger", String(16), nullable=False),  # cli | schedule | resync
     Column("status", String(16), nullable=False),  # running | success | partial | failed | blocked | aborted
     Column("started_at", UTCDateTime, nullable=False),
@@ -121,6 +150,8 @@ runs = Table(
     Column("failed", Integer, nullable=False, server_default="0"),
     Column("skipped", Integer, nullable=False, server_default="0"),
     Column("pending", Integer, nullable=False, server_default="0"),
+    Column("in_doubt", Integer, nullable=False, server_default="0"),  # of `pending`, in doubt
+    Column("drift", Integer, nullable=True),  # reconcile: pairs where Planhat disagreed
     Column("error", Text, nullable=True),
     Column("holder", String(KEY), nullable=True),
     Index("ix_runs_audience_started", "audience_key", "started_at"),
@@ -134,7 +165,7 @@ changes = Table(
     Column("audience_key", String(KEY), nullable=False),
     Column("user_ref", String(KEY), nullable=False),
     Column("value", Boolean, nullable=False),
-    Column("outcome", String(16), nullable=False),  # delivered | failed
+    Column("outcome", String(16), nullable=False),  # delivered | failed | in_doubt
     Column("error", Text, nullable=True),
     Column("at", UTCDateTime, nullable=False),
     Index("ix_changes_run_id", "run_id"),

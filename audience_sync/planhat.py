@@ -7,9 +7,18 @@ accepted it. Two deliveries share one HTTP layer (`_Exchange`):
     endusers   PUT /endusers, up to `batch_size` contacts per request, one request at a time
 
 The HTTP layer owns the rate limiter, retries with full-jitter backoff, Retry-After, and the
-per-run retry budget. Only a rejected token raises (`PlanhatAuthError`); every other fault ends
-as a `failed` entry, which the engine keeps pending for the next run. httpx errors never leave
-this module, and the token never appears in a message, a log line or a repr.
+per-run retry budget. Every contact of a chunk ends in exactly one of three outcomes:
+
+    accepted   Planhat confirmed it (a 2xx of the documented shape, not named as an error)
+    failed     Planhat definitely did not write it (4xx, 429, refused connection, not sent)
+    in doubt   sent, but no definite answer: a timeout or reset after the request left, a 5xx,
+               an answer that proves nothing (HTML, empty, not the bulk JSON shape); Planhat
+               may or may not hold it
+
+A fault that makes further sending pointless (a rejected token, an answer that proves nothing)
+is reported as `Outcome.stop`, after the chunk's outcomes are known, so the engine can
+acknowledge what did happen before it ends the run. httpx errors never leave this module, and
+the token never appears in a message, a log line or a repr.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -33,13 +42,15 @@ from typing import Any, Protocol, Self
 import httpx
 import orjson
 
-from .config import PlanhatSettings
-from .errors import PlanhatAuthError, PlanhatError
+from .config import API_TOKEN_ENV, PlanhatSettings
+from .errors import PlanhatAuthError, PlanhatError, PlanhatUnavailable
 
 log = logging.getLogger("audience_sync.planhat")
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+MAX_PAGE = 5000  # contacts per read page: the most Planhat's public clients are seen to get
+READ_RPS = 3.0  # reads count against the same 200 calls/minute soft quota as writes
 # Segment chunks are this many times the concurrency: enough to keep every worker busy, small
 # enough that a crash resends little.
 SEGMENT_CHUNK_FACTOR = 4
@@ -64,6 +75,8 @@ class Contact:
 class Outcome:
     accepted: list[str] = field(default_factory=list)  # refs Planhat accepted
     failed: dict[str, str] = field(default_factory=dict)  # ref -> short error; stays pending
+    in_doubt: set[str] = field(default_factory=set)  # of `failed`: Planhat may have written it
+    stop: PlanhatError | None = None  # ends the run once this chunk is acknowledged
 
 
 # --- payloads -----------------------------------------------------------------------------
@@ -207,6 +220,8 @@ class _Reply:
 
     status: int
     content: bytes
+    content_type: str = ""
+    in_doubt: bool = False  # an earlier attempt of this request may have been applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +229,7 @@ class _GaveUp:
     """No usable response: retries spent, the budget spent, or delivery stopped."""
 
     text: str
+    in_doubt: bool = False  # some attempt left without a definite answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +237,14 @@ class _Fault:
     text: str
     retryable: bool = True
     retry_after: float | None = None
+    in_doubt: bool = False  # the request may have reached Planhat and been applied
+
+
+# Transport errors raised before a byte of the request can have been processed: the request
+# definitely was not applied. Every other transport error (a read timeout, a reset while
+# waiting for the answer) leaves the request in doubt.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+             httpx.ProxyError, httpx.LocalProtocolError)  # fmt: skip
 
 
 class _Exchange:
@@ -238,7 +262,7 @@ class _Exchange:
         rng: random.Random,
     ) -> None:
         self._settings = settings
-        self._token = token
+        self._secrets = secret_forms(token)
         self._kind = _token_kind(settings)
         self._sleep = sleep
         self._rng = rng
@@ -246,7 +270,7 @@ class _Exchange:
         self._budget = _RetryBudget(settings.retry_budget_seconds, clock)
         self._lock = threading.Lock()
         self.exhausted_by: str | None = None  # the fault that spent the budget
-        self.auth_error: PlanhatAuthError | None = None
+        self.halted: PlanhatError | None = None  # a rejected token or an answer proving nothing
         self.closed = False
         self._http = httpx.Client(
             base_url=settings.origin,
@@ -265,10 +289,28 @@ class _Exchange:
         self.closed = True
         self._http.close()
 
+    def where(self, path: str) -> str:
+        """The URL requests go to, for messages: scheme, host, port and path, never userinfo."""
+        origin = self._http.base_url
+        port = f":{origin.port}" if origin.port else ""
+        return f"{origin.scheme}://{origin.host}{port}{origin.path.rstrip('/')}{path}"
+
+    @property
+    def auth_error(self) -> PlanhatAuthError | None:
+        return self.halted if isinstance(self.halted, PlanhatAuthError) else None
+
+    def halt(self, error: PlanhatError) -> None:
+        """No further request starts in this run; the first reason is the one reported."""
+        with self._lock:
+            if self.halted is None:
+                self.halted = error
+
     def stop_text(self) -> str | None:
         """Why no further request may start, or None."""
         if self.auth_error is not None:
             return "not sent: Planhat rejected the token"
+        if self.halted is not None:
+            return "not sent: delivery stopped after an answer that proves nothing"
         if self.exhausted_by is not None:
             return f"retry budget spent: {self.exhausted_by}"
         if self.closed:
@@ -277,26 +319,43 @@ class _Exchange:
 
     def scrub(self, text: str) -> str:
         """Server text may echo the request; keep the token out of messages and logs."""
-        return text.replace(self._token, "********") if self._token else text
+        return scrub_secrets(text, self._secrets)
+
+    def request_or_refused(self, method: str, path: str, content: bytes) -> _Reply | _GaveUp:
+        """`request`, with a rejected token reported as not sent (the exchange is halted, and
+        the delivery reports the rejection as its Outcome.stop)."""
+        try:
+            return self.request(method, path, content)
+        except PlanhatAuthError:
+            return _GaveUp("not sent: Planhat rejected the token")
 
     def request(self, method: str, path: str, content: bytes) -> _Reply | _GaveUp:
+        """Send with retries. The result remembers whether any attempt may have been applied:
+        a request retried after a timeout is in doubt even when its last attempt was refused."""
         attempts = self._settings.max_attempts
         fault = _Fault("not sent")
+        doubt = False
         for attempt in range(attempts):
             if (stop := self.stop_text()) is not None:
-                return _GaveUp(stop)
+                return _GaveUp(stop, doubt)
             self._limiter.acquire()
             if (stop := self.stop_text()) is not None:
-                return _GaveUp(stop)
-            result = self._attempt(method, path, content)
+                return _GaveUp(stop, doubt)
+            try:
+                result = self._attempt(method, path, content)
+            except PlanhatAuthError:
+                if doubt:  # an earlier attempt may have been applied before the token was refused
+                    return _GaveUp("Planhat rejected the token", in_doubt=True)
+                raise
             if isinstance(result, _Reply):
-                return result
+                return _Reply(result.status, result.content, result.content_type, doubt) if doubt else result
             fault = result
+            doubt = doubt or fault.in_doubt
             if not fault.retryable or attempt + 1 >= attempts:
                 break
             wait = self._budget.reserve(self._backoff(attempt, fault.retry_after))
             if wait is None:
-                return _GaveUp(self._exhaust(fault.text))
+                return _GaveUp(self._exhaust(fault.text), doubt)
             log.warning(
                 "Planhat %s %s failed (%s); retry %d of %d in %.2fs",
                 method,
@@ -308,26 +367,30 @@ class _Exchange:
             )
             self._sleep(wait)
         if not fault.retryable:
-            return _GaveUp(fault.text)
+            return _GaveUp(fault.text, doubt)
         plural = "s" if attempts != 1 else ""
-        return _GaveUp(f"{fault.text} (after {attempts} attempt{plural})")
+        return _GaveUp(f"{fault.text} (after {attempts} attempt{plural})", doubt)
 
     def _attempt(self, method: str, path: str, content: bytes) -> _Reply | _Fault:
         try:
             response = self._http.request(method, path, content=content)
-        except httpx.TimeoutException:
-            return _Fault(f"timeout after {self._settings.timeout_seconds:g}s")
-        except httpx.TransportError as exc:
+        except _NOT_SENT as exc:
             return _Fault(self.scrub(f"connection error: {type(exc).__name__}: {exc}"))
+        except httpx.TimeoutException:
+            return _Fault(f"timeout after {self._settings.timeout_seconds:g}s", in_doubt=True)
+        except httpx.TransportError as exc:
+            return _Fault(self.scrub(f"connection error: {type(exc).__name__}: {exc}"), in_doubt=True)
         except httpx.HTTPError as exc:  # e.g. an undecodable body: retrying will not help
-            return _Fault(self.scrub(f"{type(exc).__name__}: {exc}"), retryable=False)
+            return _Fault(self.scrub(f"{type(exc).__name__}: {exc}"), retryable=False, in_doubt=True)
         status = response.status_code
         if status in (401, 403):
             self._reject(status)
         if status == 429 or status >= 500:
             text = self.scrub(f"{status} {response.reason_phrase}".strip())
-            return _Fault(text, retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        return _Reply(status, response.content)
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            # A 5xx may come after Planhat (or a proxy in front of it) applied the change.
+            return _Fault(text, retry_after=retry_after, in_doubt=status >= 500)
+        return _Reply(status, response.content, response.headers.get("Content-Type", ""))
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -351,9 +414,7 @@ class _Exchange:
         error = PlanhatAuthError(
             f"Planhat rejected the {self._kind} ({status}): check {self._settings.token_setting}"
         )
-        with self._lock:
-            if self.auth_error is None:
-                self.auth_error = error
+        self.halt(error)
         raise error
 
 
@@ -363,9 +424,27 @@ def _token_kind(settings: PlanhatSettings) -> str:
 
 def _authorization(settings: PlanhatSettings, token: str) -> str:
     if settings.transport == "segment":
-        # Basic auth: the tenant token is the user name, the password is empty.
-        return "Basic " + base64.b64encode(f"{token}:".encode()).decode("ascii")
+        return _basic(token)
     return f"Bearer {token}"
+
+
+def _basic(token: str) -> str:
+    # Basic auth: the tenant token is the user name, the password is empty.
+    return "Basic " + base64.b64encode(f"{token}:".encode()).decode("ascii")
+
+
+def secret_forms(token: str) -> tuple[str, ...]:
+    """Every form in which the token could be echoed back: as is, and as Basic credentials."""
+    if not token:
+        return ()
+    encoded = _basic(token).removeprefix("Basic ")
+    return tuple(dict.fromkeys((token, encoded, encoded.rstrip("="))))
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "********")
+    return text
 
 
 def _encode(payload: Any) -> bytes:
@@ -381,15 +460,47 @@ def _http_error(reply: _Reply, exchange: _Exchange) -> str:
     return exchange.scrub(f"HTTP {reply.status}: {_excerpt(reply.content)}")
 
 
-def _outcome(results: Iterable[tuple[str, str | None]]) -> Outcome:
-    """Each ref once: failed if any of its deliveries failed, else accepted."""
-    pairs = list(results)
-    failed: dict[str, str] = {}
-    for ref, error in pairs:
-        if error is not None:
-            failed.setdefault(ref, error)
-    accepted = [ref for ref, error in pairs if error is None and ref not in failed]
-    return Outcome(accepted=list(dict.fromkeys(accepted)), failed=failed)
+@dataclass(frozen=True, slots=True)
+class _Result:
+    """What happened to one contact of a chunk."""
+
+    ref: str
+    error: str | None = None  # None: accepted
+    in_doubt: bool = False
+
+
+def _outcome(results: Iterable[_Result], stop: PlanhatError | None = None) -> Outcome:
+    """Each ref once: in doubt if any of its deliveries is, else failed if any failed, else
+    accepted."""
+    outcome = Outcome(stop=stop)
+    accepted: dict[str, None] = {}
+    for result in results:
+        if result.error is None:
+            accepted[result.ref] = None
+            continue
+        outcome.failed.setdefault(result.ref, result.error)
+        if result.in_doubt:
+            outcome.in_doubt.add(result.ref)
+    outcome.accepted = [ref for ref in accepted if ref not in outcome.failed]
+    return outcome
+
+
+class _Unproven(PlanhatError):
+    """Planhat's answer does not prove the items were written: they are in doubt, the run stops."""
+
+
+def _unproven(reply: _Reply, where: str, exchange: _Exchange, why: str) -> _Unproven:
+    body = _excerpt(reply.content)[:60] or "(empty)"
+    content_type = reply.content_type or "no content type"
+    return _Unproven(
+        exchange.scrub(f"{where} answered {reply.status} ({content_type}) {why}: {body!r}; "
+                       "the changes sent stay in doubt and are sent again on the next run")
+    )  # fmt: skip
+
+
+def _is_html(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind in ("text/html", "application/xhtml+xml")
 
 
 # --- deliveries ---------------------------------------------------------------------------
@@ -415,26 +526,28 @@ class _SegmentDelivery:
     def send(self, contacts: Sequence[Contact]) -> Outcome:
         timestamp = utc_timestamp()
         # messageId is fixed per contact here, so every retry of the message reuses it.
-        bodies = [_encode(build_identify(c, self._settings, str(uuid.uuid4()), timestamp)) for c in contacts]
-        futures = [self._pool.submit(self._deliver, body) for body in bodies]
-        errors: list[str | None] = []
-        for future in futures:
-            try:
-                errors.append(future.result())
-            except PlanhatAuthError:
-                # The other workers see the rejection and stop; raise once all have finished.
-                errors.append("not sent: Planhat rejected the token")
-        if self.exchange.auth_error is not None:
-            raise self.exchange.auth_error
-        return _outcome(zip((c.ref for c in contacts), errors, strict=True))
+        futures = [
+            self._pool.submit(
+                self._deliver, c.ref, _encode(build_identify(c, self._settings, str(uuid.uuid4()), timestamp))
+            )
+            for c in contacts
+        ]
+        # A rejected token halts the exchange: the other workers stop before sending.
+        results = [future.result() for future in futures]
+        return _outcome(results, stop=self.exchange.halted)
 
-    def _deliver(self, body: bytes) -> str | None:
-        reply = self.exchange.request("POST", SEGMENT_PATH, body)
+    def _deliver(self, ref: str, body: bytes) -> _Result:
+        reply = self.exchange.request_or_refused("POST", SEGMENT_PATH, body)
         if isinstance(reply, _GaveUp):
-            return reply.text
-        if 200 <= reply.status < 300:
-            return None
-        return _http_error(reply, self.exchange)
+            return _Result(ref, reply.text, reply.in_doubt)
+        if not 200 <= reply.status < 300:
+            return _Result(ref, _http_error(reply, self.exchange), reply.in_doubt)
+        if _is_html(reply.content_type):
+            # A proxy's or a maintenance page served with 2xx: it proves nothing was written.
+            error = _unproven(reply, self.exchange.where(SEGMENT_PATH), self.exchange, "with a web page")
+            self.exchange.halt(error)
+            return _Result(ref, str(error), in_doubt=True)
+        return _Result(ref)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -448,44 +561,108 @@ class _EndusersDelivery:
         self.exchange = exchange
 
     def send(self, contacts: Sequence[Contact]) -> Outcome:
-        results: list[tuple[str, str | None]] = []
+        results: list[_Result] = []
         for start in range(0, len(contacts), self.chunk_size):
             results.extend(self._deliver(contacts[start : start + self.chunk_size]))
-        return _outcome(results)
+        return _outcome(results, stop=self.exchange.halted)
 
-    def _deliver(self, batch: Sequence[Contact]) -> list[tuple[str, str | None]]:
+    def _deliver(self, batch: Sequence[Contact], doubt: bool = False) -> list[_Result]:
+        """`doubt`: an earlier request carrying these items may have been applied."""
         body = _encode([build_enduser(c) for c in batch])
-        reply = self.exchange.request("PUT", ENDUSERS_PATH, body)
+        reply = self.exchange.request_or_refused("PUT", ENDUSERS_PATH, body)
         if isinstance(reply, _GaveUp):
-            return [(c.ref, reply.text) for c in batch]
+            return [_Result(c.ref, reply.text, doubt or reply.in_doubt) for c in batch]
+        doubt = doubt or reply.in_doubt
         if reply.status == 400 and len(batch) > 1:
             # Halve to isolate the items Planhat refuses; the rest still get written.
             middle = len(batch) // 2
-            return self._deliver(batch[:middle]) + self._deliver(batch[middle:])
+            return self._deliver(batch[:middle], doubt) + self._deliver(batch[middle:], doubt)
         if not 200 <= reply.status < 300:
             error = _http_error(reply, self.exchange)
-            return [(c.ref, error) for c in batch]
-        failed = _bulk_failures(reply, batch, self.exchange)
-        return [(c.ref, failed.get(c.ref)) for c in batch]
+            return [_Result(c.ref, error, doubt) for c in batch]
+        data = _bulk_answer(reply)
+        if data is None:
+            error = _unproven(reply, self.exchange.where(ENDUSERS_PATH), self.exchange,
+                              "without the bulk upsert's JSON counters")  # fmt: skip
+            self.exchange.halt(error)
+            return [_Result(c.ref, str(error), in_doubt=True) for c in batch]
+        failed, unattributed = _bulk_failures(data, reply.status, batch, self.exchange)
+        if unattributed is not None:  # some of the batch may have been written
+            return [_Result(c.ref, unattributed, in_doubt=True) for c in batch]
+        shortfall = counted_shortfall(data, len(batch), len(failed))
+        return [
+            _Result(c.ref, failed[c.ref], doubt)
+            if c.ref in failed
+            else _Result(c.ref, shortfall, in_doubt=True)
+            if shortfall
+            else _Result(c.ref)
+            for c in batch
+        ]
 
     def close(self) -> None:
         pass
 
 
-def _bulk_failures(reply: _Reply, batch: Sequence[Contact], exchange: _Exchange) -> dict[str, str]:
-    """ref -> error for the items a 2xx bulk response names as not written.
+# --- what a bulk answer proves ----------------------------------------------------------------
+# Planhat documents the bulk upsert's answer as {"created": n, "updated": n, "createdErrors":
+# [...], "updatedErrors": [...], "permissionErrors": [...], ...}. Its exact counting rules are
+# not documented; this is the one place that reads them.
 
-    An error that names no contact of the batch fails the whole batch: resending is safe.
-    """
+_COUNTERS = ("created", "updated")
+
+
+def _bulk_answer(reply: _Reply) -> dict[str, Any] | None:
+    """The answer's JSON object when it has the documented counters, else None (it proves
+    nothing: HTML, empty, not JSON, or JSON of another shape)."""
+    if _is_html(reply.content_type) or not reply.content.strip():
+        return None
     try:
-        data = json.loads(reply.content) if reply.content.strip() else None
+        data = json.loads(reply.content)
     except ValueError:
-        data = None
+        return None
+    if not isinstance(data, dict):
+        return None
+    if not all(
+        isinstance(data.get(name), int) and not isinstance(data.get(name), bool) for name in _COUNTERS
+    ):
+        return None
+    return data
+
+
+def counted_shortfall(data: dict[str, Any], sent: int, failed: int) -> str | None:
+    """Why the items not named as errors are in doubt, when the counters account for fewer
+    items than were sent; None when they account for all of them."""
+    created, updated = data["created"], data["updated"]
+    errors = len(_error_items(data))
+    accounted = created + updated + max(errors, failed)
+    log.debug("bulk answer: sent %d, created %d, updated %d, errors %d", sent, created, updated, errors)
+    if accounted >= sent:
+        return None
+    log.warning(
+        "Planhat accounted for %d of %d items (created %d, updated %d, errors %d); "
+        "the rest are in doubt and are sent again",
+        accounted,
+        sent,
+        created,
+        updated,
+        errors,
+    )
+    return (
+        f"Planhat accounted for {accounted} of {sent} items (created {created}, updated {updated}, "
+        f"errors {errors}): in doubt"
+    )
+
+
+def _bulk_failures(
+    data: dict[str, Any], status: int, batch: Sequence[Contact], exchange: _Exchange
+) -> tuple[dict[str, str], str | None]:
+    """(ref -> error for the items the answer names as not written, or the reason the whole
+    batch is in doubt when an error names no contact of the batch or a 206 names none)."""
     errors = _error_items(data)
     if not errors:
-        if reply.status == 206:
-            return {c.ref: "HTTP 206 without error details" for c in batch}
-        return {}
+        if status == 206:
+            return {}, "HTTP 206 without error details"
+        return {}, None
     by_id: dict[str, list[str]] = {}
     by_email: dict[str, list[str]] = {}
     for contact in batch:
@@ -498,11 +675,10 @@ def _bulk_failures(reply: _Reply, batch: Sequence[Contact], exchange: _Exchange)
         text = exchange.scrub(_error_text(error))
         refs = _refs_named(error, by_id, by_email)
         if not refs:
-            whole = f"partial failure not attributable to a contact: {text}"
-            return {c.ref: whole for c in batch}
+            return {}, f"partial failure not attributable to a contact: {text}"
         for ref in refs:
             failed.setdefault(ref, text)
-    return failed
+    return failed, None
 
 
 def _error_items(data: object) -> list[object]:
@@ -555,6 +731,81 @@ def _error_text(error: object) -> str:
     if isinstance(error, str):
         return " ".join(error.split())[:EXCERPT_CHARS]
     return json.dumps(error, separators=(",", ":"), default=str)[:EXCERPT_CHARS]
+
+
+# --- reading contacts back ------------------------------------------------------------------
+
+
+class PlanhatReader:
+    """Pages through Planhat's contacts: `GET /endusers?limit=N&offset=M` with the API token
+    (the tenant token of the segment webhook cannot read), until an empty page; a page may
+    hold fewer items than asked for. Shares the HTTP layer: rate limit, retries, budget."""
+
+    def __init__(
+        self,
+        settings: PlanhatSettings,
+        *,
+        page_size: int = MAX_PAGE,
+        requests_per_second: float = READ_RPS,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if settings.api_token is None:
+            raise PlanhatAuthError(
+                f"reading Planhat's contacts needs the API token: set planhat.api_token (or {API_TOKEN_ENV})"
+            )
+        # Reading always authenticates like the bulk transport, at the reading rate.
+        read = replace(settings, transport="endusers", max_requests_per_second=requests_per_second)
+        self._page_size = max(1, min(page_size, MAX_PAGE))
+        self._exchange = _Exchange(
+            read, read.api_token.reveal(), transport=transport, workers=1, sleep=sleep, clock=clock,
+            rng=random.Random(),
+        )  # fmt: skip
+        self.requests = 0
+
+    def pages(self) -> Iterator[list[dict[str, Any]]]:
+        """Every contact, a page at a time. Raises PlanhatError when a page cannot be read."""
+        offset = 0
+        where = self._exchange.where(ENDUSERS_PATH)
+        while True:
+            path = f"{ENDUSERS_PATH}?limit={self._page_size}&offset={offset}"
+            reply = self._exchange.request("GET", path, b"")
+            self.requests += 1
+            if isinstance(reply, _GaveUp):
+                raise PlanhatUnavailable(f"reading {where} at offset {offset}: {reply.text}")
+            if reply.status != 200:
+                raise PlanhatError(
+                    f"reading {where} at offset {offset}: {_http_error(reply, self._exchange)}"
+                )
+            page = _contact_page(reply)
+            if page is None:
+                raise _unproven(reply, where, self._exchange, "without a JSON array of contacts")
+            if not page:
+                return
+            yield page
+            offset += len(page)
+
+    def close(self) -> None:
+        self._exchange.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _contact_page(reply: _Reply) -> list[dict[str, Any]] | None:
+    if _is_html(reply.content_type):
+        return None
+    try:
+        data = orjson.loads(reply.content)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        return None
+    return data
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -615,12 +866,13 @@ class PlanhatClient:
         return self._exchange.exhausted_by is not None
 
     def send(self, contacts: Sequence[Contact]) -> Outcome:
-        """Deliver one chunk; every contact ends in `accepted` or `failed`, once.
+        """Deliver one chunk; every contact ends in `accepted` or `failed` (some of those in
+        doubt), once. `Outcome.stop` says why the run must end after this chunk.
 
-        Raises PlanhatAuthError when Planhat rejects the token (now or earlier in this run).
+        Raises when delivery was already stopped earlier in this run (nothing is sent).
         """
-        if self._exchange.auth_error is not None:
-            raise self._exchange.auth_error
+        if self._exchange.halted is not None:
+            raise self._exchange.halted
         if self._exchange.closed:
             raise PlanhatError("the Planhat client is closed")
         if not contacts:

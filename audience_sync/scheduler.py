@@ -11,6 +11,9 @@
              audience's job to now, or, when it is mid-run, re-arms it right after the run
     history  a prune job deletes `changes` rows older than history.retention_days, at start
              and then daily, in batches; run records are kept
+    drift    with reconcile.interval set, a job reads Planhat back every interval (the first
+             one interval after start) and repairs drift (`reconcile --fix`), under the same
+             leases as the runs
     stop     SIGTERM/SIGINT: no new run; a run in flight stops after its delivery chunk and
              records its state (what was not delivered stays pending); exit 0 within
              daemon.grace_seconds. Past the grace, runs still in flight are recorded as aborted
@@ -59,6 +62,8 @@ log = logging.getLogger("audience_sync.scheduler")
 AUDIENCE_JOB = "audience:"
 POLL_JOB = "resync-poll"
 PRUNE_JOB = "prune-history"
+RECONCILE_JOB = "reconcile"
+RECONCILE_HOLDING = "(reconcile)"  # its entry among the runs in flight, which stop() waits for
 PRUNE_EVERY = timedelta(days=1)
 PRUNE_BATCH = 10_000
 # A job that failed before its run could start (the state database was unreachable) is tried
@@ -111,6 +116,11 @@ def require_token(settings: Settings) -> None:
         raise ConfigError(
             f"no Planhat token set: set {settings.planhat.token_setting}; "
             "the daemon does not start without one"
+        )
+    if settings.reconcile.interval is not None and settings.planhat.api_token is None:
+        raise ConfigError(
+            "reconcile.interval is set, and reading Planhat back needs the API token: "
+            "set planhat.api_token (or PLANHAT_API_TOKEN)"
         )
 
 
@@ -212,7 +222,8 @@ class Daemon:
             executors={
                 # One worker per audience: a long run never delays another audience's run.
                 "runs": ThreadPoolExecutor(max(1, len(self.keys))),
-                "default": ThreadPoolExecutor(2),  # the resync poll and the history pruning
+                # The resync poll, the history pruning and the reconcile, which may take minutes.
+                "default": ThreadPoolExecutor(3),
             },
         )
 
@@ -254,6 +265,18 @@ class Daemon:
             max_instances=1,
             misfire_grace_time=None,
         )
+        if (interval := self.settings.reconcile.interval) is not None:
+            self.scheduler.add_job(
+                self._reconcile,
+                "interval",
+                seconds=interval.total_seconds(),
+                id=RECONCILE_JOB,
+                name="reconcile",
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=None,
+            )
+            log.info("reconciling with Planhat every %s", _span(interval.total_seconds()))
 
     def stop(self, timeout: float) -> bool:
         """Take no new run and wait up to `timeout` seconds for the runs in flight to record
@@ -446,21 +469,27 @@ class Daemon:
             return
         key = event.job_id[len(AUDIENCE_JOB) :]
         planned = event.retval if event.code == EVENT_JOB_EXECUTED else None
-        if planned is None:
-            retry = min(RETRY_AFTER_ERROR, self.settings.schedule.min_interval)
-            planned = (store.utcnow() + retry, "retrying after an error")
+        retry_at = store.utcnow() + min(RETRY_AFTER_ERROR, self.settings.schedule.min_interval)
         with self._lock:
-            if self._resync_pending(key):
+            resync = self._resync_pending(key)
+            if resync:
                 planned = (store.utcnow(), "full resync requested during the run")
+            elif planned is None:
+                planned = (retry_at, "retrying after an error")
+            elif resync is None and retry_at < planned[0]:
+                # A resync may be waiting: run again soon rather than hours from now.
+                planned = (retry_at, "retrying: could not check for a resync request")
             self._arm(key, *planned)
             self._busy.discard(key)
 
-    def _resync_pending(self, key: str) -> bool:
+    def _resync_pending(self, key: str) -> bool | None:
+        """Whether a full resync of the audience is requested; None when the check failed."""
         try:
             with self.engine.connect() as connection:
                 return key in store.pending_resync_keys(connection)
-        except sa.exc.SQLAlchemyError:
-            return False
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("audience %s: could not check for a resync request: %s", key, exc.__class__.__name__)
+            return None
 
     # --- resync poll and history pruning ------------------------------------------------------
 
@@ -489,6 +518,49 @@ class Daemon:
                     continue
                 log.info("audience %s: full resync requested; running it now", key)
                 self.metrics.set_next_run(key, now)
+
+    def _reconcile(self) -> None:
+        """Read Planhat back and repair drift; an audience mid-run is skipped until next time."""
+        from . import reconcile
+
+        if self._stopping.is_set():
+            return
+        holder = lease.new_holder()
+        with self._in_flight:
+            self._holders[RECONCILE_HOLDING] = holder
+        try:
+            reports = reconcile.reconcile(
+                self.settings,
+                self.engine,
+                fix=True,
+                trigger="schedule",
+                sources=self._sources,
+                sender_factory=self._sender,
+                holder=holder,
+                should_stop=self._stopping.is_set,
+            )
+            for report in reports:
+                if report.run is not None:
+                    run = report.run
+                    self.metrics.record_run(run.key, run.status, run.sent, run.failed, run.duration)
+                    self._refresh(report.key)
+                log.info(
+                    "reconcile audience=%s status=%s drift=%d in_doubt=%d%s",
+                    report.key,
+                    report.status,
+                    report.drift,
+                    report.in_doubt,
+                    f" error={report.error!r}" if report.error else "",
+                )
+        except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+            log.error("reconcile failed: %s; it runs again in %s", _one_line(exc),
+                      _span(self.settings.reconcile.interval.total_seconds()))  # type: ignore[union-attr]  # fmt: skip
+        except Exception:  # a bug: logged in full; the daemon goes on
+            log.exception("reconcile: unexpected error")
+        finally:
+            with self._in_flight:
+                self._holders.pop(RECONCILE_HOLDING, None)
+                self._in_flight.notify_all()
 
     def _prune(self) -> None:
         cutoff = store.utcnow() - timedelta(days=self.settings.history.retention_days)

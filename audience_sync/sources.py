@@ -14,7 +14,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -116,6 +118,9 @@ def read_members(
     """Yield the audience's valid members in chunks; bad rows are counted in `stats`."""
     engine = pool.engine(audience.source)
     where = f"audience {audience.key!r} (source {audience.source!r})"
+    missing = missing_sqlite_file(engine.url)
+    if missing is not None:
+        raise SourceError(f"source {audience.source!r}: SQLite file {missing} does not exist")
     try:
         connection = engine.connect()
     except sa.exc.DBAPIError as exc:
@@ -134,6 +139,25 @@ def read_members(
         raise SourceError(f"{where}: {exc.__class__.__name__}: {exc}") from exc
     except sqlite3.Error as exc:
         raise SourceError(f"{where}: query failed: {first_line(exc)}") from exc
+
+
+def missing_sqlite_file(url: sa.URL) -> Path | None:
+    """The absolute path of the file a SQLite URL names, when that file does not exist.
+
+    Connecting would create it empty, and the query would then fail with a misleading
+    "no such table". In-memory databases (`sqlite://`, `:memory:`, `mode=memory`) name none.
+    """
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if sa.util.asbool(url.query.get("uri", False)) and database.startswith("file:"):
+        if url.query.get("mode") == "memory":
+            return None
+        database = unquote(urlsplit(database).path)
+    if database in ("", ":memory:"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path.resolve()
 
 
 def _query(connection: sa.Connection, query: str, chunk_rows: int) -> tuple[list[str], Iterator[Any]]:

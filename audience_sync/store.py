@@ -23,6 +23,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from . import models as m
+from . import urls
 from .errors import SchemaOutdatedError, StateDatabaseError
 
 log = logging.getLogger("audience_sync.store")
@@ -35,11 +36,8 @@ def utcnow() -> datetime:
 
 
 def safe_url(url: str | sa.URL) -> str:
-    """A database URL fit for logs and messages: the password hidden."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<invalid database URL>"
+    """A database URL fit for logs and messages: the password and secret parameters hidden."""
+    return urls.safe_url(url)
 
 
 # --- engine -------------------------------------------------------------------------------
@@ -80,11 +78,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 @contextmanager
 def translate_errors(what: str, url: str) -> Iterator[None]:
-    """Turn driver errors into one line naming the state database."""
+    """Turn SQLAlchemy errors into one line naming the state database."""
     try:
         yield
-    except sa.exc.DBAPIError as exc:
-        raise StateDatabaseError(f"{what} {safe_url(url)}: {driver_message(exc)}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else first_line(exc)
+        raise StateDatabaseError(f"{what} {safe_url(url)}: {message}") from exc
 
 
 def first_line(exc: BaseException) -> str:
@@ -244,11 +243,17 @@ def abort_stale_runs(connection: Connection, key: str) -> int:
 
 
 def pending_count(connection: Connection, key: str) -> int:
-    return int(
-        connection.execute(
-            sa.select(sa.func.count()).select_from(m.pending).where(m.pending.c.audience_key == key)
-        ).scalar_one()
-    )
+    return pending_counts(connection, key)[0]
+
+
+def pending_counts(connection: Connection, key: str) -> tuple[int, int]:
+    """(changes pending, of which in doubt) for one audience."""
+    total, doubt = connection.execute(
+        sa.select(sa.func.count(), sa.func.count().filter(m.pending.c.in_doubt.is_(True)))
+        .select_from(m.pending)
+        .where(m.pending.c.audience_key == key)
+    ).one()
+    return int(total), int(doubt)
 
 
 # --- history and status -------------------------------------------------------------------
@@ -282,6 +287,8 @@ def _run_record(row: Any) -> dict[str, Any]:
         "failed": row["failed"],
         "skipped": row["skipped"],
         "pending": row["pending"],
+        "in_doubt": row["in_doubt"],
+        "drift": row["drift"],
         "error": row["error"],
     }
 
@@ -294,6 +301,7 @@ class AudienceStatus:
     members: int | None
     baseline: int
     pending: int
+    in_doubt: int  # of `pending`: Planhat may hold either value
     last_run: dict[str, Any] | None
     last_success_at: datetime | None
     last_error: str | None
@@ -306,6 +314,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
     rows = {r.key: r for r in connection.execute(sa.select(m.audiences))}
     keys = list(configured) + sorted(k for k in rows if k not in configured)
     pending = _counts_by_audience(connection, m.pending)
+    doubt = in_doubt_by_audience(connection)
     baseline = _counts_by_audience(connection, m.baseline)
     requested = set(
         connection.execute(
@@ -325,6 +334,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
                 members=_latest(connection, key, m.runs.c.members),
                 baseline=baseline.get(key, 0),
                 pending=pending.get(key, 0),
+                in_doubt=doubt.get(key, 0),
                 last_run=last_run,
                 last_success_at=last_success_at(connection, key),
                 last_error=_latest(connection, key, m.runs.c.error),
@@ -333,6 +343,21 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
             )
         )
     return result
+
+
+def in_doubt_by_audience(connection: Connection) -> dict[str, int]:
+    """Outbox rows in doubt per audience: marked so, or inside a chunk that a stopped run left
+    on the wire (settled into the mark by that audience's next run)."""
+    p, f = m.pending.c, m.in_flight.c
+    on_wire = sa.exists().where(
+        f.audience_key == p.audience_key, p.user_ref > f.after_ref, p.user_ref <= f.last_ref
+    )
+    query = (
+        sa.select(p.audience_key, sa.func.count())
+        .where(sa.or_(p.in_doubt.is_(True), on_wire))
+        .group_by(p.audience_key)
+    )
+    return {key: int(count) for key, count in connection.execute(query)}
 
 
 def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from audience_sync import store
 from audience_sync.cli import main
+from audience_sync.config import load_settings
 from tests.fake_planhat import FakePlanhat
 
 POSTGRES_URL = os.environ.get(
@@ -150,15 +152,17 @@ class Project:
             {"name": "Pro Plan", "query": PRO_QUERY},
             {"name": "Buyers", "query": BUYERS_QUERY},
         ]  # fmt: skip
-        lines = [
-            "[database]", f'url = "{self.state_url}"', "",
-            "[planhat]", f'transport = "{transport}"', f'base_url = "{self.planhat.url}"',
+        defaults = [
+            f'transport = "{transport}"', f'base_url = "{self.planhat.url}"',
             "backoff_base_seconds = 0.01", "backoff_max_seconds = 0.05", "retry_budget_seconds = 2",
             "timeout_seconds = 2",
         ]  # fmt: skip
         if tokens:
-            lines += [f'tenant_token = "{TENANT_TOKEN}"', f'api_token = "{API_TOKEN}"']
-        lines += planhat.splitlines()
+            defaults += [f'tenant_token = "{TENANT_TOKEN}"', f'api_token = "{API_TOKEN}"']
+        overrides = planhat.splitlines()  # a key given in `planhat` replaces its default
+        given = {line.split("=", 1)[0].strip() for line in overrides if "=" in line}
+        lines = ["[database]", f'url = "{self.state_url}"', "", "[planhat]"]
+        lines += [line for line in defaults if line.split("=", 1)[0].strip() not in given] + overrides
         lines += ["", "[sources.app]", f'url = "{self.source.url}"', ""]
         for audience in audiences:
             lines.append("[[audiences]]")
@@ -178,6 +182,31 @@ def project(tmp_path: Path, state_url: str, source_db: SourceDB, fake_planhat: F
     project = Project(tmp_path / "audience_sync.toml", state_url, source_db, fake_planhat)
     project.write()
     return project
+
+
+@pytest.fixture
+def start_daemon(project: Project) -> Iterator[Callable[..., Any]]:
+    """Start the daemon in-process on the project's config; stopped (within 5 s) afterwards."""
+    started: list[tuple[Any, Any]] = []
+
+    def start(**kwargs: Any) -> Any:
+        settings = load_settings(project.path)
+        engine = store.open_state(settings.database_url)
+        daemon = _daemon_class()(settings, engine, **kwargs)
+        started.append((daemon, engine))
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon, engine in started:
+        assert daemon.stop(timeout=5), "runs still in flight 5 s after stop"
+        engine.dispose()
+
+
+def _daemon_class() -> Any:
+    from audience_sync.scheduler import Daemon
+
+    return Daemon
 
 
 @dataclass

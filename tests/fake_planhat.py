@@ -1,16 +1,27 @@
 """A fake Planhat: a real HTTP server on 127.0.0.1 for tests and benchmarks.
 
-It serves the two delivery endpoints audience-sync uses, keeps what they wrote, and lets a test
-script faults. Audience booleans from segment traits and from endusers custom fields both land
-in `contact["custom"][key]`, so tests assert the same way for both transports.
+It serves the two delivery endpoints audience-sync uses and the contacts read endpoint, keeps
+what they wrote, and lets a test script faults. Audience booleans from segment traits and from
+endusers custom fields both land in `contact["custom"][key]`, so tests assert the same way for
+both transports.
 
     POST /dock/segment   Basic auth, user name = tenant token, empty password
     PUT  /endusers       Bearer API token; answers created/updated and the *Errors lists
-    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n}
+    GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
+                         5000, fewer when `page_cap` is set): contacts in creation order as
+                         {"_id", "externalId", "email", "name", "custom"}, [] past the end
+    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n};
+                         ?applied=1 adds "applied_items": n, "applied_values": n
+
+Faults are scripted for the next n requests, whatever their route (fail_next, delay_next,
+timeout_next, reset_next, html_next, empty_next), or last until clear_faults() (always,
+partial_fail, bad_items). `applied_items` counts every contact item the fake wrote, answered
+or not; with `count_values` (on when bodies are kept) `applied[(ref, key, value)]` counts each
+audience value written, ref being the item's externalId, else its email.
 
 As a script (no package imports, pytest optional):
 
-    python tests/fake_planhat.py --port 0 [--tenant-token T] [--api-token A]
+    python tests/fake_planhat.py --port 0 [--tenant-token T] [--api-token A] [--page-cap N]
 
 prints `http://127.0.0.1:PORT` and serves until SIGTERM or SIGINT.
 """
@@ -19,19 +30,23 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import gc
 import json
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple, Self
+from urllib.parse import parse_qs
 
 try:
     import orjson
@@ -47,7 +62,13 @@ SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
 STATE_PATH = "/_state"
 MAX_BULK = 5000
+MAX_PAGE = 5000  # GET /endusers answers at most this many contacts
+DEFAULT_PAGE = 100  # ... and this many when no limit is given, like Planhat
 ERROR_LISTS = ("createdErrors", "updatedErrors", "permissionErrors")
+JSON = "application/json"
+DEFAULT_HTML = (
+    "<html><head><title>Welcome to nginx!</title></head><body><h1>Welcome to nginx!</h1></body></html>"
+)
 
 Body = str | bytes | dict[str, Any] | list[Any] | None
 
@@ -73,18 +94,30 @@ def _as_bytes(body: Body) -> bytes | None:
 class Recorded(NamedTuple):
     method: str
     path: str
-    body: Any  # the parsed JSON body (None when keep_bodies is off or it did not parse)
-    status: int
+    body: Any  # the parsed JSON body (None when keep_bodies is off, it did not parse, or a GET)
+    status: int  # what the fake produced; 0 for a reset that wrote nothing
+    query: str = ""  # the query string of a GET
+    fault: str | None = None  # the scripted fault that shaped this request, if any
 
 
 @dataclass(frozen=True, slots=True)
 class _Fault:
-    """One scripted answer: wait `delay` seconds, then answer `status` (None: serve normally)."""
+    """One scripted request.
+
+    wait `delay` seconds; then
+      mode "serve"   serve normally (status None) or answer `status`/`body`, writing nothing;
+      mode "timeout" serve normally when `applied`, else answer 504, writing nothing;
+      mode "reset"   serve (write) when `applied`, then close the connection without an answer.
+    """
 
     status: int | None = None
     retry_after: str | None = None
     body: bytes | None = None
     delay: float = 0.0
+    content_type: str = JSON
+    mode: str = "serve"
+    applied: bool = False
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +125,15 @@ class _Answer:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = JSON
+    reset: bool = False  # close the connection without sending anything
 
 
 def _json_answer(status: int, data: Any) -> _Answer:
     return _Answer(status, _dumps(data))
+
+
+Route = Callable[[Any, str], _Answer]
 
 
 class FakePlanhat:
@@ -109,20 +147,33 @@ class FakePlanhat:
         host: str = "127.0.0.1",
         port: int = 0,
         keep_bodies: bool = True,
+        count_values: bool | None = None,
+        page_cap: int | None = None,
     ) -> None:
         self.tenant_token = tenant_token
         self.api_token = api_token
         self.keep_bodies = keep_bodies
+        # Per (ref, key, value) counts cost memory per contact: off for a benchmark's million.
+        self.count_values = keep_bodies if count_values is None else count_values
+        self.page_cap = page_cap  # GET /endusers pages hold at most this many (None: limit)
         self._address = (host, port)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self.contacts: dict[str, dict[str, Any]] = {}
         self.requests: list[Recorded] = []
         self.message_ids: list[str] = []  # every segment messageId received, faults included
         self.max_in_flight = 0
+        self.applied_items = 0  # contact items written, whether the client saw the answer or not
+        self.applied_values = 0  # custom values written (an item carries one per audience)
+        self.applied: Counter[tuple[str, str, Any]] = Counter()  # (ref, key, value) -> writes
         self._in_flight = 0
         self._email_keys: dict[str, str] = {}  # email -> key of the contact holding it
+        self._order: list[str] = []  # contact keys in creation order, for GET /endusers
+        self._order_stale = False
+        self._ids: dict[str, int] = {}  # contact key -> _id number, given on first read
+        self._next_id = 0
         self._faults: deque[_Fault] = deque()
         self._always: int | None = None
         self._partial: dict[str, tuple[str, bool]] = {}  # ref -> (error list, nested)
@@ -169,17 +220,58 @@ class FakePlanhat:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is being served (a held timeout has written what it writes).
+        False when `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
     # --- fault injection --------------------------------------------------------------------
 
     def fail_next(
         self, n: int = 1, status: int = 503, retry_after: str | None = None, body: Body = None
     ) -> None:
         """The next n requests answer `status` (with Retry-After/body if given), writing nothing."""
-        self._script(_Fault(status, retry_after, _as_bytes(body)) for _ in range(n))
+        self._script(_Fault(status, retry_after, _as_bytes(body), name=f"fail {status}") for _ in range(n))
 
     def delay_next(self, n: int, seconds: float) -> None:
         """The next n requests wait `seconds` before being served normally (they still write)."""
-        self._script(_Fault(delay=seconds) for _ in range(n))
+        self._script(_Fault(delay=seconds, name="delay") for _ in range(n))
+
+    def timeout_next(self, n: int = 1, applied: bool = False, seconds: float = 1.0) -> None:
+        """The next n requests are held `seconds` (make it longer than the client's timeout).
+
+        Then, when `applied`, the change is written and answered as usual (Planhat did it, the
+        client had given up); otherwise nothing is written and the answer is a 504.
+        """
+        name = "timeout after apply" if applied else "timeout before apply"
+        self._script(_Fault(delay=seconds, mode="timeout", applied=applied, name=name) for _ in range(n))
+
+    def reset_next(self, n: int = 1, applied: bool = False) -> None:
+        """The next n requests get no HTTP answer: the connection is reset. When `applied` the
+        change is written first, otherwise nothing is."""
+        name = "reset after apply" if applied else "reset before apply"
+        self._script(_Fault(mode="reset", applied=applied, name=name) for _ in range(n))
+
+    def html_next(
+        self, n: int = 1, status: int = 200, body: str = DEFAULT_HTML, content_type: str = "text/html"
+    ) -> None:
+        """The next n requests answer `status` with this body (a proxy's welcome or maintenance
+        page) and write nothing."""
+        raw = body.encode()
+        self._script(
+            _Fault(status, body=raw, content_type=content_type, name=f"html {status}") for _ in range(n)
+        )
+
+    def empty_next(self, n: int = 1, status: int = 200) -> None:
+        """The next n requests answer `status` with an empty body and write nothing."""
+        self._script(_Fault(status, body=b"", name=f"empty {status}") for _ in range(n))
 
     def always(self, status: int) -> None:
         """Every request answers `status` until clear_faults()."""
@@ -207,51 +299,113 @@ class FakePlanhat:
             self._partial.clear()
             self._bad.clear()
 
+    def scripted_faults(self) -> int:
+        """How many scripted faults are still waiting for a request."""
+        with self._lock:
+            return len(self._faults)
+
     def _script(self, faults: Iterable[_Fault]) -> None:
         with self._lock:
             self._faults.extend(faults)
+
+    # --- drift: changing Planhat behind audience-sync's back --------------------------------
+
+    def set_value(self, ref: str, key: str, value: bool | None) -> None:
+        """Set (True/False) or remove (None) custom field `key` on the contact `ref` (externalId
+        or email). A contact that does not exist is created for a True/False value (externalId
+        `ref`, or email `ref` when it holds an @); removing from a missing contact does nothing."""
+        with self._lock:
+            contact_key = self._key_of(ref)
+            if contact_key is None:
+                if value is None:
+                    return
+                fields = {"email": ref} if "@" in ref else {"externalId": ref}
+                self._upsert(fields, {key: value})
+                return
+            custom = self.contacts[contact_key].setdefault("custom", {})
+            if value is None:
+                custom.pop(key, None)
+            else:
+                custom[key] = value
+
+    def delete_contact(self, ref: str) -> bool:
+        """Delete the contact `ref` (externalId or email), as someone in Planhat would; False
+        when there is none."""
+        with self._lock:
+            contact_key = self._key_of(ref)
+            if contact_key is None:
+                return False
+            del self.contacts[contact_key]
+            self._ids.pop(contact_key, None)
+            self._email_keys = {e: k for e, k in self._email_keys.items() if k != contact_key}
+            self._order_stale = True
+            return True
+
+    def add_contact(
+        self, external_id: str | None = None, email: str | None = None, custom: dict[str, Any] | None = None
+    ) -> str:
+        """Create (or merge into, like an upsert) a contact; returns its key in `contacts`."""
+        if not (external_id or email):
+            raise ValueError("a contact needs an externalId or an email")
+        with self._lock:
+            fields = {"externalId": external_id, "email": email}
+            self._upsert(fields, dict(custom or {}))
+            key = external_id or self._email_keys.get(email or "", email)
+            assert key is not None
+            return key
+
+    def _key_of(self, ref: str) -> str | None:
+        """The `contacts` key of the contact that `ref` names; the caller holds the lock."""
+        if ref in self.contacts:
+            return ref
+        key = self._email_keys.get(ref)
+        return key if key in self.contacts else None
 
     # --- reading the state ------------------------------------------------------------------
 
     def contact(self, ref: str) -> dict[str, Any] | None:
         with self._lock:
-            found = self.contacts.get(ref)
-            if found is None and ref in self._email_keys:
-                found = self.contacts.get(self._email_keys[ref])
-            return found
+            key = self._key_of(ref)
+            return None if key is None else self.contacts[key]
 
     def value(self, ref: str, key: str) -> bool | None:
         """The audience boolean Planhat holds for a contact, or None when never written."""
         found = self.contact(ref)
-        return None if found is None else found["custom"].get(key)
+        return None if found is None else found.get("custom", {}).get(key)
 
     def statuses(self) -> list[int]:
         with self._lock:
             return [r.status for r in self.requests]
 
-    def state(self) -> dict[str, Any]:
+    def state(self, applied: bool = True) -> dict[str, Any]:
+        """What Planhat holds, in counts; with `applied`, also what the fake wrote in total."""
         with self._lock:
             true: dict[str, int] = {}
             false: dict[str, int] = {}
             for contact in self.contacts.values():
-                for key, flag in contact["custom"].items():
+                for key, flag in contact.get("custom", {}).items():
                     counts = true if flag is True else false if flag is False else None
                     if counts is not None:
                         counts[key] = counts.get(key, 0) + 1
-            return {
+            state: dict[str, Any] = {
                 "contacts": len(self.contacts),
                 "true": true,
                 "false": false,
                 "requests": len(self.requests),
             }
+            if applied:
+                state["applied_items"] = self.applied_items
+                state["applied_values"] = self.applied_values
+            return state
 
     # --- serving ----------------------------------------------------------------------------
 
     def handle(self, method: str, path: str, authorization: str | None, raw: bytes) -> _Answer:
         """Answer one request; called by the handler threads."""
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if method == "GET" and path == STATE_PATH:
-            return _json_answer(200, self.state())
+            # The counters of writes only when asked (?applied=1): the plain answer is unchanged.
+            return _json_answer(200, self.state(applied="applied" in parse_qs(query)))
         route = self._routes().get((method, path))
         if route is None:
             return _json_answer(404, {"error": f"no route {method} {path}"})
@@ -259,42 +413,53 @@ class FakePlanhat:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            return self._serve(method, path, authorization, raw, route)
+            return self._serve(method, path, query, authorization, raw, route)
         finally:
             with self._lock:
                 self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
 
-    def _routes(self) -> dict[tuple[str, str], Callable[[Any], _Answer]]:
-        return {("POST", SEGMENT_PATH): self._segment, ("PUT", ENDUSERS_PATH): self._endusers}
+    def _routes(self) -> dict[tuple[str, str], Route]:
+        return {
+            ("POST", SEGMENT_PATH): self._segment,
+            ("PUT", ENDUSERS_PATH): self._endusers,
+            ("GET", ENDUSERS_PATH): self._list_endusers,
+        }
 
     def _serve(
-        self,
-        method: str,
-        path: str,
-        authorization: str | None,
-        raw: bytes,
-        route: Callable[[Any], _Answer],
+        self, method: str, path: str, query: str, authorization: str | None, raw: bytes, route: Route
     ) -> _Answer:
         try:
             body = _loads(raw) if raw else None
         except ValueError:
-            return self._record(method, path, None, _json_answer(400, {"error": "invalid JSON"}))
+            return self._record(method, path, None, query, _json_answer(400, {"error": "invalid JSON"}))
         if path == SEGMENT_PATH and isinstance(body, dict):
             with self._lock:
                 self.message_ids.append(body.get("messageId"))
         fault = self._next_fault()
         if fault.delay:
             time.sleep(fault.delay)
-        if fault.status is not None:
-            return self._record(method, path, body, _fault_answer(fault))
+        if fault.mode == "serve" and fault.status is not None:
+            return self._record(method, path, body, query, _fault_answer(fault), fault.name)
+        if fault.mode == "timeout" and not fault.applied:
+            answer = _json_answer(504, {"error": "Gateway Timeout"})
+            return self._record(method, path, body, query, answer, fault.name)
+        if fault.mode == "reset" and not fault.applied:
+            return self._record(method, path, body, query, _Answer(0, b"", reset=True), fault.name)
         if authorization != self._expected_auth(path):
-            return self._record(method, path, body, _json_answer(401, {"error": "Unauthorized"}))
-        return route(body)
+            answer = _json_answer(401, {"error": "Unauthorized"})
+        else:
+            answer = route(body, query)
+        if fault.mode == "reset":  # applied: written, then the connection dies
+            self._record(method, path, body, query, answer, fault.name)
+            return _Answer(answer.status, b"", reset=True)
+        return self._record(method, path, body, query, answer, fault.name)
 
     def _next_fault(self) -> _Fault:
         with self._lock:
             if self._always is not None:
-                return _Fault(self._always)
+                return _Fault(self._always, name=f"always {self._always}")
             return self._faults.popleft() if self._faults else _Fault()
 
     def _expected_auth(self, path: str) -> str:
@@ -302,27 +467,34 @@ class FakePlanhat:
             return "Basic " + base64.b64encode(f"{self.tenant_token}:".encode()).decode()
         return f"Bearer {self.api_token}"
 
-    def _record(self, method: str, path: str, body: Any, answer: _Answer) -> _Answer:
+    def _record(
+        self, method: str, path: str, body: Any, query: str, answer: _Answer, fault: str | None = None
+    ) -> _Answer:
         kept = body if self.keep_bodies else None
         with self._lock:
-            self.requests.append(Recorded(method, path, kept, answer.status))
+            self.requests.append(Recorded(method, path, kept, answer.status, query, fault))
         return answer
 
-    def _segment(self, message: Any) -> _Answer:
-        def refuse(reason: str) -> _Answer:
-            return self._record("POST", SEGMENT_PATH, message, _json_answer(400, {"error": reason}))
+    def _count(self, ref: str, custom: dict[str, Any]) -> None:
+        """Count one written item; the caller holds the lock."""
+        self.applied_items += 1
+        self.applied_values += len(custom)
+        if self.count_values:
+            for key, value in custom.items():
+                self.applied[(ref, key, value)] += 1
 
+    def _segment(self, message: Any, _query: str = "") -> _Answer:
         if not isinstance(message, dict) or message.get("type") != "identify":
-            return refuse("expected one identify message")
+            return _json_answer(400, {"error": "expected one identify message"})
         traits = message.get("traits") or {}
         user_id = message.get("userId") or message.get("user_id")
         email = traits.get("email")
         if not (user_id or email):
-            return refuse("identify has neither userId nor traits.email")
+            return _json_answer(400, {"error": "identify has neither userId nor traits.email"})
         with self._lock:
             bad = {user_id, email} & self._bad
         if bad:
-            return refuse("bad item")
+            return _json_answer(400, {"error": "bad item"})
         fields = {
             "externalId": user_id,
             "email": email,
@@ -333,21 +505,18 @@ class FakePlanhat:
         custom = {k: v for k, v in traits.items() if isinstance(v, bool)}
         with self._lock:
             self._upsert(fields, custom)
-            self.requests.append(Recorded("POST", SEGMENT_PATH, message if self.keep_bodies else None, 200))
+            self._count(user_id or email, custom)
         return _json_answer(200, {"ok": True})
 
-    def _endusers(self, items: Any) -> _Answer:
-        def refuse(reason: str) -> _Answer:
-            return self._record("PUT", ENDUSERS_PATH, items, _json_answer(400, {"error": reason}))
-
+    def _endusers(self, items: Any, _query: str = "") -> _Answer:
         if not isinstance(items, list) or not 0 < len(items) <= MAX_BULK:
-            return refuse(f"expected an array of 1 to {MAX_BULK} items")
+            return _json_answer(400, {"error": f"expected an array of 1 to {MAX_BULK} items"})
         if not all(isinstance(i, dict) and (i.get("externalId") or i.get("email")) for i in items):
-            return refuse("every item needs externalId or email")
+            return _json_answer(400, {"error": "every item needs externalId or email"})
         with self._lock:
             bad = set(self._bad)
         if bad and any(_ref(i) in bad or i.get("email") in bad for i in items):
-            return refuse("bad item")
+            return _json_answer(400, {"error": "bad item"})
         adopt = not self.keep_bodies  # a kept body must not change when its contact does
         report: dict[str, Any] = {"created": 0, "updated": 0}
         report.update({name: [] for name in ERROR_LISTS})
@@ -357,12 +526,58 @@ class FakePlanhat:
                     where, error = refused
                     report.setdefault(where, []).append(error)
                     continue
-                created = self._upsert(item, item.get("custom") or {}, adopt=adopt)
+                custom = item.get("custom") or {}
+                created = self._upsert(item, custom, adopt=adopt)
+                self._count(_ref(item), custom)
                 report["created" if created else "updated"] += 1
-            partial = any(report[name] for name in report if name.endswith("Errors"))
-            status = 206 if partial else 200
-            self.requests.append(Recorded("PUT", ENDUSERS_PATH, items if self.keep_bodies else None, status))
-        return _json_answer(status, report)
+        partial = any(report[name] for name in report if name.endswith("Errors"))
+        return _json_answer(206 if partial else 200, report)
+
+    def _list_endusers(self, _body: Any, query: str) -> _Answer:
+        params = parse_qs(query)
+        try:
+            limit = int(params.get("limit", [DEFAULT_PAGE])[-1])
+            offset = int(params.get("offset", [0])[-1])
+        except ValueError:
+            return _json_answer(400, {"error": "limit and offset must be integers"})
+        if limit < 0 or offset < 0:
+            return _json_answer(400, {"error": "limit and offset must not be negative"})
+        limit = min(limit, MAX_PAGE)
+        with self._lock:
+            if self.page_cap is not None:
+                limit = min(limit, max(0, self.page_cap))
+            keys = self._ordered_keys()[offset : offset + limit]
+            if any(key not in self.contacts for key in keys):  # `contacts` was edited directly
+                self._order_stale = True
+                keys = self._ordered_keys()[offset : offset + limit]
+            page = [self._public(key, self.contacts[key]) for key in keys]
+            body = _dumps(page)  # inside the lock: a contact changing meanwhile must not tear it
+        return _Answer(200, body)
+
+    def _ordered_keys(self) -> list[str]:
+        """Contact keys in creation order; rebuilt (dicts keep insertion order) after a delete
+        or a direct edit of `contacts`. The caller holds the lock."""
+        if self._order_stale or len(self._order) != len(self.contacts):
+            self._order = list(self.contacts)
+            self._order_stale = False
+        return self._order
+
+    def _public(self, key: str, contact: dict[str, Any]) -> dict[str, Any]:
+        number = self._ids.get(key)
+        if number is None:  # given on first read: a benchmark that never reads pays nothing
+            number = self._ids[key] = self._next_id
+            self._next_id += 1
+        found = {
+            "_id": f"{number:024x}",
+            "externalId": contact.get("externalId"),
+            "email": contact.get("email"),
+            "name": contact.get("name"),
+            "custom": contact.get("custom", {}),
+        }
+        for extra in ("title", "companyExternalId"):
+            if contact.get(extra) is not None:
+                found[extra] = contact[extra]
+        return found
 
     def _partial_error(self, item: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         rule = self._partial.get(_ref(item)) or self._partial.get(item.get("email", ""))
@@ -393,11 +608,13 @@ class FakePlanhat:
                 contact = {name: value for name, value in fields.items() if value is not None}
                 contact["custom"] = dict(custom)
             self.contacts[key] = contact
+            if not self._order_stale and len(self._order) == len(self.contacts) - 1:
+                self._order.append(key)
         else:
             for name, value in fields.items():
                 if value is not None and name != "custom":
                     contact[name] = value
-            contact["custom"].update(custom)
+            contact.setdefault("custom", {}).update(custom)
         if email:
             self._email_keys[email] = key
         return created
@@ -416,7 +633,10 @@ def _fault_answer(fault: _Fault) -> _Answer:
         except ValueError:
             phrase = "simulated fault"
         body = _dumps({"error": phrase})
-    return _Answer(fault.status or 500, body, headers)
+    return _Answer(fault.status or 500, body, headers, fault.content_type)
+
+
+_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -438,11 +658,19 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         fake: FakePlanhat = self.server.fake  # type: ignore[attr-defined]
         answer = fake.handle(method, self.path, self.headers.get("Authorization"), raw)
+        if answer.reset:
+            # No status line, no headers: the socket is closed with a reset (the server's
+            # shutdown_request then finds it closed and moves on).
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                self.connection.close()
+            return
         try:
             self.send_response(answer.status)
             for name, value in answer.headers:
                 self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(answer.body)))
             self.end_headers()
             self.wfile.write(answer.body)
@@ -462,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tenant-token", default="tenant-secret")
     parser.add_argument("--api-token", default="api-secret")
     parser.add_argument("--keep-bodies", action="store_true", help="keep request bodies (memory grows)")
+    parser.add_argument("--page-cap", type=int, default=None, help="GET /endusers pages at most this long")
     args = parser.parse_args(argv)
     # A benchmark holds a million contacts: collect young objects less often, so the
     # collector's passes over that state stop dominating the run time.
@@ -469,7 +698,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    fake = FakePlanhat(args.tenant_token, args.api_token, port=args.port, keep_bodies=args.keep_bodies)
+    fake = FakePlanhat(
+        args.tenant_token,
+        args.api_token,
+        port=args.port,
+        keep_bodies=args.keep_bodies,
+        page_cap=args.page_cap,
+    )
     with fake:
         print(fake.url, flush=True)
         while not stop.wait(0.2):

@@ -56,3 +56,34 @@ def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli) ->
     assert "audience-sync db upgrade" in result.err and "Traceback" not in result.err
     assert cli("--config", str(config), "db", "upgrade").code == 0
     assert cli("--config", str(config), "status").code == 0
+
+
+def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+    """A state database in use before in-doubt tracking keeps its outbox, none of it in doubt,
+    and its runs read with zero in doubt."""
+    import sqlalchemy as sa
+
+    from audience_sync import store
+
+    config = Path("audience_sync.toml")
+    config.write_text(f'[database]\nurl = "{state_url}"\n')
+    engine = store.create_state_engine(state_url)
+    try:
+        store.upgrade(engine, "0001")
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "INSERT INTO pending (audience_key, user_ref, value, queued_at, attempts) "
+                "VALUES ('vip', 'u1', TRUE, '2026-11-01 00:00:00', 2)"
+            )
+            connection.exec_driver_sql(
+                "INSERT INTO runs (audience_key, kind, trigger, status, started_at) "
+                "VALUES ('vip', 'full', 'cli', 'partial', '2026-11-01 00:00:00')"
+            )
+        assert cli("--config", str(config), "db", "upgrade").code == 0
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT user_ref, in_doubt, attempts FROM pending")).all()
+            assert [(ref, bool(doubt), attempts) for ref, doubt, attempts in rows] == [("u1", False, 2)]
+            assert connection.execute(sa.text("SELECT in_doubt, drift FROM runs")).all() == [(0, None)]
+            assert connection.execute(sa.text("SELECT count(*) FROM in_flight")).scalar_one() == 0
+    finally:
+        engine.dispose()

@@ -369,9 +369,12 @@ def test_401_raises_at_once_without_retry_or_token() -> None:
     with FakePlanhat() as fake:
         base = settings(fake, "segment", tenant_token=Secret(secret), concurrency=1)
         with PlanhatClient(base) as planhat:
-            with pytest.raises(PlanhatAuthError) as raised:
-                planhat.send(users(3))
-            message = str(raised.value)
+            outcome = planhat.send(users(3))
+            # Reported once the chunk's outcome is known, so the engine can acknowledge it.
+            assert isinstance(outcome.stop, PlanhatAuthError)
+            assert outcome.accepted == [] and set(outcome.failed) == {"u1", "u2", "u3"}
+            assert outcome.in_doubt == set()  # refused: Planhat wrote nothing
+            message = str(outcome.stop)
             assert message == (
                 "Planhat rejected the tenant token (401): "
                 "check planhat.tenant_token (or PLANHAT_TENANT_TOKEN)"
@@ -387,15 +390,16 @@ def test_401_raises_at_once_without_retry_or_token() -> None:
 def test_403_on_endusers_names_the_api_token_setting() -> None:
     with FakePlanhat() as fake, client(fake, "endusers") as planhat:
         fake.always(403)
-        with pytest.raises(PlanhatAuthError, match=r"API token \(403\): check planhat\.api_token"):
-            planhat.send(users(2))
+        outcome = planhat.send(users(2))
+        assert isinstance(outcome.stop, PlanhatAuthError)
+        assert re.search(r"API token \(403\): check planhat\.api_token", str(outcome.stop))
         assert fake.statuses() == [403]
 
 
 def test_401_stops_every_segment_worker() -> None:
     with FakePlanhat(tenant_token="other") as fake, client(fake, "segment", concurrency=5) as c:
-        with pytest.raises(PlanhatAuthError):
-            c.send(users(40))
+        outcome = c.send(users(40))
+        assert isinstance(outcome.stop, PlanhatAuthError) and not outcome.accepted
         assert 1 <= len(fake.requests) <= 5  # only what was in flight, nothing after
 
 

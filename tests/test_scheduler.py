@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,12 +21,11 @@ from freezegun import freeze_time
 
 from audience_sync import models as m
 from audience_sync import store
-from audience_sync.config import ScheduleSettings, load_settings
+from audience_sync.config import ScheduleSettings
 from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.planhat import Outcome
 from audience_sync.scheduler import (
     AUDIENCE_JOB,
-    Daemon,
     Turns,
     TurnTakingSender,
     draw_interval,
@@ -145,25 +144,6 @@ def execute(url: str, statement: Any) -> None:
 
 def schedule(low: str, high: str, extra: str = "") -> str:
     return f'[schedule]\nmin_interval = "{low}"\nmax_interval = "{high}"\n{extra}'
-
-
-@pytest.fixture
-def start_daemon(project: Project) -> Iterator[Callable[..., Daemon]]:
-    """Start the daemon in-process on the project's config; stopped (within 5 s) afterwards."""
-    started: list[tuple[Daemon, Any]] = []
-
-    def start(**kwargs: Any) -> Daemon:
-        settings = load_settings(project.path)
-        engine = store.open_state(settings.database_url)
-        daemon = Daemon(settings, engine, **kwargs)
-        started.append((daemon, engine))
-        daemon.start()
-        return daemon
-
-    yield start
-    for daemon, engine in started:
-        assert daemon.stop(timeout=5), "runs still in flight 5 s after stop"
-        engine.dispose()
 
 
 def cli_json(cli, *args: str) -> Any:  # type: ignore[no-untyped-def]

@@ -1,0 +1,312 @@
+"""Failure paths: secrets kept out of reprs, unusable state databases and missing source files
+refused by name, lease renewal that stops a run rather than dying silently, a failed resync
+check that is retried, and database errors in the read commands as one line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
+from sqlalchemy.engine import Engine
+
+from audience_sync import lease, store
+from audience_sync.config import load_settings
+from audience_sync.errors import StateDatabaseError
+from audience_sync.scheduler import AUDIENCE_JOB, RETRY_AFTER_ERROR, Daemon
+from tests.conftest import Project, users
+from tests.test_scheduler import schedule, wait_for
+
+PASSWORD = "hunter2-pw"
+SSL_PASSWORD = "xyzzy-sslpw"
+PLANHAT_PASSWORD = "pl4nhat-pw"
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """caplog, also after a CLI run has made the package's logger stop propagating."""
+    monkeypatch.setattr(logging.getLogger("audience_sync"), "propagate", True)
+    return caplog
+
+
+def one_line(result, prefix: str) -> str:  # type: ignore[no-untyped-def]
+    assert result.code == 1, (result.out, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(prefix), lines[0]
+    assert "Traceback" not in result.err + result.out
+    return lines[0]
+
+
+def operational_error(message: str) -> sa.exc.OperationalError:
+    return sa.exc.OperationalError("SELECT 1", {}, Exception(message))
+
+
+# --- 1. secrets in repr ---------------------------------------------------------------------
+
+
+def test_settings_reprs_mask_passwords_and_secret_parameters(tmp_path: Path) -> None:
+    url = f"postgresql://u:${{PGPASS}}@h/db?sslpassword={SSL_PASSWORD}&application_name=sync"
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[database]\nurl = "{url}"\n\n'
+        f'[planhat]\nbase_url = "http://user:{PLANHAT_PASSWORD}@127.0.0.1:1/"\n\n'
+        f'[sources.app]\nurl = "{url}"\n'
+        f'[sources.odbc]\nurl = "mssql+pyodbc://u@dsn?PWD={PASSWORD}&Token={PASSWORD}"\n'
+    )
+    settings = load_settings(path, {"PGPASS": PASSWORD})
+    assert PASSWORD in settings.database_url and PASSWORD in settings.sources["app"].url  # still usable
+    shown = [repr(settings), str(settings), repr(settings.sources), str(settings.sources["app"]),
+             repr(settings.planhat)]  # fmt: skip
+    for text in shown:
+        for secret in (PASSWORD, SSL_PASSWORD, PLANHAT_PASSWORD):
+            assert secret not in text, text
+    assert "postgresql+psycopg://u:***@h/db?application_name=sync&sslpassword=***" in repr(settings)
+    assert "PWD=***&Token=***" in repr(settings.sources["odbc"])
+    assert "http://user:***@127.0.0.1:1/" in repr(settings.planhat)
+
+
+@pytest.mark.parametrize("name", ["password", "PASSWD", "pwd", "token", "client_secret", "key",
+                                  "apikey", "api_key", "sslpassword"])  # fmt: skip
+def test_safe_url_masks_every_secret_looking_parameter(name: str) -> None:
+    shown = store.safe_url(f"postgresql://u:{PASSWORD}@h/db?{name}=s3cr3t-value&sslmode=require")
+    assert "s3cr3t-value" not in shown and PASSWORD not in shown
+    assert f"{name}=***" in shown and "sslmode=require" in shown
+
+
+def test_safe_url_never_shows_a_url_it_cannot_parse() -> None:
+    assert PASSWORD not in store.safe_url(f"postgresql://u:{PASSWORD}@h:port/db")
+
+
+# --- 2. unsupported state database drivers --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg2://u:{PASSWORD}@127.0.0.1/db",
+        f"mysql://u:{PASSWORD}@127.0.0.1/db",
+        f"mssql+pyodbc://u:{PASSWORD}@dsn",
+    ],
+)
+def test_an_unsupported_state_database_is_refused_when_the_config_loads(  # type: ignore[no-untyped-def]
+    cli, tmp_path: Path, url: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[database]\nurl = "{url}"\n')
+    line = one_line(cli("--config", str(path), "status"), "Config error: ")
+    assert f"{path}: database.url:" in line
+    assert store.safe_url(url) in line and PASSWORD not in line
+    assert "sqlite:///PATH" in line and "postgresql+psycopg://" in line
+
+
+def test_supported_state_databases_and_any_source_url_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    for url in ("sqlite:///state.db", "sqlite+pysqlite:///state.db", "sqlite://", "postgres://u@h/db",
+                "postgresql://u@h/db", "postgresql+psycopg://u@h/db"):  # fmt: skip
+        path.write_text(f'[database]\nurl = "{url}"\n\n[sources.dw]\nurl = "mysql+pymysql://u@h/db"\n')
+        assert load_settings(path, {}).sources["dw"].url == "mysql+pymysql://u@h/db"
+
+
+# --- 3. a missing SQLite source file --------------------------------------------------------
+
+
+def test_a_missing_sqlite_source_file_is_refused_by_name_and_not_created(  # type: ignore[no-untyped-def]
+    project: Project, cli, tmp_path: Path
+) -> None:
+    missing = tmp_path / "gone.db"
+    project.source.url = f"sqlite:///{missing}"
+    project.write()
+    result = cli("--config", "audience_sync.toml", "sync")
+    assert result.code != 0 and "Traceback" not in result.err
+    assert f"source 'app': SQLite file {missing} does not exist" in result.err
+    assert "no such table" not in result.err
+    assert not missing.exists()
+    assert project.planhat.requests == []
+
+
+@pytest.mark.filterwarnings("ignore:Selection of the SingletonThreadPool")  # SQLAlchemy's, for mode=memory
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_in_memory_sqlite_sources_still_work(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    query = "SELECT 'u1' AS user_id, 'u1@example.com' AS email"
+    for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:mem?mode=memory&uri=true"):
+        project.source.url = url
+        project.write([{"name": "Constant", "query": query}])
+        result = cli("--config", "audience_sync.toml", "sync", "--full")
+        assert result.code == 0, (url, result.err)
+    assert project.planhat.value("u1", "constant") is True
+
+
+# --- 4. lease renewal -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def state(state_url: str) -> Iterator[Engine]:
+    engine = store.open_state(state_url)
+    yield engine
+    engine.dispose()
+
+
+def test_an_unexpected_renewal_error_marks_every_lease_lost(  # type: ignore[no-untyped-def]
+    state: Engine, monkeypatch: pytest.MonkeyPatch, logs
+) -> None:
+    assert lease.try_acquire(state, "a", "holder-1", 60)
+
+    def broken(*_args: object) -> bool:
+        raise RuntimeError("renewal bug\nsecond line")
+
+    monkeypatch.setattr(lease, "renew", broken)
+    with lease.LeaseKeeper(state, ["a", "b"], "holder-1", 0.3) as keeper:
+        wait_for(lambda: keeper.lost == {"a", "b"}, timeout=5, what="leases marked lost")
+    errors = [r.getMessage() for r in logs.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "RuntimeError: renewal bug" in errors[0], errors
+    assert "second line" not in errors[0] and "'a'" in errors[0] and "'b'" in errors[0]
+
+
+def test_renewals_failing_until_the_lease_expires_mark_it_lost(  # type: ignore[no-untyped-def]
+    state: Engine, monkeypatch: pytest.MonkeyPatch, logs
+) -> None:
+    ttl = 0.3
+    assert lease.try_acquire(state, "a", "holder-1", ttl)
+    failures: list[float] = []
+
+    def down(*_args: object) -> bool:
+        failures.append(time.monotonic())
+        raise operational_error("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(lease, "renew", down)
+    started = time.monotonic()
+    with lease.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
+        wait_for(lambda: failures, timeout=5, what="a failed renewal")
+        assert not keeper.lost  # one failure is transient: tried again next tick
+        wait_for(lambda: keeper.lost, timeout=5, what="lease marked lost")
+        lost_after = time.monotonic() - started
+    assert keeper.lost == {"a"} and lost_after >= ttl and len(failures) >= 3
+    messages = logs.text
+    assert "could not renew the lease on 'a': OperationalError" in messages
+    assert "lost the lease on audience 'a': not renewed for" in messages
+
+
+def test_transient_renewal_failures_within_the_lease_keep_it(  # type: ignore[no-untyped-def]
+    state: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ttl = 0.6
+    assert lease.try_acquire(state, "a", "holder-1", ttl)
+    real, calls = lease.renew, []
+
+    def flaky(*args: object) -> bool:
+        calls.append(1)
+        if len(calls) % 3:  # two failures, then a renewal, again and again
+            raise operational_error("could not connect")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lease, "renew", flaky)
+    with lease.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
+        time.sleep(ttl * 4)
+        assert not keeper.lost and len(calls) >= 9
+
+
+# --- 5. the resync check after a run --------------------------------------------------------
+
+
+@pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
+def test_a_failed_resync_check_rearms_the_job_soon_and_says_why(  # type: ignore[no-untyped-def]
+    project: Project, monkeypatch: pytest.MonkeyPatch, logs
+) -> None:
+    project.write(extra=schedule("1h", "2h"))
+    settings = load_settings(project.path)
+    engine = store.open_state(settings.database_url)
+    daemon = Daemon(settings, engine)
+    daemon.scheduler.start(paused=True)  # jobs are armed, never run
+    try:
+        drawn = store.utcnow() + timedelta(hours=2)
+        event = JobExecutionEvent(
+            EVENT_JOB_EXECUTED, AUDIENCE_JOB + "pro_plan", "default", drawn, retval=(drawn, "drawn")
+        )
+
+        def unreadable(_connection: object) -> list[str]:
+            raise operational_error("database is locked")
+
+        monkeypatch.setattr(store, "pending_resync_keys", unreadable)
+        daemon._on_job_end(event)
+        job = daemon.scheduler.get_job(AUDIENCE_JOB + "pro_plan")
+        assert job.next_run_time <= store.utcnow() + RETRY_AFTER_ERROR
+        warning = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
+        assert any("pro_plan" in w and "OperationalError" in w for w in warning), warning
+
+        monkeypatch.setattr(store, "pending_resync_keys", lambda _connection: [])
+        daemon._on_job_end(event)  # the check works again: the drawn time stands
+        assert daemon.scheduler.get_job(AUDIENCE_JOB + "pro_plan").next_run_time == drawn
+    finally:
+        daemon.scheduler.shutdown(wait=False)
+        engine.dispose()
+
+
+# --- 6. database errors in the read commands ------------------------------------------------
+
+
+def with_password(url: str) -> tuple[str, str | None]:
+    """The URL with a password (trust authentication ignores it), and that password."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return url, None
+    password = parsed.password or PASSWORD
+    return parsed.set(password=password).render_as_string(hide_password=False), password
+
+
+def drop(url: str, table: str) -> None:
+    engine = sa.create_engine(url)
+    cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"DROP TABLE {table}{cascade}")
+    engine.dispose()
+
+
+@pytest.mark.parametrize("command", ["status", "history"])
+def test_a_broken_state_database_is_one_line_naming_it(project: Project, cli, command: str) -> None:  # type: ignore[no-untyped-def]
+    url, password = with_password(project.state_url)
+    project.state_url = url
+    project.write()
+    project.source.set_users(users(range(1, 3), plan="pro"))
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    drop(url, "runs")
+    line = one_line(cli("--config", "audience_sync.toml", command), "State database error: ")
+    assert store.safe_url(url) in line and "runs" in line
+    assert password is None or password not in line
+
+
+@pytest.mark.parametrize("command", ["status", "history"])
+@pytest.mark.parametrize("broken", ["garbage", "down"])
+def test_an_unreadable_or_unreachable_state_database_is_one_line(  # type: ignore[no-untyped-def]
+    cli, tmp_path: Path, command: str, broken: str
+) -> None:
+    if broken == "garbage":
+        (tmp_path / "state.db").write_bytes(b"this is not a database\n" * 200)
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:  # nothing listens on port 1
+        url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/test?sslpassword={SSL_PASSWORD}"
+    path = tmp_path / "config.toml"
+    path.write_text(f'[database]\nurl = "{url}"\n')
+    line = one_line(cli("--config", str(path), command), "State database error: ")
+    assert store.safe_url(url.replace("postgresql://", "postgresql+psycopg://")) in line
+    assert PASSWORD not in line and SSL_PASSWORD not in line
+
+
+def test_a_database_error_no_command_translated_is_still_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    store.open_state(project.state_url).dispose()
+    drop(project.state_url, "resync_requests")
+    line = one_line(cli("--config", "audience_sync.toml", "resync"), "State database error: ")
+    assert "resync_requests" in line
+    assert line.split(": ")[1] in ("OperationalError", "ProgrammingError"), line
+
+
+def test_translate_errors_turns_any_sqlalchemy_error_into_one_masked_line() -> None:
+    url = f"postgresql://u:{PASSWORD}@h/db?sslpassword={SSL_PASSWORD}"
+    with pytest.raises(StateDatabaseError) as raised, store.translate_errors("cannot read", url):
+        raise sa.exc.NoSuchTableError("runs")
+    assert str(raised.value) == "cannot read postgresql://u:***@h/db?sslpassword=***: runs"

@@ -1,0 +1,228 @@
+"""In-doubt deliveries: a change whose outcome is unknown is never forgotten.
+
+The reproduction from the issue, end to end through the CLI against the loopback fake, on
+both transports and both state databases: u4 enters, Planhat writes it but answers after the
+client's timeout; u4 leaves before the next run. Planhat must end with u4 not `true`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync import engine as sync_engine
+from audience_sync import store
+from audience_sync.config import PlanhatSettings, load_settings
+from audience_sync.planhat import Contact, Outcome, PlanhatClient
+from tests.conftest import Project, users
+
+TRANSPORTS = ["segment", "endusers"]
+# One attempt, a short timeout: the fake's delayed answer arrives after the client gave up.
+ONE_SHOT = "max_attempts = 1\ntimeout_seconds = 0.3\nbatch_size = 5\nmax_requests_per_second = 150"
+
+
+def sync(cli, *args: str):  # type: ignore[no-untyped-def]
+    return cli("--config", "audience_sync.toml", "sync", *args)
+
+
+def last_run(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    result = cli("--config", "audience_sync.toml", "history", "--json", "--audience", key)
+    return json.loads(result.out)[0]
+
+
+def status(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    result = cli("--config", "audience_sync.toml", "status", "--json")
+    return next(entry for entry in json.loads(result.out) if entry["key"] == key)
+
+
+def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.exec_driver_sql(sql)]
+    finally:
+        engine.dispose()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def first_sync_of_three(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+    project.write(transport=transport, planhat=ONE_SHOT)
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    assert sync(cli, "--audience", "pro_plan").code == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_change_applied_after_the_timeout_is_taken_back_when_the_user_leaves(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+    transport: str,
+) -> None:
+    fake = project.planhat
+    first_sync_of_three(project, cli, transport)
+
+    project.source.set_users(users(range(1, 5), plan="pro"))  # u4 enters
+    fake.delay_next(1, 1.0)  # Planhat writes u4 = true, but only after the client's timeout
+    assert sync(cli, "--audience", "pro_plan").code != 0
+    run = last_run(cli)
+    assert (run["status"], run["sent"], run["failed"], run["in_doubt"]) == ("failed", 0, 1, 1)
+    assert status(cli)["in_doubt"] == 1
+    wait_for(lambda: fake.value("u4", "pro_plan") is True)  # it did land
+    assert query(project.state_url, "SELECT outcome FROM changes WHERE user_ref = 'u4'") == [("in_doubt",)]
+
+    project.source.set_users(users(range(1, 4), plan="pro"))  # u4 leaves before the next run
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert fake.value("u4", "pro_plan") is False
+    assert query(project.state_url, "SELECT count(*) FROM pending") == [(0,)]
+    assert status(cli)["in_doubt"] == 0
+    assert [fake.value(f"u{n}", "pro_plan") for n in range(1, 4)] == [True, True, True]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_in_doubt_value_is_resent_when_the_truth_comes_back_to_it(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+    transport: str,
+) -> None:
+    fake = project.planhat
+    first_sync_of_three(project, cli, transport)
+    project.source.set_users(users(range(1, 3), plan="pro"))  # u3 leaves
+    fake.delay_next(1, 1.0)
+    assert sync(cli, "--audience", "pro_plan").code != 0  # its `false` is in doubt
+    wait_for(lambda: fake.value("u3", "pro_plan") is False)
+
+    project.source.set_users(users(range(1, 4), plan="pro"))  # u3 is back: still in the baseline
+    fake.requests.clear()
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert fake.value("u3", "pro_plan") is True  # resent although the baseline already said so
+    assert len(fake.requests) == 1
+
+
+def test_a_refused_change_is_not_in_doubt_and_is_dropped_when_the_user_leaves(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    fake = project.planhat
+    first_sync_of_three(project, cli, "endusers")
+    project.source.set_users(users(range(1, 5), plan="pro"))
+    fake.fail_next(1, 429)  # a 429 is a definite refusal: Planhat wrote nothing
+    assert sync(cli, "--audience", "pro_plan").code != 0
+    assert last_run(cli)["in_doubt"] == 0
+
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    fake.requests.clear()
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert fake.value("u4", "pro_plan") is None  # never told anything: no `false` to send
+    assert fake.requests == []
+
+
+def test_a_full_resync_sends_false_to_every_user_planhat_may_have_as_true(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    fake = project.planhat
+    first_sync_of_three(project, cli, "endusers")
+    project.source.set_users(users(range(1, 6), plan="pro"))
+    fake.delay_next(1, 1.0)  # u4 and u5 (one bulk call) land after the timeout
+    assert sync(cli, "--audience", "pro_plan").code != 0
+    wait_for(lambda: fake.value("u5", "pro_plan") is True)
+
+    project.source.set_users(users(range(1, 4), plan="pro"))
+    assert cli("--config", "audience_sync.toml", "resync", "--now", "--audience", "pro_plan").code == 0
+    assert last_run(cli)["kind"] == "full"
+    assert [fake.value(f"u{n}", "pro_plan") for n in range(1, 6)] == [True, True, True, False, False]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: no `except Exception` catches it, as nothing runs after a kill."""
+
+
+def killing_sender(after_sends: int) -> Callable[[PlanhatSettings], Any]:
+    """A real client that dies right after its N-th chunk reached Planhat, before the ack."""
+
+    class Sender:
+        def __init__(self, settings: PlanhatSettings) -> None:
+            self.client = PlanhatClient(settings)
+            self.chunk_size = self.client.chunk_size
+            self.sends = 0
+
+        @property
+        def exhausted(self) -> bool:
+            return self.client.exhausted
+
+        def send(self, contacts: Sequence[Contact]) -> Outcome:
+            outcome = self.client.send(contacts)
+            self.sends += 1
+            if self.sends >= after_sends:
+                raise Killed
+            return outcome
+
+        def __enter__(self) -> Sender:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.client.close()
+
+    return Sender
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_kill_between_planhat_accepting_and_the_ack_leaves_the_chunk_in_doubt(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+    transport: str,
+) -> None:
+    fake = project.planhat
+    first_sync_of_three(project, cli, transport)
+    project.source.set_users(users(range(1, 5), plan="pro"))
+    settings = load_settings(project.path)
+    engine = store.open_state(project.state_url)
+    try:
+        with pytest.raises(Killed):
+            sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=killing_sender(1))
+    finally:
+        engine.dispose()
+    assert fake.value("u4", "pro_plan") is True  # Planhat has it; the state database never heard
+    assert query(project.state_url, "SELECT audience_key, last_ref FROM in_flight") == [("pro_plan", "u4")]
+    assert status(cli)["in_doubt"] == 1  # shown before any run settles it
+
+    project.source.set_users(users(range(1, 4), plan="pro"))  # u4 leaves
+    store_engine = sa.create_engine(project.state_url)
+    with store_engine.begin() as connection:  # the dead process's lease expires
+        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
+    store_engine.dispose()
+    assert sync(cli, "--audience", "pro_plan").code == 0
+    assert fake.value("u4", "pro_plan") is False
+    assert query(project.state_url, "SELECT count(*) FROM in_flight") == [(0,)]
+    assert query(project.state_url, "SELECT count(*) FROM pending") == [(0,)]
+    statuses = [row["status"] for row in json.loads(cli("history", "--json").out)]
+    assert "running" not in statuses and "aborted" in statuses
+
+
+def test_a_401_mid_run_keeps_the_counts_of_what_was_delivered(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    fake = project.planhat
+    project.write(transport="endusers", planhat="batch_size = 5\nmax_requests_per_second = 150")
+    project.source.set_users(users(range(1, 13), plan="pro"))
+    fake.delay_next(2, 0)  # two bulk calls are served normally...
+    fake.fail_next(5, 401)  # ...then the token is refused
+    result = sync(cli, "--audience", "pro_plan")
+    assert result.code != 0
+    assert "check planhat.api_token" in result.err and "Traceback" not in result.err
+    run = last_run(cli)
+    assert (run["status"], run["sent"], run["pending"]) == ("partial", 10, 2)
+    delivered = query(project.state_url, "SELECT count(*) FROM changes WHERE outcome = 'delivered'")
+    assert delivered == [(10,)]
+    assert query(project.state_url, "SELECT count(*) FROM baseline") == [(10,)]
