@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"{exc.kind}: {exc}")
         return 1
     except sa.exc.SQLAlchemyError as exc:  # one a command did not translate: still one line
-        message = store.driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else store.first_line(exc)
-        _err(f"{StateDatabaseError.kind}: {exc.__class__.__name__}: {message}")
+        _err(f"{StateDatabaseError.kind}: {exc.__class__.__name__}: {store.error_message(exc)}")
         return 1
     return 0
 

@@ -197,8 +197,7 @@ def _release(engine: Engine, key: str, holder: str) -> None:
 
 def _db_error(engine: Engine, exc: sa.exc.SQLAlchemyError) -> str:
     """One line naming the state database (password hidden) and the driver's message."""
-    detail = store.driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else store.first_line(exc)
-    return f"state database {store.safe_url(engine.url)}: {detail}"
+    return store.database_error("state database", engine.url, exc)
 
 
 def _already_running(engine: Engine, audience: AudienceSettings) -> RunReport:

@@ -313,6 +313,7 @@ class Daemon:
         for key, holder in holders.items():
             try:
                 with self.engine.begin() as connection:
+                    pending, in_doubt = store.pending_counts(connection, key)
                     connection.execute(
                         m.runs.update()
                         .where(m.runs.c.holder == holder, m.runs.c.status == "running")
@@ -320,7 +321,8 @@ class Daemon:
                             status="aborted",
                             error=error,
                             finished_at=store.utcnow(),
-                            pending=store.pending_count(connection, key),
+                            pending=pending,
+                            in_doubt=in_doubt,
                         )
                     )
                 lease.release(self.engine, key, holder)

@@ -82,8 +82,17 @@ def translate_errors(what: str, url: str) -> Iterator[None]:
     try:
         yield
     except sa.exc.SQLAlchemyError as exc:
-        message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else first_line(exc)
-        raise StateDatabaseError(f"{what} {safe_url(url)}: {message}") from exc
+        raise StateDatabaseError(database_error(what, url, exc)) from exc
+
+
+def database_error(what: str, url: str | sa.URL, exc: sa.exc.SQLAlchemyError) -> str:
+    """One line: what failed, the database (password hidden), and the database's own message."""
+    return f"{what} {safe_url(url)}: {error_message(exc)}"
+
+
+def error_message(exc: sa.exc.SQLAlchemyError) -> str:
+    """The driver's message for a database error, else the error's first line."""
+    return driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else first_line(exc)
 
 
 def first_line(exc: BaseException) -> str:
