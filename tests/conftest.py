@@ -118,6 +118,48 @@ class SourceDB:
         connection.close()
 
 
+def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """Run one statement on a database in its own transaction; its rows, if it returns any."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            result = connection.exec_driver_sql(sql)
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+class SenderAround:
+    """A real PlanhatClient for `sender_factory`, with `after_send` called once each chunk
+    reached Planhat: a test breaks something there (kills the run, drops a table)."""
+
+    def __init__(self, settings: Any) -> None:
+        from audience_sync.planhat import PlanhatClient
+
+        self.client = PlanhatClient(settings)
+        self.chunk_size = self.client.chunk_size
+        self.sends = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.client.exhausted
+
+    def send(self, contacts: Any) -> Any:
+        outcome = self.client.send(contacts)
+        self.sends += 1
+        self.after_send()
+        return outcome
+
+    def after_send(self) -> None:
+        pass
+
+    def __enter__(self) -> SenderAround:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+
 def _user_row(row: dict[str, Any]) -> dict[str, Any]:
     base = {"id": None, "email": None, "name": None, "title": None, "company_id": None,
             "plan": "pro", "orders": 0}  # fmt: skip

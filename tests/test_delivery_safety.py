@@ -11,9 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import Project, users
+from tests.conftest import Project, query, users
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
@@ -25,15 +24,6 @@ def sync(cli, *args: str):  # type: ignore[no-untyped-def]
 def last_run(cli, key: str) -> dict:  # type: ignore[no-untyped-def]
     result = cli("--config", "audience_sync.toml", "history", "--json", "--audience", key)
     return json.loads(result.out)[0]
-
-
-def query(url: str, sql: str) -> list[tuple]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.exec_driver_sql(sql)]
-    finally:
-        engine.dispose()
 
 
 def test_endusers_partial_206_keeps_only_the_named_items_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]

@@ -3,52 +3,24 @@ database (password hidden), the run recorded with its final status, nothing pend
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from audience_sync import engine as sync_engine
 from audience_sync import store
 from audience_sync.config import PlanhatSettings, load_settings
 from audience_sync.errors import StateDatabaseError
-from audience_sync.planhat import Contact, Outcome, PlanhatClient
-from tests.conftest import Project, users
-
-
-def execute(url: str, sql: str) -> list[tuple[Any, ...]]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as connection:
-            result = connection.exec_driver_sql(sql)
-            return [tuple(row) for row in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
+from tests.conftest import Project, SenderAround, query, users
 
 
 def sabotaging_sender(state_url: str, sql: str) -> Callable[[PlanhatSettings], Any]:
     """A real client that, once its first chunk reached Planhat, breaks the state database."""
 
-    class Sender:
-        def __init__(self, settings: PlanhatSettings) -> None:
-            self.client = PlanhatClient(settings)
-            self.chunk_size = self.client.chunk_size
-
-        @property
-        def exhausted(self) -> bool:
-            return self.client.exhausted
-
-        def send(self, contacts: Sequence[Contact]) -> Outcome:
-            outcome = self.client.send(contacts)
-            execute(state_url, sql)
-            return outcome
-
-        def __enter__(self) -> Sender:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.client.close()
+    class Sender(SenderAround):
+        def after_send(self) -> None:
+            query(state_url, sql)
 
     return Sender
 
@@ -72,10 +44,10 @@ def test_a_database_error_during_delivery_is_recorded_with_the_run(project: Proj
     assert report.status == "failed"
     assert report.error is not None and report.error.startswith("state database ")
     assert "changes" in report.error and "\n" not in report.error
-    rows = execute(project.state_url, "SELECT status, error, pending FROM runs")
+    rows = query(project.state_url, "SELECT status, error, pending FROM runs")
     assert rows == [("failed", report.error, 12)]  # recorded, not left `running`
-    assert execute(project.state_url, "SELECT count(*) FROM pending") == [(12,)]  # nothing lost
-    assert execute(project.state_url, "SELECT count(*) FROM leases") == [(0,)]
+    assert query(project.state_url, "SELECT count(*) FROM pending") == [(12,)]  # nothing lost
+    assert query(project.state_url, "SELECT count(*) FROM leases") == [(0,)]
 
 
 def test_a_database_error_at_the_run_s_end_is_one_line_naming_the_database(project: Project) -> None:
@@ -83,13 +55,13 @@ def test_a_database_error_at_the_run_s_end_is_one_line_naming_the_database(proje
         run_sabotaged(project, "DROP TABLE runs")
     message = str(raised.value)
     assert message.startswith(f"state database {store.safe_url(project.state_url)}: ") and "\n" not in message
-    assert execute(project.state_url, "SELECT count(*) FROM leases") == [(0,)]  # released all the same
+    assert query(project.state_url, "SELECT count(*) FROM leases") == [(0,)]  # released all the same
 
 
 def test_a_database_error_in_a_dry_run_is_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert cli("--config", "audience_sync.toml", "sync").code == 0
-    execute(project.state_url, "DROP TABLE pending")
+    query(project.state_url, "DROP TABLE pending")
     result = cli("--config", "audience_sync.toml", "sync", "--dry-run")
     assert result.code == 1 and "Traceback" not in result.err
     lines = [line for line in result.err.splitlines() if line.startswith("pro_plan:")]

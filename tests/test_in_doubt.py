@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,8 +18,7 @@ import sqlalchemy as sa
 from audience_sync import engine as sync_engine
 from audience_sync import store
 from audience_sync.config import PlanhatSettings, load_settings
-from audience_sync.planhat import Contact, Outcome, PlanhatClient
-from tests.conftest import Project, users
+from tests.conftest import Project, SenderAround, query, users
 
 TRANSPORTS = ["segment", "endusers"]
 # One attempt, a short timeout: the fake's delayed answer arrives after the client gave up.
@@ -38,15 +37,6 @@ def last_run(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-u
 def status(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-untyped-def]
     result = cli("--config", "audience_sync.toml", "status", "--json")
     return next(entry for entry in json.loads(result.out) if entry["key"] == key)
-
-
-def query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.exec_driver_sql(sql)]
-    finally:
-        engine.dispose()
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -150,28 +140,10 @@ class Killed(BaseException):
 def killing_sender(after_sends: int) -> Callable[[PlanhatSettings], Any]:
     """A real client that dies right after its N-th chunk reached Planhat, before the ack."""
 
-    class Sender:
-        def __init__(self, settings: PlanhatSettings) -> None:
-            self.client = PlanhatClient(settings)
-            self.chunk_size = self.client.chunk_size
-            self.sends = 0
-
-        @property
-        def exhausted(self) -> bool:
-            return self.client.exhausted
-
-        def send(self, contacts: Sequence[Contact]) -> Outcome:
-            outcome = self.client.send(contacts)
-            self.sends += 1
+    class Sender(SenderAround):
+        def after_send(self) -> None:
             if self.sends >= after_sends:
                 raise Killed
-            return outcome
-
-        def __enter__(self) -> Sender:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.client.close()
 
     return Sender
 

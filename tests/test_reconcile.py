@@ -10,9 +10,8 @@ import json
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, users
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, query, users
 from tests.test_scheduler import finished, schedule, wait_for
 
 TRANSPORTS = ["segment", "endusers"]
@@ -27,15 +26,6 @@ def run(cli, *args: str):  # type: ignore[no-untyped-def]
 def reconcile(cli, *args: str) -> tuple[int, dict[str, dict[str, Any]]]:  # type: ignore[no-untyped-def]
     result = run(cli, "reconcile", "--json", *args)
     return result.code, {r["key"]: r for r in json.loads(result.out)}
-
-
-def query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.exec_driver_sql(sql)]
-    finally:
-        engine.dispose()
 
 
 def synced(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]

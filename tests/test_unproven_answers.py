@@ -10,9 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, users
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, query, users
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 SEGMENT = "max_requests_per_second = 150\nconcurrency = 2"
@@ -24,15 +23,6 @@ def sync(cli, *args: str):  # type: ignore[no-untyped-def]
 
 def last_run(cli) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     return json.loads(cli("--config", "audience_sync.toml", "history", "--json").out)[0]
-
-
-def query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.exec_driver_sql(sql)]
-    finally:
-        engine.dispose()
 
 
 def assert_failed_and_nothing_recorded(project: Project, cli, result, shown: str) -> None:  # type: ignore[no-untyped-def]
