@@ -219,6 +219,11 @@ def mark_in_flight(
     now = utcnow()
     last = batch[-1][0].ref
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # The trace must outlive this process, not a power cut of the server: committed
+            # without waiting for the WAL flush (the chunk's acknowledgement flushes it), it is
+            # in the server the moment COMMIT returns. A flush per chunk cost 16% of a full sync.
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
         result = connection.execute(
             m.in_flight.insert().returning(m.in_flight.c.id),
             [
