@@ -310,6 +310,7 @@ def acknowledge(
                 ],
             )
         _clear_in_flight(connection, list(trace))
+        _count_in_runs(connection, delivered, failed, run_ids)
     for key, sent in Counter(map(itemgetter(_KEY), delivered)).items():
         counts[key].sent += sent
     for row, error, doubt in failed:
@@ -318,6 +319,25 @@ def acknowledge(
         tally.in_doubt += doubt
         if len(tally.errors) < 3:
             tally.errors.append(f"{row[_REF]}: {error}")
+
+
+def _count_in_runs(
+    connection: sa.Connection,
+    delivered: list[PageRow],
+    failed: list[tuple[PageRow, str, bool]],
+    run_ids: dict[str, int],
+) -> None:
+    """Advance each run's counters with the changes they count, in the same transaction: a run
+    killed later still says what it sent."""
+    sent = Counter(row[_KEY] for row in delivered)
+    refused = Counter(row[_KEY] for row, _, _ in failed)
+    runs = m.runs.c
+    for key in sent.keys() | refused.keys():
+        connection.execute(
+            m.runs.update()
+            .where(runs.id == run_ids[key])
+            .values(sent=runs.sent + sent[key], failed=runs.failed + refused[key])
+        )
 
 
 def _apply_delivered(

@@ -437,9 +437,7 @@ def _finish(engine: Engine, report: RunReport, duration: float) -> None:
             report.run_id,
             status=report.status,
             error=report.error,  # type: ignore[arg-type]
-            sent=report.sent,
-            failed=report.failed,
-            pending=report.pending,
+            pending=report.pending,  # sent and failed were counted with each acknowledgement
             in_doubt=report.in_doubt,
             finished_at=store.utcnow(),
         )

@@ -489,13 +489,30 @@ class _Unproven(PlanhatError):
     """Planhat's answer does not prove the items were written: they are in doubt, the run stops."""
 
 
-def _unproven(reply: _Reply, where: str, exchange: _Exchange, why: str) -> _Unproven:
+_RESENT = "the changes sent stay in doubt and are sent again on the next run"
+
+
+def _unproven(reply: _Reply, where: str, exchange: _Exchange, why: str, then: str = _RESENT) -> _Unproven:
     body = _excerpt(reply.content)[:60] or "(empty)"
     content_type = reply.content_type or "no content type"
     return _Unproven(
-        exchange.scrub(f"{where} answered {reply.status} ({content_type}) {why}: {body!r}; "
-                       "the changes sent stay in doubt and are sent again on the next run")
-    )  # fmt: skip
+        exchange.scrub(f"{where} answered {reply.status} ({content_type}) {why}: {body!r}; {then}")
+    )
+
+
+def segment_answer_proves(content_type: str, content: bytes) -> bool:
+    """Whether a 2xx from the Segment endpoint counts as a delivery: JSON, as a webhook that
+    processed the message answers. Planhat does not document this answer; this is the one
+    place that decides it. An HTML page or an empty body (a proxy, a load balancer answering
+    for a backend it never reached) proves nothing."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if not (kind == "application/json" or kind.endswith("+json")) or not content.strip():
+        return False
+    try:
+        orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _is_html(content_type: str) -> bool:
@@ -542,9 +559,10 @@ class _SegmentDelivery:
             return _Result(ref, reply.text, reply.in_doubt)
         if not 200 <= reply.status < 300:
             return _Result(ref, _http_error(reply, self.exchange), reply.in_doubt)
-        if _is_html(reply.content_type):
-            # A proxy's or a maintenance page served with 2xx: it proves nothing was written.
-            error = _unproven(reply, self.exchange.where(SEGMENT_PATH), self.exchange, "with a web page")
+        if not segment_answer_proves(reply.content_type, reply.content):
+            # A proxy's page, an empty answer, a maintenance page served with 2xx: it proves
+            # nothing was written.
+            error = _unproven(reply, self.exchange.where(SEGMENT_PATH), self.exchange, "without a JSON body")
             self.exchange.halt(error)
             return _Result(ref, str(error), in_doubt=True)
         return _Result(ref)
@@ -780,7 +798,8 @@ class PlanhatReader:
                 )
             page = _contact_page(reply)
             if page is None:
-                raise _unproven(reply, where, self._exchange, "without a JSON array of contacts")
+                raise _unproven(reply, where, self._exchange, "without a JSON array of contacts",
+                                "nothing was compared or changed")  # fmt: skip
             if not page:
                 return
             yield page

@@ -194,3 +194,14 @@ def test_the_daemon_with_a_reconcile_interval_needs_the_api_token(project: Proje
         "Config error: reconcile.interval is set, and reading Planhat back needs the API token: "
         "set planhat.api_token (or PLANHAT_API_TOKEN)"
     )
+
+
+def test_a_read_page_that_is_not_json_stops_the_reconcile_in_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    synced(project, cli, "endusers")
+    project.planhat.html_next(1)
+    result = run(cli, "reconcile")
+    assert result.code == 1
+    assert result.err.strip().startswith(
+        f"Planhat error: {project.planhat.url}/endusers answered 200 (text/html)"
+    )
+    assert result.err.strip().endswith("nothing was compared or changed")

@@ -78,13 +78,22 @@ def test_a_bulk_200_that_proves_nothing_fails_the_run_and_is_resent(
     deliver_everything_next(project, cli)
 
 
-def test_a_segment_2xx_web_page_fails_the_run_and_is_resent(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("fault", "shown"),
+    [
+        ("html", "(text/html) without a JSON body: '<html>"),
+        ("empty", "(application/json) without a JSON body: '(empty)'"),
+    ],
+)
+def test_a_segment_2xx_without_json_fails_the_run_and_is_resent(
+    project: Project, cli, fault: str, shown: str
+) -> None:  # type: ignore[no-untyped-def]
     fake = project.planhat
     project.write(transport="segment", planhat=SEGMENT)
     project.source.set_users(users(range(1, 8), plan="pro"))
-    fake.html_next(50)
+    fake.html_next(50) if fault == "html" else fake.empty_next(50)
     result = sync(cli, "--audience", "pro_plan")
-    assert_failed_and_nothing_recorded(project, cli, result, "(text/html) with a web page: '<html>")
+    assert_failed_and_nothing_recorded(project, cli, result, shown)
     assert len(fake.requests) <= 2  # the workers in flight, nothing after
     deliver_everything_next(project, cli)
 
