@@ -321,17 +321,12 @@ class _Exchange:
         """Server text may echo the request; keep the token out of messages and logs."""
         return scrub_secrets(text, self._secrets)
 
-    def request_or_refused(self, method: str, path: str, content: bytes) -> _Reply | _GaveUp:
-        """`request`, with a rejected token reported as not sent (the exchange is halted, and
-        the delivery reports the rejection as its Outcome.stop)."""
-        try:
-            return self.request(method, path, content)
-        except PlanhatAuthError:
-            return _GaveUp("not sent: Planhat rejected the token")
-
     def request(self, method: str, path: str, content: bytes) -> _Reply | _GaveUp:
         """Send with retries. The result remembers whether any attempt may have been applied:
-        a request retried after a timeout is in doubt even when its last attempt was refused."""
+        a request retried after a timeout is in doubt even when its last attempt was refused.
+
+        A rejected token halts the exchange and comes back as a `_GaveUp` (its error is in
+        `auth_error`): a delivery reports it as Outcome.stop, a read raises it."""
         attempts = self._settings.max_attempts
         fault = _Fault("not sent")
         doubt = False
@@ -346,7 +341,7 @@ class _Exchange:
             except PlanhatAuthError:
                 if doubt:  # an earlier attempt may have been applied before the token was refused
                     return _GaveUp("Planhat rejected the token", in_doubt=True)
-                raise
+                return _GaveUp("not sent: Planhat rejected the token")
             if isinstance(result, _Reply):
                 return _Reply(result.status, result.content, result.content_type, doubt) if doubt else result
             fault = result
@@ -505,19 +500,27 @@ def segment_answer_proves(content_type: str, content: bytes) -> bool:
     processed the message answers. Planhat does not document this answer; this is the one
     place that decides it. An HTML page or an empty body (a proxy, a load balancer answering
     for a backend it never reached) proves nothing."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if not (kind == "application/json" or kind.endswith("+json")) or not content.strip():
-        return False
+    kind = _media_type(content_type)
+    return (kind == "application/json" or kind.endswith("+json")) and _json_body(
+        content_type, content
+    ) is not _NO_JSON
+
+
+_NO_JSON = object()
+
+
+def _json_body(content_type: str, content: bytes) -> Any:
+    """The answer's parsed JSON, or _NO_JSON when it is a web page, empty or not JSON."""
+    if _media_type(content_type) in ("text/html", "application/xhtml+xml") or not content.strip():
+        return _NO_JSON
     try:
-        orjson.loads(content)
+        return orjson.loads(content)
     except orjson.JSONDecodeError:
-        return False
-    return True
+        return _NO_JSON
 
 
-def _is_html(content_type: str) -> bool:
-    kind = content_type.split(";", 1)[0].strip().lower()
-    return kind in ("text/html", "application/xhtml+xml")
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 # --- deliveries ---------------------------------------------------------------------------
@@ -554,7 +557,7 @@ class _SegmentDelivery:
         return _outcome(results, stop=self.exchange.halted)
 
     def _deliver(self, ref: str, body: bytes) -> _Result:
-        reply = self.exchange.request_or_refused("POST", SEGMENT_PATH, body)
+        reply = self.exchange.request("POST", SEGMENT_PATH, body)
         if isinstance(reply, _GaveUp):
             return _Result(ref, reply.text, reply.in_doubt)
         if not 200 <= reply.status < 300:
@@ -587,7 +590,7 @@ class _EndusersDelivery:
     def _deliver(self, batch: Sequence[Contact], doubt: bool = False) -> list[_Result]:
         """`doubt`: an earlier request carrying these items may have been applied."""
         body = _encode([build_enduser(c) for c in batch])
-        reply = self.exchange.request_or_refused("PUT", ENDUSERS_PATH, body)
+        reply = self.exchange.request("PUT", ENDUSERS_PATH, body)
         if isinstance(reply, _GaveUp):
             return [_Result(c.ref, reply.text, doubt or reply.in_doubt) for c in batch]
         doubt = doubt or reply.in_doubt
@@ -632,12 +635,7 @@ _COUNTERS = ("created", "updated")
 def _bulk_answer(reply: _Reply) -> dict[str, Any] | None:
     """The answer's JSON object when it has the documented counters, else None (it proves
     nothing: HTML, empty, not JSON, or JSON of another shape)."""
-    if _is_html(reply.content_type) or not reply.content.strip():
-        return None
-    try:
-        data = json.loads(reply.content)
-    except ValueError:
-        return None
+    data = _json_body(reply.content_type, reply.content)
     if not isinstance(data, dict):
         return None
     if not all(
@@ -791,6 +789,8 @@ class PlanhatReader:
             reply = self._exchange.request("GET", path, b"")
             self.requests += 1
             if isinstance(reply, _GaveUp):
+                if self._exchange.auth_error is not None:
+                    raise self._exchange.auth_error
                 raise PlanhatUnavailable(f"reading {where} at offset {offset}: {reply.text}")
             if reply.status != 200:
                 raise PlanhatError(
@@ -816,12 +816,7 @@ class PlanhatReader:
 
 
 def _contact_page(reply: _Reply) -> list[dict[str, Any]] | None:
-    if _is_html(reply.content_type):
-        return None
-    try:
-        data = orjson.loads(reply.content)
-    except orjson.JSONDecodeError:
-        return None
+    data = _json_body(reply.content_type, reply.content)
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         return None
     return data
@@ -854,11 +849,9 @@ class PlanhatClient:
                 f"characters: check {settings.token_setting}"
             )
         try:
-            origin = httpx.URL(settings.origin)
+            httpx.URL(settings.origin)
         except httpx.InvalidURL:
             raise PlanhatError("planhat.base_url is not a valid URL") from None
-        port = f":{origin.port}" if origin.port else ""
-        self._where = f"{origin.scheme}://{origin.host}{port}"  # never userinfo
         self._transport_name = settings.transport
         segment = settings.transport == "segment"
         # Bulk upserts run one after another: one worker, one connection.
@@ -917,4 +910,4 @@ class PlanhatClient:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PlanhatClient(transport={self._transport_name!r}, origin={self._where!r})"
+        return f"PlanhatClient(transport={self._transport_name!r}, origin={self._exchange.where('')!r})"
