@@ -248,18 +248,12 @@ def _clear_in_flight(connection: sa.Connection, ids: list[int]) -> None:
 def settle_in_flight(connection: sa.Connection, key: str) -> int:
     """Put in doubt the outbox rows of chunks a dead process left on the wire (inside the
     caller's transaction, under the audience's lease). Returns how many rows that marked."""
-    ranges = m.in_flight.c
-    covered = sa.exists().where(
-        ranges.audience_key == key,
-        m.pending.c.user_ref > ranges.after_ref,
-        m.pending.c.user_ref <= ranges.last_ref,
-    )
     marked = connection.execute(
         m.pending.update()
-        .where(m.pending.c.audience_key == key, m.pending.c.in_doubt.is_(False), covered)
+        .where(m.pending.c.audience_key == key, m.pending.c.in_doubt.is_(False), m.on_the_wire())
         .values(in_doubt=True, last_error="the process ended while this change was on the wire")
     ).rowcount
-    connection.execute(m.in_flight.delete().where(ranges.audience_key == key))
+    connection.execute(m.in_flight.delete().where(m.in_flight.c.audience_key == key))
     if marked:
         log.warning("audience %r: %d changes a stopped run had on the wire are now in doubt", key, marked)
     return marked or 0

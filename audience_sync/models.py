@@ -133,6 +133,16 @@ in_flight = Table(
     Index("ix_in_flight_audience_key", "audience_key"),
 )
 
+
+def on_the_wire() -> sa.Exists:
+    """True for an outbox row inside a chunk an in_flight row names (correlated with pending)."""
+    return sa.exists().where(
+        in_flight.c.audience_key == pending.c.audience_key,
+        pending.c.user_ref > in_flight.c.after_ref,
+        pending.c.user_ref <= in_flight.c.last_ref,
+    )
+
+
 runs = Table(
     "runs",
     metadata,

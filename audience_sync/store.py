@@ -357,13 +357,10 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
 def in_doubt_by_audience(connection: Connection) -> dict[str, int]:
     """Outbox rows in doubt per audience: marked so, or inside a chunk that a stopped run left
     on the wire (settled into the mark by that audience's next run)."""
-    p, f = m.pending.c, m.in_flight.c
-    on_wire = sa.exists().where(
-        f.audience_key == p.audience_key, p.user_ref > f.after_ref, p.user_ref <= f.last_ref
-    )
+    p = m.pending.c
     query = (
         sa.select(p.audience_key, sa.func.count())
-        .where(sa.or_(p.in_doubt.is_(True), on_wire))
+        .where(sa.or_(p.in_doubt.is_(True), m.on_the_wire()))
         .group_by(p.audience_key)
     )
     return {key: int(count) for key, count in connection.execute(query)}
