@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import check as setup_check
 from . import engine as sync_engine
 from . import store
 from .config import Settings, load_settings
@@ -264,6 +265,77 @@ def _print_reconcile(reports: list[Any], fix: bool) -> None:
         _err("Planhat has drifted; run `audience-sync reconcile --fix` to repair it.")
 
 
+# --- retire -------------------------------------------------------------------------------
+
+
+@app.command()
+def retire(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="The key of an audience removed from the config.")],
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Send the `false` values and retire it (default: a dry run).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Retire an audience gone from the config: tell `false` to every user Planhat has (or may
+    have) as `true` for it. A dry run unless --yes; exits 1 until it is retired."""
+    from . import retire as retiring
+
+    settings, engine = _open(_context(ctx), default_level="info" if yes else "warning")
+    try:
+        progress = _progress() if yes and not as_json else None
+        report = retiring.retire(settings, engine, key, confirm=yes, progress=progress)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=2, default=_iso))
+    else:
+        _print_retire(report)
+    _exit_unless(report.ok)
+
+
+def _print_retire(r: Any) -> None:
+    doubt = f" ({r.users_in_doubt} of them in doubt)" if r.users_in_doubt else ""
+    if r.warning:
+        _err(f"Warning: {r.warning}")
+    if r.status == "already-retired":
+        typer.echo(f"{r.key} is already retired (at {_short_time(r.retired_at)}); nothing to do.")
+    elif r.status == "dry-run":
+        typer.echo(f"Dry run: retiring {r.key} would tell {r.users} users `false` in Planhat{doubt}.")
+        for sample in r.samples:
+            typer.echo("  " + json.dumps(sample))
+        typer.echo(f"Nothing sent. Run `audience-sync retire {r.key} --yes` to send them and retire it.")
+    elif r.status == "retired":
+        typer.echo(
+            f"Retired {r.key}: run {r.run_id} told {r.sent} users `false` in Planhat{doubt}; "
+            "its runs and history stay."
+        )
+    else:
+        left = f"{r.pending} left ({r.in_doubt} in doubt)"
+        typer.echo(f"{r.key}: not retired: sent {r.sent} of {r.users}, {left}.")
+        _err(f"{r.key}: {r.error}. Run `audience-sync retire {r.key} --yes` again to finish.")
+
+
+# --- check --------------------------------------------------------------------------------
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds each item may take (connect, query, reads).")
+    ] = setup_check.DEFAULT_TIMEOUT,
+) -> None:
+    """Check the setup before anything is sent: config, state database, sources, each audience's
+    query, keys, Planhat token and fields. One line per item; exits 1 on any FAIL."""
+    cli = _context(ctx)
+    configure_logging(cli.log_level or "error")  # the lines say it all; retries would repeat them
+    results = setup_check.run_checks(cli.config, timeout=timeout)
+    typer.echo(setup_check.to_json(results) if as_json else setup_check.render(results))
+    _exit_unless(setup_check.passed(results))
+
+
 # --- daemon -------------------------------------------------------------------------------
 
 
@@ -281,6 +353,36 @@ def run(ctx: typer.Context) -> None:
         code = scheduler.run_daemon(settings, engine)
     finally:
         engine.dispose()
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to bind (default: metrics.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="Port (default: metrics.port, else 8080; 0: any)."),
+    ] = None,
+) -> None:
+    """Serve the status page from the state database, without running the daemon."""
+    from . import web
+
+    cli = _context(ctx)
+    settings = cli.settings()
+    configure_logging(cli.log_level or "warning", settings.daemon.log_format)
+    bind = settings.metrics.host if host is None else host
+    chosen = port if port is not None else settings.metrics.port
+    chosen = web.DEFAULT_PORT if chosen is None else chosen
+    where = store.safe_url(settings.database_url)
+
+    def ready(url: str) -> None:
+        typer.echo(f"Status page of {where} on {url}/ (Ctrl-C to stop)")
+
+    setting = "metrics.host" if host is None else "--host"
+    code = web.serve(settings, bind, chosen, ready=ready, setting=setting)
     raise typer.Exit(code)
 
 
@@ -351,7 +453,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     finally:
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps([asdict(e) for e in entries], indent=2, default=_iso))
+        records = [{**asdict(e), "hint": _retire_hint(e)} for e in entries]
+        typer.echo(json.dumps(records, indent=2, default=_iso))
         return
     table = Table()
     for column in (
@@ -369,7 +472,7 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     for e in entries:
         last = e.last_run or {}
         table.add_row(
-            e.key + ("" if e.configured else " (not configured)"),
+            e.key + ("" if e.configured else " (retired)" if e.retired_at else " (not configured)"),
             "" if e.members is None else str(e.members),
             str(e.baseline),
             str(e.pending),
@@ -380,6 +483,21 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
             e.last_error or "",
         )
     _console().print(table)
+    for e in entries:
+        hint = _retire_hint(e)
+        if hint:
+            doubt = f", {e.in_doubt} more in doubt" if e.in_doubt else ""
+            typer.echo(
+                f"{e.key} is no longer in the config; Planhat has {e.baseline} users as `true` for it"
+                f"{doubt}. To tell them `false` and retire it: {hint}"
+            )
+
+
+def _retire_hint(entry: store.AudienceStatus) -> str | None:
+    """The command for an audience in the state database, gone from the config, not retired."""
+    if entry.configured or entry.retired_at is not None:
+        return None
+    return f"audience-sync retire {entry.key}"
 
 
 def _console() -> Console:

@@ -29,6 +29,8 @@ DATABASE_URL_ENV = "AUDIENCE_SYNC_DATABASE_URL"
 TENANT_TOKEN_ENV = "PLANHAT_TENANT_TOKEN"
 API_TOKEN_ENV = "PLANHAT_API_TOKEN"
 BASE_URL_ENV = "PLANHAT_BASE_URL"
+STATUS_TOKEN_ENV = "AUDIENCE_SYNC_STATUS_TOKEN"
+MIN_STATUS_TOKEN = 16  # characters: the token guards a page reachable from the network
 
 # Planhat's regional API hosts. A select, never free text: the host is built from it.
 SUBDOMAINS = ("api", "api-eu", "api-eu2", "api-eu3", "api-us2", "api-us4")
@@ -168,6 +170,7 @@ class MetricsSettings:
     port: int | None = None
     host: str = "127.0.0.1"
     health_margin: timedelta = timedelta(minutes=30)
+    token: Secret | None = None  # gates the status page; required off loopback
 
 
 @dataclass(frozen=True)
@@ -382,7 +385,7 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
         history=_parse_history(root.table("history")),
         reconcile=_parse_reconcile(root.table("reconcile")),
         daemon=_parse_daemon(root.table("daemon")),
-        metrics=_parse_metrics(root.table("metrics")),
+        metrics=_parse_metrics(root.table("metrics"), environ),
         sources=_parse_sources(root.table("sources"), environ),
         audiences=(),
     )
@@ -482,14 +485,20 @@ def _parse_daemon(table: _Table) -> DaemonSettings:
     return settings
 
 
-def _parse_metrics(table: _Table) -> MetricsSettings:
+def _parse_metrics(table: _Table, environ: dict[str, str]) -> MetricsSettings:
     port = table.take("port", int, None)
     if port is not None and not 0 <= port <= 65535:
         raise table.error("port", f"must be between 0 and 65535, got {port}")
+    token = (environ.get(STATUS_TOKEN_ENV) or table.take_str("token") or "").strip()
+    table.data.pop("token", None)
+    if token and len(token) < MIN_STATUS_TOKEN:
+        where = f" (from {STATUS_TOKEN_ENV})" if environ.get(STATUS_TOKEN_ENV) else ""
+        raise table.error("token", f"must be at least {MIN_STATUS_TOKEN} characters{where}")
     settings = MetricsSettings(
         port=port,
         host=table.take_str("host", "127.0.0.1"),
         health_margin=table.take_duration("health_margin", timedelta(minutes=30)),
+        token=Secret(token) if token else None,
     )
     table.finish()
     return settings

@@ -225,8 +225,8 @@ def _snapshot(
     started = time.monotonic()
     with engine.begin() as connection:
         store.abort_stale_runs(connection, audience.key)
-        kind = _kind(connection, audience.key, options)
-        run_id = store.start_run(connection, audience.key, kind, options.trigger, holder)
+        kind, trigger = _kind(connection, audience.key, options)
+        run_id = store.start_run(connection, audience.key, kind, trigger, holder)
     report = RunReport(key=audience.key, name=audience.name, kind=kind, run_id=run_id)
     try:
         counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety)
@@ -245,11 +245,15 @@ def _snapshot(
     return report
 
 
-def _kind(connection: sa.Connection, key: str, options: SyncOptions) -> str:
+def _kind(connection: sa.Connection, key: str, options: SyncOptions) -> tuple[str, str]:
+    """The run's kind and trigger. A scheduled run of an audience with a resync requested is
+    that resync (the daemon runs due audiences together, some of them resyncs)."""
     if options.reconcile:
-        return "reconcile"
-    full = options.full or not store.has_baseline(connection, key) or _resync_requested(connection, key)
-    return "full" if full else "incremental"
+        return "reconcile", options.trigger
+    if _resync_requested(connection, key):
+        return "full", "resync" if options.trigger == "schedule" else options.trigger
+    full = options.full or not store.has_baseline(connection, key)
+    return ("full" if full else "incremental"), options.trigger
 
 
 def _resync_requested(connection: sa.Connection, key: str) -> bool:
@@ -493,7 +497,7 @@ def _dry_run(
     stats = ReadStats()
     with engine.connect() as connection:
         try:
-            report.kind = _kind(connection, audience.key, options)
+            report.kind, _trigger = _kind(connection, audience.key, options)
             diff.create_stage(connection)
             given = diff.load_stage(connection, read_members(pool, audience, stats))
             settle_in_flight(connection, audience.key)  # rolled back with the rest

@@ -1,9 +1,12 @@
-"""Prometheus metrics and a health endpoint for the daemon.
+"""Prometheus metrics, a health endpoint and the status page, served by the daemon.
 
     GET /metrics   the daemon's own registry, in the Prometheus text format
     GET /healthz   200 while every audience synced successfully within
                    schedule.max_interval + metrics.health_margin, 503 otherwise;
                    a JSON body names each audience's state
+    GET /          the status page (`web`), when the server is given one; with the
+                   access token when `metrics.token` is set. /metrics and /healthz are not
+                   gated: they carry audience keys, counts and times, never names or errors
 
 An audience still within its first run since the daemon started counts as healthy: a daemon
 restarted after an outage, or an initial full sync of many hours, is not an alert yet.
@@ -29,6 +32,7 @@ from prometheus_client.exposition import generate_latest
 
 from .errors import ConfigError
 from .store import utcnow
+from .web import MAX_FORM, StatusPage, require_token
 
 log = logging.getLogger("audience_sync.metrics")
 
@@ -120,6 +124,11 @@ class Metrics:
     def set_next_run(self, key: str, at: datetime) -> None:
         self.next_run.labels(key).set(at.timestamp())
 
+    def forget(self, key: str) -> None:
+        """An audience removed from the config (a reload): no longer part of the health."""
+        with self._lock:
+            self._audiences.pop(key, None)
+
     def mark_cycled(self, key: str) -> None:
         """The audience's first run since the daemon started has ended."""
         with self._lock:
@@ -154,22 +163,41 @@ class Metrics:
 
 
 class MetricsServer:
-    """Serves /metrics and /healthz on host:port in a background thread (port 0: any free port)."""
+    """Serves /metrics and /healthz, and the status page at / when given one (`web`), on
+    host:port in a background thread (port 0: any free port).
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    `metrics` is None for `audience-sync serve`, which has no daemon: then only the page is
+    served. /metrics and /healthz need no token; the page needs the access token when one is
+    set, and a page on a host other than loopback is refused without one."""
+
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        host: str,
+        port: int,
+        *,
+        page: StatusPage | None = None,
+        setting: str = "metrics.port",
+    ) -> None:
         self.metrics = metrics
+        self.page = page
         self._address = (host, port)
+        self._setting = setting  # names the port in a "cannot listen" error
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> MetricsServer:
+        host, port = self._address
+        if self.page is not None:
+            require_token(host, self.page.token)
         try:
             server = ThreadingHTTPServer(self._address, _Handler)
         except OSError as exc:
-            host, port = self._address
-            raise ConfigError(f"metrics.port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            reason = exc.strerror or exc
+            raise ConfigError(f"{self._setting}: cannot listen on {host}:{port}: {reason}") from exc
         server.daemon_threads = True
         server.metrics = self.metrics  # type: ignore[attr-defined]
+        server.page = self.page  # type: ignore[attr-defined]
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="metrics", daemon=True
@@ -198,22 +226,48 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "audience-sync"
 
     def do_GET(self) -> None:
-        metrics: Metrics = self.server.metrics  # type: ignore[attr-defined]
+        metrics: Metrics | None = self.server.metrics  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path == "/metrics" and metrics is not None:
             self._answer(200, metrics.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+        elif path == "/healthz" and metrics is not None:
             ok, details = metrics.health()
             self._answer(200 if ok else 503, json.dumps(details).encode(), "application/json")
         else:
-            self._answer(404, b'{"error": "not found; try /metrics or /healthz"}', "application/json")
+            self._page("GET", b"")
 
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 <= length <= MAX_FORM:
+            self._answer(413, b"too large\n", "text/plain")
+            return
+        self._page("POST", self.rfile.read(length))
+
+    def _page(self, method: str, body: bytes) -> None:
+        metrics: Metrics | None = self.server.metrics  # type: ignore[attr-defined]
+        page: StatusPage | None = self.server.page  # type: ignore[attr-defined]
+        health = metrics.health if metrics is not None else None
+        answer = page.handle(method, self.path, self.headers, body, health) if page is not None else None
+        if answer is None:
+            known = "/, /metrics or /healthz" if page and metrics else "/" if page else "/metrics or /healthz"
+            self._answer(404, json.dumps({"error": f"not found; try {known}"}).encode(), "application/json")
+            return
+        self._answer(answer.status, answer.body, answer.content_type, answer.headers)
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # The path without its query string: nothing a user typed after `?` reaches a log.
+        log.debug("metrics: %s %s %s", self.command, self.path.split("?", 1)[0], code)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics: " + format, *args)

@@ -1,7 +1,8 @@
 """The state database's tables (documented for operators in README, "State database").
 
 audiences        one row per configured audience key; baseline_at set once its first full
-                 diff is committed, next_run_at written by the daemon
+                 diff is committed, next_run_at written by the daemon, retired_at set by
+                 `audience-sync retire` once Planhat holds no `true` for it
 baseline         the members Planhat has confirmed as `true` (what Planhat was told);
                  advances only when Planhat accepts a change
 pending          the outbox: changes computed but not yet accepted by Planhat; `in_doubt`
@@ -76,6 +77,8 @@ audiences = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("baseline_at", UTCDateTime, nullable=True),
     Column("next_run_at", UTCDateTime, nullable=True),
+    # Retired: gone from the config and every user told `false`; cleared if it comes back.
+    Column("retired_at", UTCDateTime, nullable=True),
 )
 
 baseline = Table(
@@ -148,7 +151,7 @@ runs = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("audience_key", String(KEY), nullable=False),
-    Column("kind", String(16), nullable=False),  # full | incremental | reconcile
+    Column("kind", String(16), nullable=False),  # full | incremental | reconcile | retire
     Column("trigger", String(16), nullable=False),  # cli | schedule | resync
     Column("status", String(16), nullable=False),  # running | success | partial | failed | blocked | aborted
     Column("started_at", UTCDateTime, nullable=False),

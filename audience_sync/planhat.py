@@ -49,6 +49,7 @@ log = logging.getLogger("audience_sync.planhat")
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+CUSTOM_FIELDS_PATH = "/customfields"
 MAX_PAGE = 5000  # contacts per read page: the most Planhat's public clients are seen to get
 READ_RPS = 3.0  # reads count against the same 200 calls/minute soft quota as writes
 # Segment chunks are this many times the concurrency: enough to keep every worker busy, small
@@ -755,7 +756,8 @@ def _error_text(error: object) -> str:
 class PlanhatReader:
     """Pages through Planhat's contacts: `GET /endusers?limit=N&offset=M` with the API token
     (the tenant token of the segment webhook cannot read), until an empty page; a page may
-    hold fewer items than asked for. Shares the HTTP layer: rate limit, retries, budget."""
+    hold fewer items than asked for; and lists custom fields (`GET /customfields`). Shares the
+    HTTP layer: rate limit, retries, budget."""
 
     def __init__(
         self,
@@ -786,12 +788,7 @@ class PlanhatReader:
         where = self._exchange.where(ENDUSERS_PATH)
         while True:
             path = f"{ENDUSERS_PATH}?limit={self._page_size}&offset={offset}"
-            reply = self._exchange.request("GET", path, b"")
-            self.requests += 1
-            if isinstance(reply, _GaveUp):
-                if self._exchange.auth_error is not None:
-                    raise self._exchange.auth_error
-                raise PlanhatUnavailable(f"reading {where} at offset {offset}: {reply.text}")
+            reply = self._get(path, f"{where} at offset {offset}")
             if reply.status != 200:
                 raise PlanhatError(
                     f"reading {where} at offset {offset}: {_http_error(reply, self._exchange)}"
@@ -804,6 +801,32 @@ class PlanhatReader:
                 return
             yield page
             offset += len(page)
+
+    def custom_fields(self) -> list[dict[str, Any]] | None:
+        """Planhat's custom field definitions (`GET /customfields`): objects with `name`, `type`
+        and `parent` (the model: EndUser, Company, ...). None when Planhat answers 404 (it does
+        not expose them here); PlanhatError when they cannot be read."""
+        where = self._exchange.where(CUSTOM_FIELDS_PATH)
+        reply = self._get(CUSTOM_FIELDS_PATH, where)
+        if reply.status == 404:
+            return None
+        if reply.status != 200:
+            raise PlanhatError(f"reading {where}: {_http_error(reply, self._exchange)}")
+        fields = _contact_page(reply)  # the same shape: a JSON array of objects
+        if fields is None:
+            raise _unproven(reply, where, self._exchange, "without a JSON array of custom fields",
+                            "nothing was checked")  # fmt: skip
+        return fields
+
+    def _get(self, path: str, what: str) -> _Reply:
+        """One GET, answered with any status; raises when no answer came or the token was refused."""
+        reply = self._exchange.request("GET", path, b"")
+        self.requests += 1
+        if isinstance(reply, _GaveUp):
+            if self._exchange.auth_error is not None:
+                raise self._exchange.auth_error
+            raise PlanhatUnavailable(f"reading {what}: {reply.text}")
+        return reply
 
     def close(self) -> None:
         self._exchange.close()

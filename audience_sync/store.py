@@ -201,15 +201,30 @@ def open_state(url: str) -> Engine:
 
 def register_audiences(connection: Connection, audiences: list[tuple[str, str]]) -> None:
     """Insert unknown audience keys; keep the name current for known ones. Safe when several
-    processes register the same new audience at once (ON CONFLICT DO NOTHING)."""
+    processes register the same new audience at once (ON CONFLICT DO NOTHING).
+
+    A retired audience that is back in the config is un-retired as if new: its baseline_at is
+    cleared, so it gets an initial full sync (its baseline is empty since its retirement)."""
     now = utcnow()
-    existing = dict(connection.execute(sa.select(m.audiences.c.key, m.audiences.c.name)).all())
+    a = m.audiences.c
+    existing = {row.key: row for row in connection.execute(sa.select(a.key, a.name, a.retired_at))}
+    new = [{"key": key, "name": name, "created_at": now} for key, name in audiences if key not in existing]
+    if new:  # one statement for hundreds of audiences (a daemon's first start)
+        insert = dialect_insert(connection)(m.audiences).on_conflict_do_nothing(index_elements=["key"])
+        connection.execute(insert, new)
     for key, name in audiences:
-        if key not in existing:
-            insert = dialect_insert(connection)(m.audiences).values(key=key, name=name, created_at=now)
-            connection.execute(insert.on_conflict_do_nothing(index_elements=["key"]))
-        elif existing[key] != name:
-            connection.execute(m.audiences.update().where(m.audiences.c.key == key).values(name=name))
+        row = existing.get(key)
+        if row is None:
+            continue
+        if row.retired_at is not None:
+            log.info("audience %r, retired %s, is configured again: initial full sync", key, row.retired_at)
+            connection.execute(
+                m.audiences.update()
+                .where(a.key == key)
+                .values(name=name, retired_at=None, baseline_at=None, next_run_at=None)
+            )
+        elif row.name != name:
+            connection.execute(m.audiences.update().where(a.key == key).values(name=name))
 
 
 def has_baseline(connection: Connection, key: str) -> bool:
@@ -249,10 +264,6 @@ def abort_stale_runs(connection: Connection, key: str) -> int:
         )
     )
     return result.rowcount or 0
-
-
-def pending_count(connection: Connection, key: str) -> int:
-    return pending_counts(connection, key)[0]
 
 
 def pending_counts(connection: Connection, key: str) -> tuple[int, int]:
@@ -316,6 +327,7 @@ class AudienceStatus:
     last_error: str | None
     next_run_at: datetime | None
     resync_requested: bool
+    retired_at: datetime | None = None  # set by `audience-sync retire`
 
 
 def status(connection: Connection, configured: dict[str, str]) -> list[AudienceStatus]:
@@ -330,28 +342,54 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
             sa.select(m.resync_requests.c.audience_key).where(m.resync_requests.c.status == "pending")
         ).scalars()
     )
+    latest = _latest_runs(connection)  # one statement for every audience, not four per audience
+    last_runs = runs_by_id(connection, [r.last_run_id for r in latest.values() if r.last_run_id is not None])
     result = []
     for key in keys:
-        last = history(connection, key, limit=1)
-        last_run = last[0] if last else None
-        row = rows.get(key)
+        row, facts = rows.get(key), latest.get(key)
         result.append(
             AudienceStatus(
                 key=key,
                 name=configured.get(key) or (row.name if row else key),
                 configured=key in configured,
-                members=_latest(connection, key, m.runs.c.members),
+                members=facts.members if facts else None,
                 baseline=baseline.get(key, 0),
                 pending=pending.get(key, 0),
                 in_doubt=doubt.get(key, 0),
-                last_run=last_run,
-                last_success_at=last_success_at(connection, key),
-                last_error=_latest(connection, key, m.runs.c.error),
+                last_run=last_runs.get(facts.last_run_id) if facts else None,
+                last_success_at=facts.last_success_at if facts else None,
+                last_error=facts.last_error if facts else None,
                 next_run_at=row.next_run_at if row else None,
                 resync_requested=key in requested,
+                retired_at=row.retired_at if row else None,
             )
         )
     return result
+
+
+def _latest_runs(connection: Connection) -> dict[str, Any]:
+    """Per audience: its newest run's id, and the newest members count, error and success
+    time of any run. Each correlated subquery walks ix_runs_audience_started backwards from
+    the audience's newest run, so the cost does not grow with the history."""
+    a, r = m.audiences.c, m.runs.c
+
+    def newest(column: sa.Column[Any], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+        return (
+            sa.select(column)
+            .where(r.audience_key == a.key, *where)
+            .order_by(r.started_at.desc(), r.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    query = sa.select(
+        a.key,
+        newest(r.id).label("last_run_id"),
+        newest(r.members, r.members.is_not(None)).label("members"),
+        newest(r.error, r.error.is_not(None)).label("last_error"),
+        newest(r.finished_at, r.status == "success", r.finished_at.is_not(None)).label("last_success_at"),
+    )
+    return {row.key: row for row in connection.execute(query)}
 
 
 def in_doubt_by_audience(connection: Connection) -> dict[str, int]:
@@ -371,28 +409,49 @@ def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, in
     return {key: int(count) for key, count in connection.execute(query)}
 
 
-def _latest(connection: Connection, key: str, column: sa.Column[Any]) -> Any:
-    """The audience's most recent run value of `column` that is set."""
-    return connection.execute(
-        sa.select(column)
-        .where(m.runs.c.audience_key == key, column.is_not(None))
-        .order_by(m.runs.c.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
+# --- the daemon's plan, for many audiences in one query each ------------------------------
 
 
-def last_success_at(connection: Connection, key: str) -> datetime | None:
-    return connection.execute(
-        sa.select(sa.func.max(m.runs.c.finished_at)).where(
-            m.runs.c.audience_key == key, m.runs.c.status == "success"
-        )
-    ).scalar_one_or_none()
+def last_finished_by_audience(connection: Connection, keys: list[str] | None = None) -> dict[str, datetime]:
+    """When each audience's last run ended (audiences that never finished a run are absent)."""
+    return _latest_by_audience(connection, keys)
 
 
-def last_run_finished_at(connection: Connection, key: str) -> datetime | None:
-    return connection.execute(
-        sa.select(sa.func.max(m.runs.c.finished_at)).where(m.runs.c.audience_key == key)
-    ).scalar_one_or_none()
+def last_success_by_audience(connection: Connection, keys: list[str] | None = None) -> dict[str, datetime]:
+    return _latest_by_audience(connection, keys, m.runs.c.status == "success")
+
+
+def _latest_by_audience(
+    connection: Connection, keys: list[str] | None, *where: sa.ColumnElement[bool]
+) -> dict[str, datetime]:
+    r = m.runs.c
+    query = sa.select(r.audience_key, sa.func.max(r.finished_at)).where(r.finished_at.is_not(None), *where)
+    if keys is not None:
+        query = query.where(r.audience_key.in_(keys))
+    rows = connection.execute(query.group_by(r.audience_key))
+    return dict(rows.all())  # type: ignore[arg-type]
+
+
+def baselined_keys(connection: Connection) -> set[str]:
+    """Audiences whose first full diff is committed (see has_baseline)."""
+    query = sa.select(m.audiences.c.key).where(m.audiences.c.baseline_at.is_not(None))
+    return set(connection.execute(query).scalars())
+
+
+def pending_by_audience(connection: Connection) -> dict[str, int]:
+    return _counts_by_audience(connection, m.pending)
+
+
+def publish_next_runs(connection: Connection, planned: dict[str, datetime | None]) -> None:
+    """Write each audience's next run (None: not scheduled) in one executemany."""
+    if not planned:
+        return
+    statement = (
+        m.audiences.update()
+        .where(m.audiences.c.key == sa.bindparam("audience"))
+        .values(next_run_at=sa.bindparam("at"))
+    )
+    connection.execute(statement, [{"audience": key, "at": at} for key, at in planned.items()])
 
 
 # --- resync requests ----------------------------------------------------------------------
@@ -443,3 +502,122 @@ def prune_changes(connection: Connection, older_than: datetime, limit: int | Non
         batch = sa.select(m.changes.c.id).where(condition).limit(limit)
         statement = m.changes.delete().where(m.changes.c.id.in_(batch))
     return connection.execute(statement).rowcount or 0
+
+
+# --- the status page: every audience at once, one statement per table -----------------------
+
+
+def audience_overview(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Every `audiences` row, with the id of its newest run and when its newest successful run
+    ended. One statement: the correlated subqueries each walk ix_runs_audience_started
+    backwards from the audience's newest run, so the cost does not grow with the history."""
+    a, r = m.audiences.c, m.runs.c
+
+    def newest(column: sa.Column[Any], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+        return (
+            sa.select(column)
+            .where(r.audience_key == a.key, *where)
+            .order_by(r.started_at.desc(), r.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    query = sa.select(
+        m.audiences,
+        newest(r.id).label("last_run_id"),
+        newest(r.finished_at, r.status == "success").label("last_success_at"),
+    )
+    return {row.key: dict(row._mapping) for row in connection.execute(query)}
+
+
+def runs_by_id(connection: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
+    if not ids:
+        return {}
+    rows = connection.execute(sa.select(m.runs).where(m.runs.c.id.in_(ids)))
+    return {row.id: _run_record(row._mapping) for row in rows}
+
+
+def recent_runs(connection: Connection, key: str | None, limit: int) -> list[dict[str, Any]]:
+    """Like `history`, newest first, by an index either way: across audiences by id (ids are
+    taken as runs start), for one audience by ix_runs_audience_started."""
+    r = m.runs.c
+    query = sa.select(m.runs).limit(limit)
+    if key is None:
+        query = query.order_by(r.id.desc())
+    else:
+        query = query.where(r.audience_key == key).order_by(r.started_at.desc(), r.id.desc())
+    return [_run_record(row._mapping) for row in connection.execute(query)]
+
+
+def runs_since(connection: Connection, keys: list[str], since: datetime) -> list[dict[str, Any]]:
+    """The runs of these audiences started at or after `since`, oldest first per audience
+    (the keys let ix_runs_audience_started find them without reading older runs)."""
+    if not keys:
+        return []
+    query = (
+        sa.select(m.runs)
+        .where(m.runs.c.audience_key.in_(keys), m.runs.c.started_at >= since)
+        .order_by(m.runs.c.audience_key, m.runs.c.started_at, m.runs.c.id)
+    )
+    return [_run_record(row._mapping) for row in connection.execute(query)]
+
+
+def window_summary(
+    connection: Connection, keys: list[str], since: datetime, measuring: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
+    """Per audience, over its runs started at or after `since`: how many, the newest with an
+    error, and the newest of the `measuring` kinds that counted members. One grouped query."""
+    if not keys:
+        return {}
+    r = m.runs.c
+    query = (
+        sa.select(
+            r.audience_key,
+            sa.func.count().label("runs"),
+            sa.func.max(r.id).filter(r.error.is_not(None)).label("error_run_id"),
+            sa.func.max(r.id).filter(r.members.is_not(None), r.kind.in_(measuring)).label("measured_run_id"),
+        )
+        .where(r.audience_key.in_(keys), r.started_at >= since)
+        .group_by(r.audience_key)
+    )
+    return {row.audience_key: dict(row._mapping) for row in connection.execute(query)}
+
+
+def outbox_and_baseline_counts(connection: Connection) -> dict[str, tuple[int, int, int]]:
+    """Per audience: (users Planhat has as `true`, changes pending, of which in doubt)."""
+    baseline = _counts_by_audience(connection, m.baseline)
+    pending = _counts_by_audience(connection, m.pending)
+    doubt = in_doubt_by_audience(connection)
+    keys = baseline.keys() | pending.keys() | doubt.keys()
+    return {key: (baseline.get(key, 0), pending.get(key, 0), doubt.get(key, 0)) for key in keys}
+
+
+COMPOUND_TERMS = 250  # SELECTs per UNION ALL: SQLite allows 500 by default
+
+
+def change_samples(
+    connection: Connection, runs: list[dict[str, Any]], per_run: int
+) -> dict[int, list[dict[str, Any]]]:
+    """Up to `per_run` recorded changes of each run, its failures and changes in doubt first.
+
+    A UNION ALL of one LIMITed index lookup (ix_changes_run_id) per run, so a run of a
+    million changes costs as little as one of ten; one statement per 250 lookups."""
+    c = m.changes.c
+    columns = (c.id, c.run_id, c.user_ref, c.value, c.outcome, c.error, c.at)
+    parts = []
+    for run in runs:
+        parts.append(sa.select(*columns).where(c.run_id == run["id"]).limit(per_run))
+        if run["failed"] or run["in_doubt"]:
+            failures = sa.select(*columns).where(c.run_id == run["id"], c.outcome != "delivered")
+            parts.append(failures.limit(per_run))
+    found: dict[int, dict[int, dict[str, Any]]] = {}
+    for first in range(0, len(parts), COMPOUND_TERMS):
+        # SQLite takes no LIMIT inside a compound SELECT, only in a subquery.
+        union = sa.union_all(*(sa.select(part.subquery()) for part in parts[first : first + COMPOUND_TERMS]))
+        for row in connection.execute(union):
+            found.setdefault(row.run_id, {})[row.id] = dict(row._mapping)
+    samples = {}
+    for run_id, changes in found.items():
+        ordered = sorted(changes.values(), key=lambda ch: (ch["outcome"] == "delivered", ch["id"]))
+        samples[run_id] = ordered[:per_run]
+    return samples

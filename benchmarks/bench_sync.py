@@ -14,7 +14,9 @@ Each sync is timed on the wall clock; its CPU time and peak RSS are the child's 
 rusage). After each, the run must have ended `success` with nothing pending, and the fake's
 `/_state` must show every member `true` and every leaver `false`. `--history K` then runs, per
 state database and N, one full sync and K incremental syncs (1% churn each) and reports the
-state database's size and rows per table.
+state database's size and rows per table. With both state databases, run k of each goes back to
+back (SQLite, PostgreSQL, SQLite, ...), so both see the same spells of load on a shared
+machine, and the summary adds the median of the paired PostgreSQL / SQLite ratios.
 
     python benchmarks/bench_sync.py --n 100000 1000000 --state sqlite postgresql --runs 3
     python benchmarks/bench_sync.py --n 1000000 --state sqlite postgresql --runs 0 --history 30
@@ -23,8 +25,33 @@ Transport `endusers` at `max_requests_per_second = 150` (Planhat's hard limit; t
 3 a second alone would hold a 1M full sync for 67 s). PostgreSQL runs get a fresh schema on
 $AUDIENCE_SYNC_BENCH_POSTGRES (default postgres@127.0.0.1:5432/test), dropped afterwards.
 `--py-spy DIR` runs each sync under `py-spy record` (installed separately), writing collapsed
-stacks there; times measured that way include the sampler's overhead. `--cli` runs another
-command in place of `audience-sync`, for experiments.
+stacks there; times measured that way include the sampler's overhead. `--pg-stats` resets
+`pg_stat_statements` before each PostgreSQL sync and prints its heaviest statements after
+(server-wide: other clients of the server show up too). `--cli` runs another command in place
+of `audience-sync`, for experiments (e.g. an older checkout).
+
+The fleet case (`--audiences N`) runs N audiences over one table of `--users U` users, each
+audience a deterministic subset of `--members M` of them (a fixed permutation of the users,
+rotated by i*U/N for audience i, so every user is in about M*N/U audiences), and times their
+initial sync to the end:
+
+    --mode sync     one `audience-sync sync` of every audience
+    --mode daemon   `audience-sync run`, timed until every audience has a successful run
+                    (read from the state database's `runs`), then stopped with SIGTERM
+
+with `--transport segment|endusers` at `--rate` requests/s, against a fake that answers 429 above
+`--fake-rps` (default: the same rate). It prints the wall time, the requests and contact items
+the fake received (and per user), 429s, the process's CPU time and peak RSS, and how long
+`audience-sync status` and `history` take (once while the sync runs, once after; `--help`
+alone shows the interpreter's and imports' share), and checks that the fake holds every member
+of every audience `true`:
+
+    python benchmarks/bench_sync.py --audiences 10 --users 2000 --members 2000 \
+        --transport segment --mode sync daemon --state sqlite postgresql
+    python benchmarks/bench_sync.py --audiences 200 --users 20000 --members 5000 \
+        --mode daemon --state postgresql
+    python benchmarks/bench_sync.py --audiences 1 --users 1000000 --members 1000000 \
+        --mode daemon --state postgresql      # the one-audience reference for the line above
 """
 
 from __future__ import annotations
@@ -32,7 +59,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -44,6 +73,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +202,10 @@ def _libpq(url: str) -> str:
 
 
 @contextmanager
-def fake_planhat() -> Iterator[str]:
+def fake_planhat(max_rps: float | None = None) -> Iterator[str]:
+    cap = ["--max-rps", str(max_rps)] if max_rps else []
     process = subprocess.Popen(
-        [sys.executable, str(FAKE), "--port", "0", "--api-token", TOKEN],
+        [sys.executable, str(FAKE), "--port", "0", "--api-token", TOKEN, "--tenant-token", TOKEN, *cap],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -189,8 +220,9 @@ def fake_planhat() -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def planhat_state(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{url}/_state", timeout=60) as response:
+def planhat_state(url: str, applied: bool = False) -> dict[str, Any]:
+    query = "?applied=1" if applied else ""
+    with urllib.request.urlopen(f"{url}/_state{query}", timeout=60) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
@@ -243,7 +275,9 @@ def run_cli(config: Path, label: str, py_spy: Path | None) -> tuple[float, float
     command = [*CLI, "--config", str(config), "sync"]
     if py_spy is not None:
         py_spy.mkdir(parents=True, exist_ok=True)
-        command = ["py-spy", "record", "--rate", "200", "--subprocesses", "--format", "raw",
+        # --idle --threads: waits (on the database, on Planhat) count too, per thread.
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [spy, "record", "--rate", "200", "--subprocesses", "--idle", "--threads", "--format", "raw",
                    "-o", str(py_spy / f"{label}.txt"), "--", *command]  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -293,9 +327,11 @@ def one_sample(state: str, n: int, template: Path, workdir: Path, rep: int, py_s
     config = workdir / "bench.toml"
     with fake_planhat() as planhat_url, state_database(state, workdir) as state_url:
         write_config(config, state_url, source, planhat_url)
-        full = checked_sync(config, source, planhat_url, f"{state}-{n}-full-{rep}", py_spy)
+        with pg_statements(state, f"{state}-{n}-full-{rep}"):
+            full = checked_sync(config, source, planhat_url, f"{state}-{n}-full-{rep}", py_spy)
         churn(source, n)
-        incremental = checked_sync(config, source, planhat_url, f"{state}-{n}-incremental-{rep}", py_spy)
+        with pg_statements(state, f"{state}-{n}-incremental-{rep}"):
+            incremental = checked_sync(config, source, planhat_url, f"{state}-{n}-incremental-{rep}", py_spy)
     sample = Sample(floor, full, incremental)
     print(
         f"  {state:10} n={n:<8} run {rep + 1}: floor {floor:6.2f}s | "
@@ -383,6 +419,285 @@ def _postgres_size(url: str) -> dict[str, Any]:
     return {"tables": tables, "total": sum(size for *_, size in tables), "stage": stage}
 
 
+# --- PostgreSQL's own account ---------------------------------------------------------------
+
+PG_STATS = [False]  # --pg-stats
+PG_STATS_TOP = 10
+
+
+@contextmanager
+def pg_statements(state: str, label: str) -> Iterator[None]:
+    """With --pg-stats on PostgreSQL: reset pg_stat_statements, run the body, print the
+    heaviest statements by total execution time, with their buffers and WAL."""
+    if state != "postgresql" or not PG_STATS[0]:
+        yield
+        return
+    import psycopg
+
+    with psycopg.connect(_libpq(POSTGRES), autocommit=True) as admin:
+        admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        admin.execute("SELECT pg_stat_statements_reset()")
+    yield
+    with psycopg.connect(_libpq(POSTGRES), autocommit=True) as admin:
+        schema = admin.execute(
+            "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+            "WHERE e.extname = 'pg_stat_statements'"
+        ).fetchone()[0]  # type: ignore[index]
+        rows = admin.execute(
+            "SELECT calls, total_exec_time, rows, shared_blks_hit, shared_blks_read, "
+            "shared_blks_dirtied, shared_blks_written, temp_blks_written, wal_bytes, query "
+            f"FROM {schema}.pg_stat_statements WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "ORDER BY total_exec_time DESC"
+        ).fetchall()
+    total = sum(row[1] for row in rows)
+    print(
+        f"\n#### pg_stat_statements, {label}: {len(rows)} statements, {sum(r[0] for r in rows):,} "
+        f"calls, {total / 1000:.2f} s executing, {sum(float(r[8]) for r in rows) / 1e6:.0f} MB WAL\n\n"
+        "| calls | total (s) | share | rows | blks hit / read / dirtied / written | temp written "
+        "| WAL (MB) | statement |\n|---:|---:|---:|---:|---|---:|---:|---|"
+    )
+    for calls, ms, count, hit, read, dirtied, written, temp, wal, query in rows[:PG_STATS_TOP]:
+        text = " ".join(query.split())
+        text = text if len(text) <= 140 else text[:137] + "..."
+        print(
+            f"| {calls:,} | {ms / 1000:.2f} | {ms / total:.0%} | {count:,} | {hit:,} / {read:,} / "
+            f"{dirtied:,} / {written:,} | {temp:,} | {float(wal) / 1e6:.0f} | `{text}` |"
+        )
+    print(flush=True)
+
+
+# --- the fleet case: many audiences over one set of users -----------------------------------
+
+
+@dataclass(frozen=True)
+class Fleet:
+    audiences: int
+    users: int
+    members: int
+
+    def name(self, i: int) -> str:
+        return f"Fleet {i:03d}"
+
+    def key(self, i: int) -> str:
+        return f"fleet_{i:03d}"
+
+    def query(self, i: int) -> str:
+        """Audience i: the users whose place in a fixed permutation (h), rotated by i*U/N, is
+        below M. Exactly M members each; user h is in the audiences whose window covers it."""
+        offset = i * self.users // self.audiences
+        return (
+            "SELECT id AS user_id, email, name, company_id FROM users "
+            f"WHERE (h + {offset}) % {self.users} < {self.members}"
+        )
+
+
+@dataclass
+class FleetRun:
+    seconds: float  # start of the process to the end of the last audience's first successful run
+    cpu_seconds: float
+    peak_rss_mb: float
+    requests: int  # received by the fake, 429s included
+    items: int  # contact items the fake wrote (an identify is one, a bulk call up to 5,000)
+    throttled: int  # answered 429 for going over --fake-rps
+    runs: int  # run records written until every audience had succeeded once
+    status_during: float | None  # `audience-sync status`, while the sync ran (None: it was over)
+    history_during: float | None
+    status_after: float = 0.0
+    history_after: float = 0.0
+    startup: float = 0.0  # `audience-sync --help`: the interpreter and imports every command pays
+
+
+@dataclass
+class FleetCase:
+    state: str
+    mode: str
+    runs: list[FleetRun] = field(default_factory=list)
+
+
+def make_fleet_source(path: Path, users: int) -> None:
+    """One users table; `h` is a fixed random permutation of 0..U-1 the audiences select on."""
+    order = list(range(users))
+    random.Random(20261125).shuffle(order)
+    connection = sqlite3.connect(path)
+    connection.execute(
+        "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, company_id TEXT, h INTEGER NOT NULL)"
+    )
+    connection.executemany(
+        "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
+        ((f"u{i:08d}", f"user{i}@example.com", f"User {i}", f"c{i % 5000}", order[i]) for i in range(users)),
+    )
+    connection.commit()
+    connection.close()
+
+
+def write_fleet_config(
+    path: Path, state_url: str, source: Path, planhat_url: str, fleet: Fleet, transport: str, rate: float
+) -> None:
+    token = "tenant_token" if transport == "segment" else "api_token"
+    audiences = "".join(
+        f'\n[[audiences]]\nname = "{fleet.name(i)}"\nsource = "app"\nquery = "{fleet.query(i)}"\n'
+        for i in range(fleet.audiences)
+    )
+    path.write_text(
+        f'[database]\nurl = "{state_url}"\n\n'
+        f'[planhat]\ntransport = "{transport}"\nbase_url = "{planhat_url}"\n{token} = "{TOKEN}"\n'
+        f"max_requests_per_second = {rate:g}\n\n"
+        # One initial run per audience and none after it within the benchmark.
+        '[schedule]\nmin_interval = "1d"\nmax_interval = "1d"\n\n'
+        '[daemon]\ngrace = "60s"\n\n'
+        f'[sources.app]\nurl = "sqlite:///{source}"\n' + audiences
+    )
+
+
+class StateReader:
+    """Polls the state database the way an operator's query would, without the package."""
+
+    def __init__(self, state_url: str) -> None:
+        if state_url.startswith("sqlite:///"):
+            self._connection: Any = sqlite3.connect(state_url.removeprefix("sqlite:///"), timeout=30)
+            self._sqlite = True
+        else:
+            import psycopg
+
+            base, schema = state_url.split("?options=-csearch_path%3D")
+            self._connection = psycopg.connect(
+                _libpq(base), autocommit=True, options=f"-csearch_path={schema}"
+            )
+            self._sqlite = False
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return list(self._connection.execute(sql).fetchall())
+
+    def first_successes(self) -> dict[str, datetime]:
+        """Each audience's first successful run's end, as aware UTC."""
+        found = {}
+        for key, finished in self.rows(
+            "SELECT audience_key, min(finished_at) FROM runs WHERE status = 'success' GROUP BY audience_key"
+        ):
+            if isinstance(finished, str):
+                finished = datetime.fromisoformat(finished)
+            found[key] = finished.replace(tzinfo=UTC)
+        return found
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def time_cli(config: Path, *args: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([*CLI, "--config", str(config), *args], capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
+def fleet_sample(
+    state: str, mode: str, fleet: Fleet, args: argparse.Namespace, template: Path, workdir: Path, rep: int
+) -> FleetRun:
+    source = workdir / "fleet-source.db"
+    shutil.copyfile(template, source)
+    config = workdir / "fleet.toml"
+    fake_rps = args.rate if args.fake_rps is None else args.fake_rps
+    label = f"{state}-{mode}-{fleet.audiences}x{fleet.members}of{fleet.users}-{rep}"
+    with fake_planhat(fake_rps or None) as planhat_url, state_database(state, workdir) as state_url:
+        write_fleet_config(config, state_url, source, planhat_url, fleet, args.transport, args.rate)
+        # The schema first (not timed), so that polling finds the tables from the start.
+        subprocess.run([*CLI, "--config", str(config), "db", "upgrade"], capture_output=True, check=True)
+        reader = StateReader(state_url)
+        try:
+            with pg_statements(state, label):
+                result = _run_fleet(config, mode, fleet, reader, workdir / f"{label}.log", args.timeout)
+        finally:
+            reader.close()
+        planhat = planhat_state(planhat_url, applied=True)
+    for i in range(fleet.audiences):
+        true = planhat["true"].get(fleet.key(i), 0)
+        if true != fleet.members:
+            raise SystemExit(f"{label}: Planhat holds {true} true for {fleet.key(i)}, not {fleet.members}")
+    result.requests, result.items = planhat["requests"], planhat["applied_items"]
+    result.throttled = planhat.get("throttled", 0)
+    during = (
+        f"status {result.status_during:.2f}s history {result.history_during:.2f}s"
+        if result.status_during is not None and result.history_during is not None
+        else "over before 1 s"
+    )
+    print(
+        f"  {state:10} {mode:6} run {rep + 1}: {result.seconds:7.2f}s cpu {result.cpu_seconds:6.2f}s "
+        f"{result.peak_rss_mb:4.0f} MB | {result.requests:,} requests "
+        f"({result.requests / fleet.users:.2f}/user), {result.items:,} items "
+        f"({result.items / fleet.users:.2f}/user), {result.throttled} throttled, "
+        f"{result.runs} runs | during: {during} | after: status {result.status_after:.2f}s "
+        f"history {result.history_after:.2f}s (--help {result.startup:.2f}s)",
+        flush=True,
+    )
+    return result
+
+
+def _run_fleet(
+    config: Path, mode: str, fleet: Fleet, reader: StateReader, log: Path, timeout: float
+) -> FleetRun:
+    """Start `sync` or `run`, poll the state database until every audience succeeded once; the
+    daemon is then stopped with SIGTERM. CPU time and peak RSS are the process's own (wait4)."""
+    command = [*CLI, "--config", str(config), "sync" if mode == "sync" else "run"]
+    began = datetime.now(UTC)
+    started = time.perf_counter()
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    during: tuple[float, float] | None = None
+    exit_code: int | None = None
+    usage: Any = None
+    done = False
+    try:
+        while True:
+            successes = reader.first_successes()
+            if len(successes) == fleet.audiences:
+                break
+            failed = reader.rows(
+                "SELECT audience_key, status, error FROM runs "
+                "WHERE status NOT IN ('running', 'success') ORDER BY id LIMIT 1"
+            )
+            if failed:
+                raise SystemExit(f"{mode}: a run ended {failed[0][1]}: {failed[0]}; see {log}")
+            if exit_code is not None:
+                raise SystemExit(f"{mode}: audience-sync exited {exit_code} before the end; see {log}")
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:  # read the runs once more before judging
+                exit_code = os.waitstatus_to_exitcode(status)
+                continue
+            if time.perf_counter() - started > timeout:
+                raise SystemExit(f"{mode}: not done after {timeout:.0f}s; see {log}")
+            if during is None and time.perf_counter() - started > 1.0:
+                during = (time_cli(config, "status"), time_cli(config, "history"))
+            time.sleep(0.1)
+        seconds = (max(successes.values()) - began).total_seconds()
+        after = (time_cli(config, "status"), time_cli(config, "history"))
+        startup = time_cli(config, "--help")
+        runs = len(reader.rows("SELECT id FROM runs"))
+        done = True
+    finally:
+        if exit_code is None:
+            if mode == "daemon" or not done:
+                process.send_signal(signal.SIGTERM)
+            _, status, usage = os.wait4(process.pid, 0)
+            exit_code = os.waitstatus_to_exitcode(status)
+        process.returncode = exit_code
+    if exit_code != 0:
+        raise SystemExit(f"{mode}: audience-sync exited {exit_code}; see {log}")
+    return FleetRun(
+        seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        requests=0,
+        items=0,
+        throttled=0,
+        runs=runs,
+        status_during=during[0] if during else None,
+        history_during=during[1] if during else None,
+        status_after=after[0],
+        history_after=after[1],
+        startup=startup,
+    )
+
+
 # --- reporting ----------------------------------------------------------------------------
 
 
@@ -410,6 +725,67 @@ def summary(cases: list[Case]) -> None:
             f"| {med(x.full.cpu_seconds for x in s):.1f} / {med(x.incremental.cpu_seconds for x in s):.1f} |"
         )
     print(f"\nmedians of {max(len(c.samples) for c in cases)} runs per row", flush=True)
+    for sqlite in (c for c in cases if c.state == "sqlite" and c.samples):
+        for pg in (c for c in cases if c.state == "postgresql" and c.n == sqlite.n and c.samples):
+            pairs = list(zip(sqlite.samples, pg.samples, strict=False))  # run k of each ran back to back
+            full = statistics.median(p.full.seconds / s.full.seconds for s, p in pairs)
+            inc = statistics.median(p.incremental.seconds / s.incremental.seconds for s, p in pairs)
+            print(f"PostgreSQL / SQLite at N={sqlite.n:,} (median of paired runs): full {full:.2f}x, "
+                  f"incremental {inc:.2f}x", flush=True)  # fmt: skip
+
+
+def fleet_summary(fleet: Fleet, args: argparse.Namespace, cases: list[FleetCase]) -> None:
+    fake_rps = args.rate if args.fake_rps is None else args.fake_rps
+    print(
+        f"\n{fleet.audiences} audiences of {fleet.members:,} members over {fleet.users:,} users, "
+        f"{args.transport} at {args.rate:g} requests/s (the fake's cap: {fake_rps or 'none'})\n\n"
+        "| state | mode | time (s) | requests | requests / user | items | items / user | 429s "
+        "| runs | CPU (s) | peak RSS (MB) | status / history during (s) | status / history after (s) "
+        "| `--help` (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+
+    def med(values: Any) -> float:
+        return statistics.median(list(values))
+
+    for case in cases:
+        r = case.runs
+        if not r:
+            continue
+        during = [x for x in r if x.status_during is not None and x.history_during is not None]
+        during_text = (
+            f"{med(x.status_during for x in during):.2f} / {med(x.history_during for x in during):.2f}"
+            if during
+            else "-"
+        )
+        requests, items = med(x.requests for x in r), med(x.items for x in r)
+        print(
+            f"| {case.state} | {case.mode} | {med(x.seconds for x in r):.2f} | {requests:,.0f} "
+            f"| {requests / fleet.users:.2f} | {items:,.0f} | {items / fleet.users:.2f} "
+            f"| {med(x.throttled for x in r):,.0f} | {med(x.runs for x in r):.0f} "
+            f"| {med(x.cpu_seconds for x in r):.1f} | {med(x.peak_rss_mb for x in r):.0f} | {during_text} "
+            f"| {med(x.status_after for x in r):.2f} / {med(x.history_after for x in r):.2f} "
+            f"| {med(x.startup for x in r):.2f} |"
+        )
+    print(f"\nmedians of {max(len(c.runs) for c in cases)} runs per row", flush=True)
+
+
+def run_fleet(args: argparse.Namespace, workdir: Path) -> None:
+    fleet = Fleet(args.audiences, args.users or args.members, args.members or args.users)
+    if not fleet.members or fleet.members > fleet.users:
+        raise SystemExit("the fleet case needs --members M and/or --users U, with M <= U")
+    template = workdir / f"template-fleet-{fleet.users}.db"
+    if not template.exists():
+        started = time.perf_counter()
+        make_fleet_source(template, fleet.users)
+        print(f"source with {fleet.users:,} users built in {time.perf_counter() - started:.1f}s", flush=True)
+    cases = []
+    for state in args.state:
+        for mode in args.mode:
+            case = FleetCase(state, mode)
+            for rep in range(max(args.runs, 1)):
+                case.runs.append(fleet_sample(state, mode, fleet, args, template, workdir, rep))
+            cases.append(case)
+    fleet_summary(fleet, args, cases)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,24 +797,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--py-spy", type=Path, default=None, help="write py-spy profiles (raw) here")
     parser.add_argument("--cli", default=None, help="command to run instead of audience-sync (experiments)")
+    parser.add_argument(
+        "--pg-stats", action="store_true", help="print pg_stat_statements per PostgreSQL sync"
+    )
+    fleet = parser.add_argument_group(
+        "the fleet case (runs instead of the --n case when --audiences is given)"
+    )
+    fleet.add_argument("--audiences", type=int, default=None, help="how many audiences")
+    fleet.add_argument("--users", type=int, default=None, help="users in the source (default: --members)")
+    fleet.add_argument(
+        "--members", type=int, default=None, help="members of each audience (default: --users)"
+    )
+    fleet.add_argument("--mode", nargs="+", choices=("sync", "daemon"), default=["sync"])
+    fleet.add_argument("--transport", choices=("segment", "endusers"), default="endusers")
+    fleet.add_argument("--rate", type=float, default=150.0, help="planhat.max_requests_per_second")
+    fleet.add_argument(
+        "--fake-rps", type=float, default=None, help="the fake's 429 cap (default --rate; 0: none)"
+    )
+    fleet.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up on a run after this many seconds"
+    )
     args = parser.parse_args(argv)
     if args.cli:
         CLI[:] = args.cli.split()
+    PG_STATS[0] = args.pg_stats
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="audience-sync-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cases: list[Case] = []
     try:
+        if args.audiences is not None:
+            run_fleet(args, workdir)
+            return 0
         for n in args.n:
             template = workdir / f"template-{n}.db"
             if not template.exists():
                 started = time.perf_counter()
                 make_source(template, n, spare_for(n, max(args.history, 1)))
                 print(f"source with {n:,} members built in {time.perf_counter() - started:.1f}s", flush=True)
-            for state in args.state:
-                case = Case(state, n)
-                for rep in range(args.runs):
+            # Interleaved (SQLite, PostgreSQL, SQLite, ...): on a shared machine, both see the
+            # same spells of load, so their ratio holds better than their absolute times.
+            by_state = {state: Case(state, n) for state in args.state}
+            for rep in range(args.runs):
+                for state, case in by_state.items():
                     case.samples.append(one_sample(state, n, template, workdir, rep, args.py_spy))
-                cases.append(case)
+            cases.extend(by_state.values())
+            for state in args.state:
                 if args.history:
                     history_size(state, n, args.history, template, workdir)
         if any(c.samples for c in cases):

@@ -3,6 +3,7 @@ database, a config file, the loopback fake Planhat, and a CLI runner."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import uuid
@@ -256,6 +257,13 @@ class CliResult:
     code: int
     out: str
     err: str
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """caplog, also after a CLI run has made the package's logger stop propagating."""
+    monkeypatch.setattr(logging.getLogger("audience_sync"), "propagate", True)
+    return caplog
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ both transports.
     GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
+    GET  /customfields   Bearer API token; the `custom_fields` list (404 when it is None)
     GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n};
                          ?applied=1 adds "applied_items": n, "applied_values": n
 
@@ -21,7 +22,11 @@ audience value written, ref being the item's externalId, else its email.
 
 As a script (no package imports, pytest optional):
 
-    python tests/fake_planhat.py --port 0 [--tenant-token T] [--api-token A] [--page-cap N]
+    python tests/fake_planhat.py --port 0 [--tenant-token T] [--api-token A] [--page-cap N] [--max-rps R]
+
+`max_rps` caps the rate like Planhat's hard limit: a token bucket of R requests a second (a
+second's worth of burst); a request over it is answered 429 with `Retry-After: 1`, writing
+nothing, and counted in `throttled` (in `/_state?applied=1`).
 
 prints `http://127.0.0.1:PORT` and serves until SIGTERM or SIGINT.
 """
@@ -60,6 +65,7 @@ except ImportError:  # script mode on a machine without pytest
 
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
+CUSTOM_FIELDS_PATH = "/customfields"
 STATE_PATH = "/_state"
 MAX_BULK = 5000
 MAX_PAGE = 5000  # GET /endusers answers at most this many contacts
@@ -149,6 +155,7 @@ class FakePlanhat:
         keep_bodies: bool = True,
         count_values: bool | None = None,
         page_cap: int | None = None,
+        max_rps: float | None = None,
     ) -> None:
         self.tenant_token = tenant_token
         self.api_token = api_token
@@ -156,6 +163,10 @@ class FakePlanhat:
         # Per (ref, key, value) counts cost memory per contact: off for a benchmark's million.
         self.count_values = keep_bodies if count_values is None else count_values
         self.page_cap = page_cap  # GET /endusers pages hold at most this many (None: limit)
+        self.max_rps = max_rps  # requests a second before a 429 (None: no cap)
+        self.throttled = 0  # requests answered 429 for going over max_rps
+        self._tokens = max_rps or 0.0
+        self._refilled = time.monotonic()
         self._address = (host, port)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -178,6 +189,8 @@ class FakePlanhat:
         self._always: int | None = None
         self._partial: dict[str, tuple[str, bool]] = {}  # ref -> (error list, nested)
         self._bad: set[str] = set()
+        # GET /customfields answers these ({"name", "type", "parent"}); None: 404, not exposed.
+        self.custom_fields: list[dict[str, Any]] | None = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -355,6 +368,14 @@ class FakePlanhat:
             assert key is not None
             return key
 
+    def add_custom_field(self, name: str, type: str = "checkbox", parent: str = "EndUser") -> None:
+        """Define a custom field, as someone would in Planhat's settings."""
+        with self._lock:
+            if self.custom_fields is None:
+                self.custom_fields = []
+            self.custom_fields.append({"_id": f"cf{len(self.custom_fields)}", "name": name,
+                                       "type": type, "parent": parent})  # fmt: skip
+
     def _key_of(self, ref: str) -> str | None:
         """The `contacts` key of the contact that `ref` names; the caller holds the lock."""
         if ref in self.contacts:
@@ -397,6 +418,7 @@ class FakePlanhat:
             if applied:
                 state["applied_items"] = self.applied_items
                 state["applied_values"] = self.applied_values
+                state["throttled"] = self.throttled
             return state
 
     # --- serving ----------------------------------------------------------------------------
@@ -413,7 +435,11 @@ class FakePlanhat:
         with self._lock:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            over = self._over_rate()
         try:
+            if over:
+                answer = _Answer(429, _dumps({"error": "Too many requests"}), (("Retry-After", "1"),))
+                return self._record(method, path, None, query, answer, "rate limit")
             return self._serve(method, path, query, authorization, raw, route)
         finally:
             with self._lock:
@@ -421,11 +447,25 @@ class FakePlanhat:
                 if not self._in_flight:
                     self._idle.notify_all()
 
+    def _over_rate(self) -> bool:
+        """Take a token from the max_rps bucket; True when there is none. The caller holds the lock."""
+        if not self.max_rps:
+            return False
+        now = time.monotonic()
+        self._tokens = min(self.max_rps, self._tokens + (now - self._refilled) * self.max_rps)
+        self._refilled = now
+        if self._tokens < 1.0:
+            self.throttled += 1
+            return True
+        self._tokens -= 1.0
+        return False
+
     def _routes(self) -> dict[tuple[str, str], Route]:
         return {
             ("POST", SEGMENT_PATH): self._segment,
             ("PUT", ENDUSERS_PATH): self._endusers,
             ("GET", ENDUSERS_PATH): self._list_endusers,
+            ("GET", CUSTOM_FIELDS_PATH): self._list_custom_fields,
         }
 
     def _serve(
@@ -554,6 +594,13 @@ class FakePlanhat:
             page = [self._public(key, self.contacts[key]) for key in keys]
             body = _dumps(page)  # inside the lock: a contact changing meanwhile must not tear it
         return _Answer(200, body)
+
+    def _list_custom_fields(self, _body: Any, _query: str) -> _Answer:
+        with self._lock:
+            fields = None if self.custom_fields is None else [dict(f) for f in self.custom_fields]
+        if fields is None:
+            return _json_answer(404, {"error": "Not Found"})
+        return _json_answer(200, fields)
 
     def _ordered_keys(self) -> list[str]:
         """Contact keys in creation order; rebuilt (dicts keep insertion order) after a delete
@@ -692,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-token", default="api-secret")
     parser.add_argument("--keep-bodies", action="store_true", help="keep request bodies (memory grows)")
     parser.add_argument("--page-cap", type=int, default=None, help="GET /endusers pages at most this long")
+    parser.add_argument("--max-rps", type=float, default=None, help="answer 429 above this many requests/s")
     args = parser.parse_args(argv)
     # A benchmark holds a million contacts: collect young objects less often, so the
     # collector's passes over that state stop dominating the run time.
@@ -705,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         keep_bodies=args.keep_bodies,
         page_cap=args.page_cap,
+        max_rps=args.max_rps,
     )
     with fake:
         print(fake.url, flush=True)

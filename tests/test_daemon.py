@@ -18,7 +18,7 @@ from audience_sync import models as m
 from audience_sync import store
 from audience_sync.config import DaemonSettings
 from tests.conftest import Project, users
-from tests.test_scheduler import finished, runs, schedule, wait_for
+from tests.test_scheduler import finished, next_runs, runs, schedule, wait_for
 
 _SCRIPT = Path(sys.executable).with_name("audience-sync")
 # The installed console script when there is one, else the same entry point through -c.
@@ -29,6 +29,8 @@ CLI = (
 )
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
+PRO = PRO_ONLY[0]
+BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email FROM users WHERE orders > 0"}
 # A source query that takes about half a second: SQLite counts to four million first.
 SLOW_PRO_QUERY = (
     "WITH RECURSIVE slow(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM slow WHERE x < 4000000) "
@@ -126,7 +128,8 @@ def test_a_resync_request_is_run_within_ten_seconds(project: Project, spawn, cli
     assert (run["audience_key"], run["kind"], run["trigger"], run["status"]) == (
         "pro_plan", "full", "resync", "success",
     )  # fmt: skip
-    assert run["sent"] == 5 and len(fake.requests) - before == 5  # every member again
+    resent = [r for r in fake.requests[before:] if r.method == "POST"]  # (the start's check reads)
+    assert run["sent"] == 5 and len(resent) == 5  # every member again
     assert len(runs(project.state_url, "buyers")) == 1  # only the audience asked for
     code, _ = daemon.signal(signal.SIGINT)  # Ctrl-C stops it like SIGTERM
     assert code == 0 and "SIGINT: stopping" in daemon.log(), daemon.log()
@@ -192,6 +195,47 @@ def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0
     assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 21))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("state_url", ["sqlite", POSTGRES], indirect=True)
+def test_sighup_picks_up_a_changed_config_within_a_second_and_refuses_an_invalid_one(  # type: ignore[no-untyped-def]
+    project: Project, spawn
+) -> None:
+    project.source.set_users(users(range(1, 6), plan="pro", orders=1))
+    project.write([PRO], extra=schedule("1h", "2h"))
+    daemon = spawn(project)
+    wait_for(lambda: finished(project.state_url, "pro_plan"), what="the initial sync")
+    planned = wait_for(
+        lambda: (at := next_runs(project.state_url)["pro_plan"]) and at > store.utcnow() and at,
+        what="the drawn plan",
+    )
+
+    project.write([PRO, BUYERS], extra=schedule("1h", "2h"))
+    asked = time.monotonic()
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in daemon.log(), timeout=5, what="the reload")
+    picked_up = time.monotonic() - asked
+    assert picked_up < 1.0, f"reload picked up after {picked_up:.2f}s"
+    added = wait_for(lambda: finished(project.state_url, "buyers"), what="the added audience's run")
+    assert (added[0]["kind"], added[0]["status"], added[0]["sent"]) == ("full", "success", 5)
+    assert project.planhat.value("u1", "buyers") is True
+    assert len(runs(project.state_url, "pro_plan")) == 1  # the others keep their plan
+    assert next_runs(project.state_url)["pro_plan"] == planned
+
+    project.path.write_text(project.path.read_text() + "\n[schedule]\nmin_interval = 'soon'\n")
+    daemon.process.send_signal(signal.SIGHUP)
+    refused = wait_for(
+        lambda: [line for line in daemon.log().splitlines() if "reload refused" in line],
+        timeout=5,
+        what="the refusal",
+    )
+    assert len(refused) == 1 and "running config stays in force" in refused[0], refused
+    assert "Traceback" not in daemon.log()
+    assert daemon.process.poll() is None  # still running, on the old config
+    code, _ = daemon.signal(signal.SIGTERM)
+    assert code == 0, daemon.log()
+    print(f"reload pick-up latency: {picked_up:.2f}s")
+
+
 def test_the_systemd_unit_runs_the_daemon_and_outlasts_its_grace() -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -200,5 +244,6 @@ def test_the_systemd_unit_runs_the_daemon_and_outlasts_its_grace() -> None:
     assert service["Type"] == "simple" and service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM" and service["EnvironmentFile"]
     assert service["ExecStart"].endswith(" run")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads the config
     grace = DaemonSettings().grace_seconds
     assert grace < float(service["TimeoutStopSec"]) <= grace + 10

@@ -12,26 +12,18 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
 from sqlalchemy.engine import Engine
 
 from audience_sync import lease, store
 from audience_sync.config import load_settings
 from audience_sync.errors import StateDatabaseError
-from audience_sync.scheduler import AUDIENCE_JOB, RETRY_AFTER_ERROR, Daemon
+from audience_sync.scheduler import RETRY_AFTER_ERROR, Daemon
 from tests.conftest import Project, users
 from tests.test_scheduler import schedule, wait_for
 
 PASSWORD = "hunter2-pw"
 SSL_PASSWORD = "xyzzy-sslpw"
 PLANHAT_PASSWORD = "pl4nhat-pw"
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
-    """caplog, also after a CLI run has made the package's logger stop propagating."""
-    monkeypatch.setattr(logging.getLogger("audience_sync"), "propagate", True)
-    return caplog
 
 
 def one_line(result, prefix: str) -> str:  # type: ignore[no-untyped-def]
@@ -225,23 +217,24 @@ def test_a_failed_resync_check_rearms_the_job_soon_and_says_why(  # type: ignore
     daemon.scheduler.start(paused=True)  # jobs are armed, never run
     try:
         drawn = store.utcnow() + timedelta(hours=2)
-        event = JobExecutionEvent(
-            EVENT_JOB_EXECUTED, AUDIENCE_JOB + "pro_plan", "default", drawn, retval=(drawn, "drawn")
-        )
+        for key in ("pro_plan", "buyers"):
+            daemon.cadence.plan(key, store.utcnow(), "never synced", None)
+        assert daemon.cadence.take_group() == ["pro_plan", "buyers"]
 
         def unreadable(_connection: object) -> list[str]:
             raise operational_error("database is locked")
 
         monkeypatch.setattr(store, "pending_resync_keys", unreadable)
-        daemon._on_job_end(event)
-        job = daemon.scheduler.get_job(AUDIENCE_JOB + "pro_plan")
-        assert job.next_run_time <= store.utcnow() + RETRY_AFTER_ERROR
+        retry = store.utcnow() + RETRY_AFTER_ERROR
+        daemon._after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
+        assert daemon.next_run("pro_plan") == retry == daemon.next_run("buyers")
         warning = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
-        assert any("pro_plan" in w and "OperationalError" in w for w in warning), warning
+        assert any("resync" in w and "OperationalError" in w for w in warning), warning
 
         monkeypatch.setattr(store, "pending_resync_keys", lambda _connection: [])
-        daemon._on_job_end(event)  # the check works again: the drawn time stands
-        assert daemon.scheduler.get_job(AUDIENCE_JOB + "pro_plan").next_run_time == drawn
+        assert daemon.cadence.take_group(retry) == ["pro_plan", "buyers"]
+        daemon._after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
+        assert daemon.next_run("pro_plan") == drawn  # the check works again: the drawn time stands
     finally:
         daemon.scheduler.shutdown(wait=False)
         engine.dispose()

@@ -26,6 +26,10 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert "audience_sync/migrations/script.py.mako" in names
     versions = {Path(v).name for v in (ROOT / "migrations" / "versions").glob("*.py")}
     assert {f"audience_sync/migrations/versions/{v}" for v in versions} <= names
+    # The status page's templates and stylesheet: nothing is fetched at run time.
+    page_files = {p.name for p in (ROOT / "audience_sync" / "templates").iterdir()}
+    assert {"status.html", "status.css"} <= page_files
+    assert {f"audience_sync/templates/{name}" for name in page_files} <= names
 
 
 def test_migrations_upgrade_from_empty_to_head_on_every_backend(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]

@@ -25,7 +25,7 @@ from audience_sync.config import ScheduleSettings
 from audience_sync.metrics import Metrics, MetricsServer
 from audience_sync.planhat import Outcome
 from audience_sync.scheduler import (
-    AUDIENCE_JOB,
+    WAKE_JOB,
     Turns,
     TurnTakingSender,
     draw_interval,
@@ -215,9 +215,9 @@ def test_a_restart_does_not_resend_and_waits_for_the_drawn_time(project: Project
     assert len(runs(project.state_url)) == 2 and len(project.planhat.requests) == sent  # nothing ran
     planned = next_runs(project.state_url)
     for key in ("pro_plan", "buyers"):
-        job = daemon.scheduler.get_job(AUDIENCE_JOB + key)
-        assert job is not None and job.next_run_time == planned[key]
+        assert daemon.next_run(key) == planned[key]
         assert finished[key] + timedelta(hours=1) <= planned[key] <= finished[key] + timedelta(hours=2)
+    assert daemon.scheduler.get_job(WAKE_JOB).next_run_time == min(planned.values())
 
 
 def test_an_overdue_audience_runs_at_once_incrementally(project: Project, start_daemon, cli) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,156 @@
+"""Acknowledging on PostgreSQL: a chunk applied while it is on the wire, and found by its span.
+
+A chunk of PREPARE_FROM rows or more is applied (as if Planhat accepted all of it) in a
+transaction left open while it is sent; the answer commits it, or rolls it back and applies
+what really happened. The acknowledgement finds the chunk's outbox rows by their user range
+and checks their count. These tests lower PREPARE_FROM so that small chunks take that path,
+and check that nothing about the outcome changes: what Planhat refused stays pending, a kill
+on the wire leaves the chunk in doubt and nothing applied, and an outbox row that is not the
+chunk's is never acknowledged with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync import delivery, store
+from audience_sync import engine as sync_engine
+from audience_sync.config import PlanhatSettings, load_settings
+from tests.conftest import Project, SenderAround, query, users
+
+BULK = "batch_size = 5\nmax_requests_per_second = 150"
+
+
+@pytest.fixture(autouse=True)
+def prepare_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delivery, "PREPARE_FROM", 1)
+
+
+def sync(cli, *args: str):  # type: ignore[no-untyped-def]
+    return cli("--config", "audience_sync.toml", "sync", "--audience", "pro_plan", *args)
+
+
+def counts(url: str) -> tuple[int, int, int, int]:
+    """(baseline, pending, in_flight, delivered changes) of pro_plan."""
+    (row,) = query(
+        url,
+        "SELECT (SELECT count(*) FROM baseline WHERE audience_key = 'pro_plan'), "
+        "(SELECT count(*) FROM pending WHERE audience_key = 'pro_plan'), "
+        "(SELECT count(*) FROM in_flight), "
+        "(SELECT count(*) FROM changes WHERE audience_key = 'pro_plan' AND outcome = 'delivered')",
+    )
+    return row  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("transport", ["endusers", "segment"])
+def test_chunks_acknowledged_while_on_the_wire_add_up(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+    project.write(transport=transport, planhat=BULK)
+    project.source.set_users(users(range(1, 24), plan="pro"))
+    assert sync(cli).code == 0
+    assert counts(project.state_url) == (23, 0, 0, 23)
+    project.source.set_users(users(range(3, 30), plan="pro"))  # u1, u2 leave; u24..u29 enter
+    assert sync(cli).code == 0
+    assert counts(project.state_url) == (27, 0, 0, 23 + 8)
+    assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(3, 30))
+    assert project.planhat.value("u1", "pro_plan") is False
+    runs = query(project.state_url, "SELECT sent, failed, pending, status FROM runs ORDER BY id")
+    assert runs == [(23, 0, 0, "success"), (8, 0, 0, "success")]
+
+
+def test_a_refused_item_rolls_the_prepared_chunk_back_and_stays_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users(range(1, 13), plan="pro"))
+    project.planhat.partial_fail(["u7"])
+    assert sync(cli).code != 0
+    assert counts(project.state_url) == (11, 1, 0, 11)
+    assert query(project.state_url, "SELECT user_ref, in_doubt FROM pending") == [("u7", False)]
+    project.planhat.clear_faults()
+    assert sync(cli).code == 0
+    assert counts(project.state_url) == (12, 0, 0, 12)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing runs after it."""
+
+
+def killing_sender(after_sends: int) -> Any:
+    class Sender(SenderAround):
+        def after_send(self) -> None:
+            if self.sends >= after_sends:
+                raise Killed
+
+    return Sender
+
+
+def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users(range(1, 13), plan="pro"))
+    settings = load_settings(project.path)
+    engine = store.open_state(project.state_url)
+    try:
+        with pytest.raises(Killed):
+            sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=killing_sender(2))
+    finally:
+        engine.dispose()
+    # Planhat has ten; the state database acknowledged the first chunk only, and the second
+    # chunk's prepared acknowledgement went with the process.
+    assert sum(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 13)) == 10
+    assert counts(project.state_url) == (5, 7, 1, 5)
+    project.source.set_users(users(range(1, 7), plan="pro"))  # u7..u12 leave
+    expire_leases(project.state_url)
+    assert sync(cli).code == 0
+    # Chunk 2 (u3..u7) was settled in doubt: u3..u6 true again, u7 false; u10..u12 exit.
+    assert counts(project.state_url) == (6, 0, 0, 5 + 4 + 1 + 3)
+    assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 7))
+    assert not any(project.planhat.value(f"u{n}", "pro_plan") for n in range(7, 13))
+
+
+def expire_leases(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
+    engine.dispose()
+
+
+def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(
+    project: Project,
+    cli,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The acknowledgement deletes the outbox rows of the chunk's user range: a row that is
+    not the chunk's (which the lease should make impossible) must stay pending, unsent."""
+    monkeypatch.setattr(delivery, "PREPARE_FROM", 10**9)  # acknowledged after the answer
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users([1, 3, 5, 7], plan="pro"))
+    url = project.state_url
+
+    class Intruder(SenderAround):
+        def send(self, contacts: Any) -> Any:  # another writer, between the page and the ack
+            query(
+                url,
+                "INSERT INTO pending (audience_key, user_ref, value, user_id, queued_at, attempts, in_doubt) "
+                "VALUES ('pro_plan', 'u4', TRUE, 'u4', '2026-01-01 00:00:00', 0, FALSE)",
+            )
+            return super().send(contacts)
+
+    def intruder(settings: PlanhatSettings) -> Intruder:
+        return Intruder(settings)
+
+    settings = load_settings(project.path)
+    engine = store.open_state(url)
+    try:
+        (report,) = sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=intruder)
+    finally:
+        engine.dispose()
+    assert report.sent == 4
+    assert project.planhat.value("u4", "pro_plan") is None  # never sent
+    assert query(url, "SELECT user_ref FROM pending") == [("u4",)]
+    assert query(url, "SELECT user_ref FROM baseline ORDER BY user_ref") == [
+        ("u1",),
+        ("u3",),
+        ("u5",),
+        ("u7",),
+    ]
