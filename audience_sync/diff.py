@@ -50,6 +50,10 @@ ENTERED = "stage_entered"  # the staged rows not in the baseline, kept by measur
 ANALYZE_AFTER = 10_000  # rows written in one go before PostgreSQL's statistics are refreshed
 _ENTERED_FOR = "audience_sync.stage_entered_for"  # connection.info: the audience ENTERED was measured for
 _RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
+# A computed trait's members carry one more field, its value as canonical JSON (traits.py);
+# an audience's stage leaves the column NULL.
+VALUE_FIELD = "value"
+_STAGE_COLUMNS = f"{_RAW_COLUMNS}, {VALUE_FIELD}"
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,14 @@ def create_stage(connection: Connection) -> None:
     seq = "" if sqlite else "seq BIGINT GENERATED ALWAYS AS IDENTITY, "
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE {RAW} ({seq}user_id {key}, email {key}, name {text}, "
-        f"title {text}, company_id {key})"
+        f"title {text}, company_id {key}, {VALUE_FIELD} TEXT)"
     )
     for table in (STAGE, ENTERED):
         connection.exec_driver_sql(
             f"CREATE TEMPORARY TABLE {table} ("
             f"user_ref {key} NOT NULL PRIMARY KEY, user_id {key}, email {key}, "
-            f"name {text}, title {text}, company_id {key})" + (" WITHOUT ROWID" if sqlite else "")
+            f"name {text}, title {text}, company_id {key}, {VALUE_FIELD} TEXT)"
+            + (" WITHOUT ROWID" if sqlite else "")
         )
 
 
@@ -93,8 +98,11 @@ def load_stage(
     connection: Connection,
     chunks: Iterable[list[Member]],
     progress: Callable[[int], None] | None = None,
+    *,
+    with_value: bool = False,
 ) -> int:
     """Stage every member; the first row of a duplicated user wins. Returns rows given.
+    `with_value`: the members are a computed trait's, with the value as a last field.
 
     PostgreSQL: one COPY, which the server consumes in its own process while we read on.
     SQLite works inside this process, so a helper thread reads the source a chunk or two
@@ -107,13 +115,13 @@ def load_stage(
         progress = _StagingLog()
     with frozen_gc():
         if connection.dialect.name == "postgresql":
-            given = _copy_raw(connection, chunks, progress)
+            given = _copy_raw(connection, chunks, progress, with_value)
             # Built in one go and indexed afterwards: a third faster than inserting into the
             # keyed table.
             connection.exec_driver_sql(f"DROP TABLE {STAGE}")
             connection.exec_driver_sql(
                 f"CREATE TEMPORARY TABLE {STAGE} AS "
-                f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_RAW_COLUMNS} "
+                f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_STAGE_COLUMNS} "
                 f"FROM {RAW} ORDER BY user_ref, seq"
             )
             connection.exec_driver_sql(f"ALTER TABLE {STAGE} ADD PRIMARY KEY (user_ref)")
@@ -121,8 +129,10 @@ def load_stage(
             connection.exec_driver_sql(f"ANALYZE {STAGE}")  # autovacuum never sees temp tables
             return given
         given = 0
-        fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(MEMBER_FIELDS)))
-        insert = f"INSERT INTO {RAW} ({_RAW_COLUMNS}) SELECT {fields} FROM json_each(?)"
+        width = len(MEMBER_FIELDS) + with_value
+        fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
+        columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
+        insert = f"INSERT INTO {RAW} ({columns}) SELECT {fields} FROM json_each(?)"
         cursor = connection.connection.cursor()
         try:
             for chunk in read_ahead(chunks):
@@ -133,8 +143,8 @@ def load_stage(
         finally:
             cursor.close()
         connection.exec_driver_sql(
-            f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
-            f"SELECT coalesce(user_id, email), {_RAW_COLUMNS} FROM {RAW} "
+            f"INSERT INTO {STAGE} (user_ref, {_STAGE_COLUMNS}) "
+            f"SELECT coalesce(user_id, email), {_STAGE_COLUMNS} FROM {RAW} "
             "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
             "ON CONFLICT (user_ref) DO NOTHING"
         )
@@ -206,11 +216,17 @@ def read_ahead(chunks: Iterable[list[Member]], depth: int = 2) -> Iterator[list[
         helper.join()
 
 
-def _copy_raw(connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None]) -> int:
+def _copy_raw(
+    connection: Connection,
+    chunks: Iterable[list[Member]],
+    progress: Callable[[int], None],
+    with_value: bool = False,
+) -> int:
     """COPY the members into the raw stage through psycopg, inside the connection's transaction."""
     driver = connection.connection.driver_connection
     given = 0
-    with driver.cursor() as cursor, cursor.copy(f"COPY {RAW} ({_RAW_COLUMNS}) FROM STDIN") as copy:  # type: ignore[union-attr]
+    columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
+    with driver.cursor() as cursor, cursor.copy(f"COPY {RAW} ({columns}) FROM STDIN") as copy:  # type: ignore[union-attr]
         write = copy.write_row
         for chunk in chunks:
             for member in chunk:

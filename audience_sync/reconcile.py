@@ -102,10 +102,18 @@ def reconcile(
 ) -> list[ReconcileReport]:
     """Compare Planhat with the state database for the named audiences (default all); with
     `fix`, repair the baseline and deliver the corrections. One report per audience."""
-    audiences = settings.select(keys)
+    audiences, unsupported = _reconcilable(settings.select(keys), named=bool(keys))
     holder = holder or lease.new_holder()
     ttl = settings.daemon.lease_seconds
     reports = {a.key: ReconcileReport(key=a.key, name=a.name) for a in audiences}
+    for audience in unsupported:
+        reports[audience.key] = ReconcileReport(
+            key=audience.key,
+            name=audience.name,
+            status="skipped",
+            error=f"{audience.noun} {audience.key!r}: reconcile reads contacts' audience booleans only; "
+            "computed traits and account-level keys are not reconciled",
+        )
     with store.translate_errors("state database", str(engine.url)):
         with engine.begin() as connection:
             store.register_audiences(connection, [(a.key, a.name) for a in audiences])
@@ -123,7 +131,17 @@ def reconcile(
             if fix:
                 for audience in held:
                     lease.release(engine, audience.key, holder)
-    return [reports[a.key] for a in audiences]
+    return [reports[a.key] for a in [*audiences, *unsupported]]
+
+
+def _reconcilable(
+    audiences: list[AudienceSettings], named: bool
+) -> tuple[list[AudienceSettings], list[AudienceSettings]]:
+    """(user-level audiences, the rest): reconcile compares booleans on contacts. The rest is
+    reported as skipped when named, left out silently otherwise."""
+    chosen = [a for a in audiences if not a.trait and a.level == "user"]
+    others = [a for a in audiences if a not in chosen]
+    return chosen, others if named else []
 
 
 def _acquire(

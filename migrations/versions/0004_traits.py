@@ -1,0 +1,35 @@
+"""computed traits: a normalised value (canonical JSON text) beside the audience boolean
+
+baseline.value_json   the value Planhat was last told (NULL for an audience: membership)
+pending.value_json    the value to send; JSON `null` clears the field (an exit)
+changes.value_json    the value a change carried
+
+Revision ID: 0004
+Revises: 0002 (re-pointed to 0003 when merged after 0003_retired)
+Create Date: 2026-11-25 02:00:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+
+revision = '0004'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+TABLES = ('baseline', 'pending', 'changes')
+
+
+def upgrade() -> None:
+    for table in TABLES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.add_column(sa.Column('value_json', sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    for table in reversed(TABLES):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_column('value_json')
