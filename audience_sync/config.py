@@ -569,6 +569,8 @@ def _parse_entry(
         raise table.error(
             "send_as", f'{send_as!r} needs planhat.transport = "segment" (the bulk transport has no events)'
         )
+    if send_as != "property" and level == "account":
+        raise table.error("send_as", f"{send_as!r} is for user-level keys (a company has no track events)")
     on_exit = table.take_choice("on_exit", "clear", ON_EXIT) if kind == "trait" else "clear"
     table.finish()
     return AudienceSettings(

@@ -62,6 +62,7 @@ class DiffCounts:
     previous: int  # users Planhat has as `true` (the baseline)
     entered: int
     exited: int
+    resent: int = 0  # users whose value goes out again because they have a new identifier
 
     @property
     def exit_fraction(self) -> float:
@@ -249,17 +250,39 @@ def measure(connection: Connection, key: str) -> DiffCounts:
     if previous == 0:  # a first sync: everyone enters, and a full sync queues the stage itself
         entered = members
     else:
+        # Kept aside: the users not in the baseline, and those in it under other identifiers
+        # (a new email, say), whose `true` is sent again.
         entered = connection.execute(
             sa.text(
                 f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT EXISTS ("
-                "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+                "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref "
+                f"AND {SAME_IDS})"
             ),
             {"key": key},
         ).rowcount
         connection.info[_ENTERED_FOR] = key
-    # Members also in the baseline are members - entered; the rest of the baseline exited.
+        resent = count_in_baseline(connection, key)
+        # Members also in the baseline are members - entered; the rest of the baseline exited.
+        exited = previous - (members - (entered - resent))
+        return DiffCounts(members, previous, entered - resent, exited, resent)
     exited = previous - (members - entered)
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
+
+
+# The baseline row was told under the staged user's email (its user_id is its user_ref, or
+# there is none). A user whose ref changed is kept aside anyway: not in the baseline.
+SAME_IDS = "(b.email = s.email OR (b.email IS NULL AND s.email IS NULL))"
+
+
+def count_in_baseline(connection: Connection, key: str) -> int:
+    """Of the rows kept aside in ENTERED, those whose user is in the baseline (few)."""
+    return connection.execute(
+        sa.text(
+            f"SELECT count(*) FROM {ENTERED} s WHERE EXISTS (SELECT 1 FROM baseline b "
+            "WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+        ),
+        {"key": key},
+    ).scalar_one()
 
 
 _DROP_STALE = sa.text(
@@ -311,7 +334,8 @@ _QUEUE_ENTRIES = f"""
     {_UPSERT}
 """
 _NOT_IN_BASELINE = (
-    "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+    "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref "
+    f"AND {SAME_IDS})"
 )
 _EVERY_ROW = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import diff, lease, store, traits
+from . import diff, identities, lease, store, traits
 from . import models as m
 from .config import AudienceSettings, PlanhatSettings, SafetySettings, Settings
 from .delivery import DeliveryCounts, Sender, deliver, row_value, settle_in_flight
@@ -322,8 +322,11 @@ def _stage_and_queue(
 
 def _measure(connection: sa.Connection, audience: AudienceSettings) -> diff.DiffCounts:
     if audience.trait:
-        return traits.measure(connection, audience.key, audience.on_exit)
-    return diff.measure(connection, audience.key)
+        counts = traits.measure(connection, audience.key, audience.on_exit)
+    else:
+        counts = diff.measure(connection, audience.key)
+    # A user known under a new identifier is the same Planhat contact: resent, not exited.
+    return identities.carry_over(connection, audience.key, counts)
 
 
 def _queue_changes(

@@ -21,7 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .diff import ANALYZE_AFTER, ENTERED, STAGE, DiffCounts
+from .diff import ANALYZE_AFTER, ENTERED, SAME_IDS, STAGE, DiffCounts, count_in_baseline
 from .models import UTCDateTime
 from .values import NULL
 
@@ -29,9 +29,10 @@ from .values import NULL
 
 _MEASURED_FOR = "audience_sync.trait_entered_for"  # connection.info: the trait ENTERED holds
 
+# Planhat holds this value for the user, told under the same identifiers.
 _SAME_IN_BASELINE = (
     "EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref "
-    "AND b.value_json = s.value)"
+    f"AND b.value_json = s.value AND {SAME_IDS})"
 )
 
 
@@ -50,13 +51,7 @@ def measure(connection: Connection, key: str, on_exit: str) -> DiffCounts:
     entered = connection.execute(
         sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {_SAME_IN_BASELINE}"), {"key": key}
     ).rowcount
-    changed = connection.execute(  # of the entered, those Planhat holds another value for
-        sa.text(
-            f"SELECT count(*) FROM {ENTERED} s WHERE EXISTS (SELECT 1 FROM baseline b "
-            "WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
-        ),
-        {"key": key},
-    ).scalar_one()
+    changed = count_in_baseline(connection, key)  # of the entered: another value, or new identifiers
     connection.info[_MEASURED_FOR] = key
     exited = previous - (members - (entered - changed)) if on_exit == "clear" else 0
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)

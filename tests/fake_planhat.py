@@ -15,7 +15,8 @@ both transports.
     GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
-    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n};
+    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n},
+                         and "values": {key: n} when contacts hold other (trait) values;
                          ?applied=1 adds "applied_items": n, "applied_values": n
 
 Faults are scripted for the next n requests, whatever their route (fail_next, delay_next,
@@ -179,6 +180,8 @@ class FakePlanhat:
         self.applied: Counter[tuple[str, str, Any]] = Counter()  # (ref, key, value) -> writes
         self._in_flight = 0
         self._email_keys: dict[str, str] = {}  # email -> key of the contact holding it
+        # externalId -> key of the contact it was given to after creation (matched by email)
+        self._external_keys: dict[str, str] = {}
         self._order: list[str] = []  # contact keys in creation order, for GET /endusers
         self._order_stale = False
         self._ids: dict[str, int] = {}  # contact key -> _id number, given on first read
@@ -368,7 +371,7 @@ class FakePlanhat:
         """The `contacts` key of the contact that `ref` names; the caller holds the lock."""
         if ref in self.contacts:
             return ref
-        key = self._email_keys.get(ref)
+        key = self._external_keys.get(ref) or self._email_keys.get(ref)
         return key if key in self.contacts else None
 
     # --- reading the state ------------------------------------------------------------------
@@ -392,17 +395,19 @@ class FakePlanhat:
         with self._lock:
             true: dict[str, int] = {}
             false: dict[str, int] = {}
+            values: dict[str, int] = {}  # other (computed trait) values held
             for contact in self.contacts.values():
                 for key, flag in contact.get("custom", {}).items():
-                    counts = true if flag is True else false if flag is False else None
-                    if counts is not None:
-                        counts[key] = counts.get(key, 0) + 1
+                    counts = true if flag is True else false if flag is False else values
+                    counts[key] = counts.get(key, 0) + 1
             state: dict[str, Any] = {
                 "contacts": len(self.contacts),
                 "true": true,
                 "false": false,
                 "requests": len(self.requests),
             }
+            if values:
+                state["values"] = values
             if applied:
                 state["applied_items"] = self.applied_items
                 state["applied_values"] = self.applied_values
@@ -675,14 +680,21 @@ class FakePlanhat:
         return where, error
 
     def _upsert(self, fields: dict[str, Any], custom: dict[str, Any], adopt: bool = False) -> bool:
-        """Merge into the contact matched by externalId, else email; True when created.
+        """Merge into the contact matched by externalId, else email; True when created. An
+        unknown externalId with the email of an existing contact updates that contact (and
+        gives it the externalId), as Planhat's Segment destination matches userId or email.
 
         `fields` may hold a "custom" entry; `custom` replaces it. With `adopt`, a new contact
         is `fields` itself (a parsed item nobody else keeps): no copy per item in a benchmark.
         The caller holds the lock.
         """
         email = fields.get("email")
-        key = fields.get("externalId") or self._email_keys.get(email, email)
+        external = fields.get("externalId")
+        key = external or self._email_keys.get(email, email)
+        if external and external not in self.contacts:
+            known = self._external_keys.get(external) or (email and self._email_keys.get(email))
+            if known:
+                key = self._external_keys[external] = known
         contact = self.contacts.get(key)
         created = contact is None
         if contact is None:

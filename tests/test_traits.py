@@ -281,3 +281,30 @@ def test_the_daemon_syncs_a_trait(project: Project, start_daemon) -> None:  # ty
     while project.planhat.value("u1", KEY) != 7:
         assert time.monotonic() < deadline + 10, "the daemon did not send the change"
         time.sleep(0.05)
+
+
+def test_reconcile_finds_and_repairs_a_traits_drift(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    write(project, "endusers", trait=TRAIT + "\n[reconcile]\nmax_requests_per_second = 150\n",
+          planhat="max_requests_per_second = 150")  # fmt: skip
+    set_scores(project, [("u1", 5), ("u2", 6.5), ("u3", "gold")])
+    assert sync(cli).code == 0
+    reconciled = cli("--config", "audience_sync.toml", "reconcile", "--json")
+    assert reconciled.code == 0, reconciled.out + reconciled.err
+    assert json.loads(reconciled.out)[0]["agree"] == 3
+
+    fake.set_value("u1", KEY, 50)  # edited by hand
+    fake.set_value("u2", KEY, None)  # dropped by an import
+    fake.add_contact("u9", "u9@example.com", {KEY: 1})  # a value Planhat was never told
+    reconciled = cli("--config", "audience_sync.toml", "reconcile", "--json")
+    assert reconciled.code == 1
+    (report,) = json.loads(reconciled.out)
+    counts = (report["unexpected_true"], report["missing_true"], report["missing_contact"])
+    assert counts == (1, 2, 0) and report["samples"]["missing_true"] == ["u1", "u2"]
+
+    fixed = cli("--config", "audience_sync.toml", "reconcile", "--fix", "--json")
+    assert fixed.code == 0, fixed.out + fixed.err
+    assert [fake.value(u, KEY) for u in ("u1", "u2", "u3", "u9")] == [5, 6.5, "gold", None]
+    assert (
+        json.loads(cli("--config", "audience_sync.toml", "reconcile", "--json").out)[0]["status"] == "agree"
+    )
