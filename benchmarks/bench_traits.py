@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import statistics
@@ -217,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[100_000])
     parser.add_argument("--state", nargs="+", default=["sqlite"], choices=["sqlite", "postgresql"])
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cli", help="a command to run in place of audience-sync (e.g. older code)")
     args = parser.parse_args(argv)
+    if args.cli:
+        CLI[:] = shlex.split(args.cli)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-traits-") as tmp:
         workdir = Path(tmp)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             make_source(template, n)
             for state in args.state:
                 medians = {}
-                for case in CASES:
+                for case in args.cases:
                     samples = [one_sample(state, case, n, template, workdir, rep) for rep in range(args.runs)]
                     medians[case] = [
                         statistics.median(getattr(s[i], f) for s in samples)
@@ -241,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         for case, (fs, fc, fr, is_, ic, ir) in medians.items():
             times = f"{fs:.2f} | {fc:.2f} | {is_:.2f} | {ic:.2f}"
             print(f"| {state} | {n:,} | {case} | {times} | {fr:.0f} / {ir:.0f} |")
-        ratio = medians["trait"][3] / medians["audience"][3]
-        print(f"| {state} | {n:,} | trait / audience, incremental | | | {ratio:.2f}x | | |")
+        if len(medians) == 2:
+            ratio = medians["trait"][3] / medians["audience"][3]
+            print(f"| {state} | {n:,} | trait / audience, incremental | | | {ratio:.2f}x | | |")
     return 0
 
 

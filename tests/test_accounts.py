@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from typing import Any
 
 import pytest
@@ -137,3 +138,26 @@ def test_a_company_change_in_doubt_is_resent(project: Project, cli, transport: s
     set_accounts(project, [])  # c1 leaves while Planhat may hold `true`: `false` must go out
     assert sync(cli).code == 0
     assert fake.company_value("c1", "enterprise_accounts") is False
+
+
+def test_the_daemon_runs_account_level_keys_events_and_traits(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    fake = project.planhat
+    events = {"name": "Pro Plan", "send_as": "events", "query": "SELECT id AS user_id, email FROM users"}
+    schedule = '\n[schedule]\nmin_interval = "1s"\nmax_interval = "1s"\n'
+    project.write([ENTERPRISE, events], extra=ARR + schedule)
+    project.source.set_users([{"id": "u1", "email": "u1@example.com"}])
+    set_accounts(project, [("c1", "Acme", 250000)])
+    start_daemon()
+    deadline = time.monotonic() + 15
+    while not (
+        fake.company_value("c1", "enterprise_accounts") is True
+        and fake.company_value("c1", "arr") == 250000
+        and fake.events_of("u1")
+    ):
+        assert time.monotonic() < deadline, "the daemon did not deliver every kind of key"
+        time.sleep(0.05)
+    set_accounts(project, [("c1", "Acme", 260000.5)])
+    while fake.company_value("c1", "arr") != 260000.5:
+        assert time.monotonic() < deadline + 10, "the daemon did not send the changed value"
+        time.sleep(0.05)
+    assert fake.events_of("u1") == [("Audience Entered", {"audience_key": "pro_plan", "pro_plan": True})]

@@ -308,3 +308,29 @@ def test_reconcile_finds_and_repairs_a_traits_drift(project: Project, cli) -> No
     assert (
         json.loads(cli("--config", "audience_sync.toml", "reconcile", "--json").out)[0]["status"] == "agree"
     )
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ('on_exit = "forget"', "traits[0].on_exit"),
+        ('level = "team"', "traits[0].level"),
+        ('level = "account"\nsend_as = "events"', "traits[0].send_as"),
+    ],
+)
+def test_a_bad_trait_setting_is_one_line_naming_it(project: Project, cli, entry: str, where: str) -> None:  # type: ignore[no-untyped-def]
+    write(project, trait=TRAIT + entry + "\n")
+    result = sync(cli)
+    assert result.code != 0
+    assert where in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_the_example_config_documents_traits_and_account_level() -> None:
+    from pathlib import Path
+
+    from audience_sync.config import load_settings
+
+    settings = load_settings(Path(__file__).resolve().parent.parent / "config.example.toml", {})
+    kinds = {(a.key, a.kind, a.level) for a in settings.audiences}
+    assert ("total_revenue_180_days", "trait", "user") in kinds
+    assert ("enterprise_accounts", "audience", "account") in kinds
