@@ -15,8 +15,9 @@ Here (after the diff has measured, before the outbox is written, in the same tra
   identifiers), and the old identity's outbox rows go with it: nothing is sent to the old
   identity at all.
 
-Only candidates that the diff already found are looked at: users kept aside (ENTERED, few)
-and baseline rows whose user left the query, matched on the lowercased email.
+Only candidates that the diff already found are looked at: users kept aside (ENTERED, few),
+and the baseline rows told under their emails (an index lookup each) whose user left the
+query. Emails are compared as the source gives them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqlalchemy.engine import Connection
 from .diff import ENTERED, STAGE, DiffCounts
 
 MOVED = "stage_moved"  # (old_ref, new_ref) of this run's re-identified users
-EMAILS = "stage_new_emails"  # lowercased email -> user_ref of the kept-aside users not in the baseline
+EMAILS = "stage_new_emails"  # email -> user_ref of the kept-aside users not in the baseline
 
 
 def carry_over(connection: Connection, key: str, counts: DiffCounts) -> DiffCounts:
@@ -45,25 +46,27 @@ def carry_over(connection: Connection, key: str, counts: DiffCounts) -> DiffCoun
             f"CREATE TEMPORARY TABLE {table} ({columns} {key_type} PRIMARY KEY, new_ref {key_type} NOT NULL)"
         )
     params = {"key": key}
-    # The kept-aside users who are not in the baseline, by lowercased email (few rows)...
+    # The kept-aside users who are not in the baseline, by email (few rows)...
     found = connection.execute(
         sa.text(
-            f"INSERT INTO {EMAILS} (email, new_ref) SELECT lower(e.email), min(e.user_ref) FROM {ENTERED} e "
+            f"INSERT INTO {EMAILS} (email, new_ref) SELECT e.email, min(e.user_ref) FROM {ENTERED} e "
             "WHERE e.email IS NOT NULL AND NOT EXISTS (SELECT 1 FROM baseline n "
-            "WHERE n.audience_key = :key AND n.user_ref = e.user_ref) GROUP BY lower(e.email)"
+            "WHERE n.audience_key = :key AND n.user_ref = e.user_ref) GROUP BY e.email"
         ),
         params,
     ).rowcount
-    # ...then one pass over the baseline, probing them: the rows of users who left the query
-    # under an old ref (an email-only user's email is its ref).
+    # ...then, through ix_baseline_email, the baseline rows told under those emails whose user
+    # left the query under another ref (an email-only user's email is also its ref). CROSS
+    # JOIN makes SQLite walk the few emails and probe the index.
     moved = 0
     if found:
         moved = connection.execute(
             sa.text(
-                f"INSERT INTO {MOVED} (old_ref, new_ref) SELECT b.user_ref, x.new_ref "
-                f"FROM baseline b JOIN {EMAILS} x ON x.email = lower(coalesce(b.email, b.user_ref)) "
-                "WHERE b.audience_key = :key AND b.user_ref <> x.new_ref "
-                f"AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = b.user_ref)"
+                f"INSERT INTO {MOVED} (old_ref, new_ref) SELECT b.user_ref, min(x.new_ref) "
+                f"FROM {EMAILS} x CROSS JOIN baseline b "
+                "WHERE b.audience_key = :key AND b.email = x.email AND b.user_ref <> x.new_ref "
+                f"AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = b.user_ref) "
+                "GROUP BY b.user_ref"
             ),
             params,
         ).rowcount

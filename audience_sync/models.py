@@ -90,6 +90,8 @@ baseline = Table(
     Column("told_at", UTCDateTime, nullable=False),
     # A computed trait's value as Planhat has it (canonical JSON text); NULL for an audience.
     Column("value_json", Text, nullable=True),
+    # Finds the row of a user who comes back under another identifier (identities.py).
+    Index("ix_baseline_email", "audience_key", "email"),
 )
 
 pending = Table(

@@ -3,6 +3,7 @@
 baseline.value_json   the value Planhat was last told (NULL for an audience: membership)
 pending.value_json    the value to send; JSON `null` clears the field (an exit)
 changes.value_json    the value a change carried
+ix_baseline_email     finds the user Planhat knows under an email (a user who changed identity)
 
 Revision ID: 0004
 Revises: 0002 (re-pointed to 0003 when merged after 0003_retired)
@@ -27,9 +28,13 @@ def upgrade() -> None:
     for table in TABLES:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.add_column(sa.Column('value_json', sa.Text(), nullable=True))
+    with op.batch_alter_table('baseline', schema=None) as batch_op:
+        batch_op.create_index('ix_baseline_email', ['audience_key', 'email'], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('baseline', schema=None) as batch_op:
+        batch_op.drop_index('ix_baseline_email')
     for table in reversed(TABLES):
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.drop_column('value_json')
