@@ -109,7 +109,7 @@ def sync(
     try:
         with store.translate_errors("state database", str(engine.url)):
             with engine.begin() as connection:
-                store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+                store.register_audiences(connection, audiences)
             if options.dry_run:
                 return [_dry_run(engine, pool, a, options, settings) for a in audiences]
             return _sync_leased(

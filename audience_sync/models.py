@@ -80,6 +80,9 @@ audiences = Table(
     Column("next_run_at", UTCDateTime, nullable=True),
     # Retired: gone from the config and every user told `false`; cleared if it comes back.
     Column("retired_at", UTCDateTime, nullable=True),
+    # What the key is, from the config (NULL before 0005: a user-level audience).
+    Column("kind", String(16), nullable=True),  # audience | trait
+    Column("level", String(16), nullable=True),  # user | account
 )
 
 baseline = Table(

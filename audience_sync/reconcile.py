@@ -118,7 +118,7 @@ def reconcile(
         )
     with store.translate_errors("state database", str(engine.url)):
         with engine.begin() as connection:
-            store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+            store.register_audiences(connection, audiences)
         held = _acquire(engine, audiences, reports, holder, ttl) if fix else list(audiences)
         try:
             if held:
