@@ -183,7 +183,7 @@ def resync(
     try:
         keys = [a.key for a in settings.select(audience)]
         with engine.begin() as connection:
-            store.register_audiences(connection, [(a.key, a.name) for a in settings.select(keys)])
+            store.register_audiences(connection, settings.select(keys))
             ids = store.request_resync(connection, keys, requested_by="cli")
         if not now:
             typer.echo(

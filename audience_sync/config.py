@@ -181,12 +181,32 @@ class SourceSettings:
     url: str = field(metadata=_masked(safe_url))
 
 
+KINDS = ("audience", "trait")
+LEVELS = ("user", "account")
+SEND_AS = ("property", "events", "both")
+ON_EXIT = ("clear", "keep")
+
+
 @dataclass(frozen=True)
 class AudienceSettings:
+    """One `[[audiences]]` or `[[traits]]` entry: both run, diff and deliver the same way."""
+
     name: str
     key: str
     source: str
     query: str
+    kind: str = "audience"  # audience | trait (a computed trait: the query returns `value`)
+    level: str = "user"  # user (contacts) | account (Planhat companies, keyed on company_id)
+    send_as: str = "property"  # property | events | both
+    on_exit: str = "clear"  # traits: clear (send null) | keep (the last value stays)
+
+    @property
+    def trait(self) -> bool:
+        return self.kind == "trait"
+
+    @property
+    def noun(self) -> str:
+        return "trait" if self.trait else "audience"
 
 
 @dataclass(frozen=True)
@@ -389,7 +409,7 @@ def parse_settings(data: dict[str, Any], path: Path | None, environ: dict[str, s
         sources=_parse_sources(root.table("sources"), environ),
         audiences=(),
     )
-    audiences = _parse_audiences(root, settings.sources)
+    audiences = _parse_audiences(root, settings.sources, settings.planhat)
     root.finish()
     return Settings(**{**settings.__dict__, "audiences": audiences})
 
@@ -514,33 +534,61 @@ def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSe
     return sources
 
 
-def _parse_audiences(root: _Table, sources: dict[str, SourceSettings]) -> tuple[AudienceSettings, ...]:
-    raw = root.take("audiences", list, [])
-    audiences: list[AudienceSettings] = []
+def _parse_audiences(
+    root: _Table, sources: dict[str, SourceSettings], planhat: PlanhatSettings
+) -> tuple[AudienceSettings, ...]:
+    """`[[audiences]]` then `[[traits]]`; keys are unique across both."""
+    entries: list[AudienceSettings] = []
     seen: dict[str, str] = {}
-    for index, item in enumerate(raw):
-        where = f"audiences[{index}]"
-        if not isinstance(item, dict):
-            raise root.error(where, "expected a table ([[audiences]])")
-        table = _Table(item, where, root.origin)
-        name = table.take_str("name", required=True)
-        explicit_key = table.take_str("key")
-        key = explicit_key or derive_key(name)
-        if not key:
-            raise table.error("name", f"{name!r} yields an empty key; set audiences.key")
-        if explicit_key and derive_key(explicit_key) != explicit_key:
-            raise table.error("key", f"{explicit_key!r} is not a snake_case key")
-        if key in RESERVED_KEYS:
-            field_name = "key" if explicit_key else "name"
-            raise table.error(field_name, f"key {key!r} collides with a contact field; set audiences.key")
-        source = table.take_str("source", required=True)
-        if source not in sources:
-            known = ", ".join(sources) or "none"
-            raise table.error("source", f"unknown source {source!r} (configured: {known})")
-        query = table.take_str("query", required=True)
-        table.finish()
-        if key in seen:
-            raise table.error("key", f"{key!r} is already the key of audience {seen[key]!r}")
-        seen[key] = name
-        audiences.append(AudienceSettings(name=name, key=key, source=source, query=query))
-    return tuple(audiences)
+    for section, kind in (("audiences", "audience"), ("traits", "trait")):
+        for index, item in enumerate(root.take(section, list, [])):
+            where = f"{section}[{index}]"
+            if not isinstance(item, dict):
+                raise root.error(where, f"expected a table ([[{section}]])")
+            table = _Table(item, where, root.origin)
+            entry = _parse_entry(table, section, kind, sources, planhat)
+            if entry.key in seen:
+                raise table.error("key", f"{entry.key!r} is already the key of {seen[entry.key]}")
+            seen[entry.key] = f"{kind} {entry.name!r}"
+            entries.append(entry)
+    return tuple(entries)
+
+
+def _parse_entry(
+    table: _Table, section: str, kind: str, sources: dict[str, SourceSettings], planhat: PlanhatSettings
+) -> AudienceSettings:
+    name = table.take_str("name", required=True)
+    explicit_key = table.take_str("key")
+    key = explicit_key or derive_key(name)
+    if not key:
+        raise table.error("name", f"{name!r} yields an empty key; set {section}.key")
+    if explicit_key and derive_key(explicit_key) != explicit_key:
+        raise table.error("key", f"{explicit_key!r} is not a snake_case key")
+    if key in RESERVED_KEYS:
+        field_name = "key" if explicit_key else "name"
+        raise table.error(field_name, f"key {key!r} collides with a contact field; set {section}.key")
+    source = table.take_str("source", required=True)
+    if source not in sources:
+        known = ", ".join(sources) or "none"
+        raise table.error("source", f"unknown source {source!r} (configured: {known})")
+    query = table.take_str("query", required=True)
+    level = table.take_choice("level", "user", LEVELS)
+    send_as = table.take_choice("send_as", "property", SEND_AS)
+    if send_as != "property" and planhat.transport != "segment":
+        raise table.error(
+            "send_as", f'{send_as!r} needs planhat.transport = "segment" (the bulk transport has no events)'
+        )
+    if send_as != "property" and level == "account":
+        raise table.error("send_as", f"{send_as!r} is for user-level keys (a company has no track events)")
+    on_exit = table.take_choice("on_exit", "clear", ON_EXIT) if kind == "trait" else "clear"
+    table.finish()
+    return AudienceSettings(
+        name=name,
+        key=key,
+        source=source,
+        query=query,
+        kind=kind,
+        level=level,
+        send_as=send_as,
+        on_exit=on_exit,
+    )

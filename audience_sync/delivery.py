@@ -32,6 +32,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any, Protocol
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -39,7 +40,7 @@ from . import models as m
 from .diff import ANALYZE_AFTER
 from .errors import AudienceSyncError
 from .models import UTCDateTime
-from .planhat import Contact, Outcome
+from .planhat import AUDIENCES, Contact, KeyMeta, Outcome
 from .sources import frozen_gc
 from .store import utcnow
 
@@ -73,6 +74,7 @@ _COLUMNS = (
     m.pending.c.name,
     m.pending.c.title,
     m.pending.c.company_id,
+    m.pending.c.value_json,
 )
 
 
@@ -98,25 +100,32 @@ def read_page(engine: Engine, keys: list[str], after: str, limit: int) -> list[P
 
 
 # Positions in a page row (the order of _COLUMNS).
-_ID, _KEY, _REF, _VALUE, _USER_ID, _EMAIL, _NAME, _TITLE, _COMPANY = range(len(_COLUMNS))
+_ID, _KEY, _REF, _VALUE, _USER_ID, _EMAIL, _NAME, _TITLE, _COMPANY, _JSON = range(len(_COLUMNS))
+
+
+def row_value(value: object, value_json: str | None) -> Any:
+    """What Planhat is to hold: an audience's boolean, or a computed trait's value (None, JSON
+    null, clears the field)."""
+    return bool(value) if value_json is None else orjson.loads(value_json)
 
 
 def coalesce(
-    rows: list[PageRow], complete: bool, one_audience: bool = False
+    rows: list[PageRow], complete: bool, one_audience: bool = False, meta: KeyMeta = AUDIENCES
 ) -> list[tuple[Contact, list[PageRow]]]:
     """Group rows per user. When the page was cut (`complete` False), the last user may be
     missing audiences on the next page, so it is left for the next page. With `one_audience`
-    every row is its own user (the outbox holds a user once per audience): no grouping."""
+    every row is its own user (the outbox holds a user once per audience): no grouping.
+    `meta` says how the keys go out (traits, events, companies)."""
     if one_audience:
         kept = rows if complete or len(rows) < 2 else rows[:-1]
-        return [(_single_contact(row), [row]) for row in kept]
+        return [(_single_contact(row, meta), [row]) for row in kept]
     groups = [list(group) for _, group in groupby(rows, key=itemgetter(_REF))]
     if not complete and len(groups) > 1:
         groups.pop()
-    return [(_contact(group), group) for group in groups]
+    return [(_contact(group, meta), group) for group in groups]
 
 
-def _single_contact(row: PageRow) -> Contact:
+def _single_contact(row: PageRow, meta: KeyMeta = AUDIENCES) -> Contact:
     """One row, one audience: the common case, and a million of them in a full sync."""
     return Contact(
         row[_REF],
@@ -125,13 +134,14 @@ def _single_contact(row: PageRow) -> Contact:
         row[_NAME],
         row[_TITLE],
         row[_COMPANY],
-        {row[_KEY]: bool(row[_VALUE])},
+        {row[_KEY]: bool(row[_VALUE]) if row[_JSON] is None else orjson.loads(row[_JSON])},
+        meta,
     )
 
 
-def _contact(rows: list[PageRow]) -> Contact:
+def _contact(rows: list[PageRow], meta: KeyMeta = AUDIENCES) -> Contact:
     if len(rows) == 1:
-        return _single_contact(rows[0])
+        return _single_contact(rows[0], meta)
 
     def first(position: int) -> str | None:
         return next((r[position] for r in rows if r[position]), None)
@@ -143,7 +153,8 @@ def _contact(rows: list[PageRow]) -> Contact:
         name=first(_NAME),
         title=first(_TITLE),
         company_id=first(_COMPANY),
-        values={row[_KEY]: bool(row[_VALUE]) for row in rows},
+        values={row[_KEY]: row_value(row[_VALUE], row[_JSON]) for row in rows},
+        meta=meta,
     )
 
 
@@ -154,6 +165,7 @@ def deliver(
     counts: dict[str, DeliveryCounts],
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    meta: KeyMeta = AUDIENCES,
 ) -> None:
     """Send every pending change of the given audiences, adding up what happened in `counts`
     (the caller's, so the counts survive an error that ends the delivery).
@@ -176,7 +188,9 @@ def deliver(
 
     def page(after: str) -> list[tuple[Contact, list[PageRow]]]:
         rows = read_page(engine, keys, after, limit)
-        return coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1) if rows else []
+        return (
+            coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1, meta=meta) if rows else []
+        )
 
     if engine.dialect.name == "postgresql" and len(keys) > 1:
         _refresh_statistics(engine, keys)
@@ -461,8 +475,12 @@ def _acknowledge(
     fresh: frozenset[str],
 ) -> None:
     with engine.begin() as connection:
-        if delivered:
-            _apply_delivered(connection, delivered, run_ids, now, span, fresh)
+        valued = [row for row in delivered if row[_JSON] is not None]
+        if valued:  # computed traits: the baseline takes the value
+            _apply_delivered_values(connection, valued, run_ids, now)
+        plain = [row for row in delivered if row[_JSON] is None] if valued else delivered
+        if plain:  # the span covers the whole chunk: with trait rows in it, go by ids
+            _apply_delivered(connection, plain, run_ids, now, None if valued else span, fresh)
         if failed:
             connection.execute(
                 m.pending.update()
@@ -609,6 +627,49 @@ def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozense
     )
 
 
+def _apply_delivered_values(
+    connection: sa.Connection, rows: list[PageRow], run_ids: dict[str, int], now: datetime
+) -> None:
+    """_apply_delivered for computed traits: the baseline takes the value Planhat accepted (a
+    `null` removes the user's row), `changes` records it. The chunk's ids travel as one
+    parameter (a JSON array), on both databases."""
+    params: dict[str, Any] = {"now": now, "ids": json.dumps([row[_ID] for row in rows])}
+    run_id = _run_id_case(run_ids, params)
+    now_param = sa.bindparam("now", type_=UTCDateTime)
+    if connection.dialect.name == "postgresql":
+        ids = "SELECT CAST(value AS BIGINT) FROM json_array_elements_text(CAST(:ids AS JSON))"
+    else:
+        ids = "SELECT value FROM json_each(:ids)"
+    chosen = f"p.id IN ({ids})"
+    connection.execute(
+        sa.text(
+            "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at, value_json) "
+            f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now, p.value_json "
+            f"FROM pending p WHERE {chosen} AND p.value = TRUE "
+            "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
+            "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at, "
+            "value_json = excluded.value_json"
+        ).bindparams(now_param),
+        params,
+    )
+    connection.execute(
+        sa.text(
+            "DELETE FROM baseline WHERE (audience_key, user_ref) IN ("
+            f"SELECT p.audience_key, p.user_ref FROM pending p WHERE {chosen} AND p.value = FALSE)"
+        ),
+        params,
+    )
+    connection.execute(
+        sa.text(
+            "INSERT INTO changes (run_id, audience_key, user_ref, value, value_json, outcome, error, at) "
+            f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
+            f"FROM pending p WHERE {chosen}"
+        ).bindparams(now_param),
+        params,
+    )
+    connection.execute(sa.text(f"DELETE FROM pending WHERE id IN ({ids})"), params)
+
+
 def _run_id_case(run_ids: dict[str, int], params: dict[str, Any]) -> str:
     """SQL for "this run's id for the row's audience", its parameters added to `params`."""
     whens = []
@@ -626,6 +687,7 @@ def _change(
         "audience_key": row[_KEY],
         "user_ref": row[_REF],
         "value": bool(row[_VALUE]),
+        "value_json": row[_JSON],
         "outcome": outcome,
         "error": error,
         "at": now,

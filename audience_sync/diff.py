@@ -50,6 +50,10 @@ ENTERED = "stage_entered"  # the staged rows not in the baseline, kept by measur
 ANALYZE_AFTER = 10_000  # rows written in one go before PostgreSQL's statistics are refreshed
 _ENTERED_FOR = "audience_sync.stage_entered_for"  # connection.info: the audience ENTERED was measured for
 _RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
+# A computed trait's members carry one more field, its value as canonical JSON (traits.py);
+# an audience's stage leaves the column NULL.
+VALUE_FIELD = "value"
+_STAGE_COLUMNS = f"{_RAW_COLUMNS}, {VALUE_FIELD}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class DiffCounts:
     previous: int  # users Planhat has as `true` (the baseline)
     entered: int
     exited: int
+    resent: int = 0  # users whose value goes out again because they have a new identifier
 
     @property
     def exit_fraction(self) -> float:
@@ -73,13 +78,14 @@ def create_stage(connection: Connection) -> None:
     seq = "" if sqlite else "seq BIGINT GENERATED ALWAYS AS IDENTITY, "
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE {RAW} ({seq}user_id {key}, email {key}, name {text}, "
-        f"title {text}, company_id {key})"
+        f"title {text}, company_id {key}, {VALUE_FIELD} TEXT)"
     )
     for table in (STAGE, ENTERED):
         connection.exec_driver_sql(
             f"CREATE TEMPORARY TABLE {table} ("
             f"user_ref {key} NOT NULL PRIMARY KEY, user_id {key}, email {key}, "
-            f"name {text}, title {text}, company_id {key})" + (" WITHOUT ROWID" if sqlite else "")
+            f"name {text}, title {text}, company_id {key}, {VALUE_FIELD} TEXT)"
+            + (" WITHOUT ROWID" if sqlite else "")
         )
 
 
@@ -93,8 +99,11 @@ def load_stage(
     connection: Connection,
     chunks: Iterable[list[Member]],
     progress: Callable[[int], None] | None = None,
+    *,
+    with_value: bool = False,
 ) -> int:
     """Stage every member; the first row of a duplicated user wins. Returns rows given.
+    `with_value`: the members are a computed trait's, with the value as a last field.
 
     A helper thread reads the source a chunk or two ahead. PostgreSQL: one COPY, which the
     server consumes in its own process. SQLite works inside this process: it writes each
@@ -107,13 +116,13 @@ def load_stage(
         progress = _StagingLog()
     with frozen_gc():
         if connection.dialect.name == "postgresql":
-            given = _copy_raw(connection, chunks, progress)
+            given = _copy_raw(connection, chunks, progress, with_value)
             # Built in one go and indexed afterwards: a third faster than inserting into the
             # keyed table.
             connection.exec_driver_sql(f"DROP TABLE {STAGE}")
             connection.exec_driver_sql(
                 f"CREATE TEMPORARY TABLE {STAGE} AS "
-                f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_RAW_COLUMNS} "
+                f"SELECT DISTINCT ON (user_ref) coalesce(user_id, email) AS user_ref, {_STAGE_COLUMNS} "
                 f"FROM {RAW} ORDER BY user_ref, seq"
             )
             connection.exec_driver_sql(f"ALTER TABLE {STAGE} ADD PRIMARY KEY (user_ref)")
@@ -121,8 +130,10 @@ def load_stage(
             connection.exec_driver_sql(f"ANALYZE {STAGE}")  # autovacuum never sees temp tables
             return given
         given = 0
-        fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(MEMBER_FIELDS)))
-        insert = f"INSERT INTO {RAW} ({_RAW_COLUMNS}) SELECT {fields} FROM json_each(?)"
+        width = len(MEMBER_FIELDS) + with_value
+        fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
+        columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
+        insert = f"INSERT INTO {RAW} ({columns}) SELECT {fields} FROM json_each(?)"
         cursor = connection.connection.cursor()
         try:
             for chunk in read_ahead(chunks):
@@ -133,8 +144,8 @@ def load_stage(
         finally:
             cursor.close()
         connection.exec_driver_sql(
-            f"INSERT INTO {STAGE} (user_ref, {_RAW_COLUMNS}) "
-            f"SELECT coalesce(user_id, email), {_RAW_COLUMNS} FROM {RAW} "
+            f"INSERT INTO {STAGE} (user_ref, {_STAGE_COLUMNS}) "
+            f"SELECT coalesce(user_id, email), {_STAGE_COLUMNS} FROM {RAW} "
             "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
             "ON CONFLICT (user_ref) DO NOTHING"
         )
@@ -206,13 +217,19 @@ def read_ahead(chunks: Iterable[list[Member]], depth: int = 2) -> Iterator[list[
         helper.join()
 
 
-def _copy_raw(connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None]) -> int:
+def _copy_raw(
+    connection: Connection,
+    chunks: Iterable[list[Member]],
+    progress: Callable[[int], None],
+    with_value: bool = False,
+) -> int:
     """COPY the members into the raw stage through psycopg, inside the connection's transaction.
     The source is read a chunk or two ahead, as on SQLite: its driver steps without the GIL
     while this thread formats rows (a tenth off the staging of a million)."""
     driver = connection.connection.driver_connection
     given = 0
-    with driver.cursor() as cursor, cursor.copy(f"COPY {RAW} ({_RAW_COLUMNS}) FROM STDIN") as copy:  # type: ignore[union-attr]
+    columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
+    with driver.cursor() as cursor, cursor.copy(f"COPY {RAW} ({columns}) FROM STDIN") as copy:  # type: ignore[union-attr]
         write = copy.write_row
         for chunk in read_ahead(chunks):
             for member in chunk:
@@ -235,17 +252,39 @@ def measure(connection: Connection, key: str) -> DiffCounts:
     if previous == 0:  # a first sync: everyone enters, and a full sync queues the stage itself
         entered = members
     else:
+        # Kept aside: the users not in the baseline, and those in it under other identifiers
+        # (a new email, say), whose `true` is sent again.
         entered = connection.execute(
             sa.text(
                 f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT EXISTS ("
-                "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+                "SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref "
+                f"AND {SAME_IDS})"
             ),
             {"key": key},
         ).rowcount
         connection.info[_ENTERED_FOR] = key
-    # Members also in the baseline are members - entered; the rest of the baseline exited.
+        resent = count_in_baseline(connection, key)
+        # Members also in the baseline are members - entered; the rest of the baseline exited.
+        exited = previous - (members - (entered - resent))
+        return DiffCounts(members, previous, entered - resent, exited, resent)
     exited = previous - (members - entered)
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
+
+
+# The baseline row was told under the staged user's email (its user_id is its user_ref, or
+# there is none). A user whose ref changed is kept aside anyway: not in the baseline.
+SAME_IDS = "(b.email = s.email OR (b.email IS NULL AND s.email IS NULL))"
+
+
+def count_in_baseline(connection: Connection, key: str) -> int:
+    """Of the rows kept aside in ENTERED, those whose user is in the baseline (few)."""
+    return connection.execute(
+        sa.text(
+            f"SELECT count(*) FROM {ENTERED} s WHERE EXISTS (SELECT 1 FROM baseline b "
+            "WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+        ),
+        {"key": key},
+    ).scalar_one()
 
 
 _DROP_STALE = sa.text(
@@ -297,7 +336,8 @@ _QUEUE_ENTRIES = """
     {upsert}
 """
 _NOT_IN_BASELINE = (
-    "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref)"
+    "NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key AND b.user_ref = s.user_ref "
+    f"AND {SAME_IDS})"
 )
 _EVERY_ROW = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
 

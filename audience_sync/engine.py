@@ -13,17 +13,27 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import diff, lease, store
+from . import diff, identities, lease, store, traits
 from . import models as m
 from .config import AudienceSettings, PlanhatSettings, SafetySettings, Settings
-from .delivery import DeliveryCounts, Sender, deliver, settle_in_flight
+from .delivery import DeliveryCounts, Sender, deliver, row_value, settle_in_flight
 from .errors import AudienceSyncError, PlanhatError, StateDatabaseError
-from .planhat import Contact, PlanhatClient, build_enduser, build_identify, utc_timestamp
+from .planhat import (
+    AUDIENCES,
+    Contact,
+    KeyMeta,
+    PlanhatClient,
+    build_company,
+    build_enduser,
+    build_messages,
+    utc_timestamp,
+)
 from .sources import ReadStats, SourcePool, read_members
 
 log = logging.getLogger("audience_sync.engine")
@@ -99,7 +109,7 @@ def sync(
     try:
         with store.translate_errors("state database", str(engine.url)):
             with engine.begin() as connection:
-                store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+                store.register_audiences(connection, audiences)
             if options.dry_run:
                 return [_dry_run(engine, pool, a, options, settings) for a in audiences]
             return _sync_leased(
@@ -154,6 +164,7 @@ def _sync_leased(
                         sender_factory,
                         progress,
                         lambda: should_stop() or bool(keeper.lost),
+                        {a.key: a for a in held},
                     )
             except (Exception, KeyboardInterrupt) as exc:
                 # A bug or Ctrl-C: the runs are still recorded with what happened. A kill (or a
@@ -279,10 +290,12 @@ def _stage_and_queue(
     with engine.connect() as connection:
         try:
             diff.create_stage(connection)
-            given = diff.load_stage(connection, read_members(pool, audience, stats))
+            given = diff.load_stage(
+                connection, read_members(pool, audience, stats), with_value=audience.trait
+            )
             store.begin_write(connection)
             settle_in_flight(connection, audience.key)
-            counts = diff.measure(connection, audience.key)
+            counts = _measure(connection, audience)
             skipped = stats.skipped + (given - counts.members)  # bad rows + duplicates
             _log_skipped(audience.key, stats, given - counts.members)
             blocked = _guard(counts, safety, options, audience.key)
@@ -291,7 +304,7 @@ def _stage_and_queue(
                 connection.rollback()
                 return counts, skipped
             now = store.utcnow()
-            diff.queue_changes(connection, audience.key, report.run_id, now, full=report.kind == "full")
+            _queue_changes(connection, audience, report.run_id, now, full=report.kind == "full")
             connection.execute(
                 m.audiences.update()
                 .where(m.audiences.c.key == audience.key, m.audiences.c.baseline_at.is_(None))
@@ -309,6 +322,24 @@ def _stage_and_queue(
             return counts, skipped
         finally:
             _discard_stage(connection)
+
+
+def _measure(connection: sa.Connection, audience: AudienceSettings) -> diff.DiffCounts:
+    if audience.trait:
+        counts = traits.measure(connection, audience.key, audience.on_exit)
+    else:
+        counts = diff.measure(connection, audience.key)
+    # A user known under a new identifier is the same Planhat contact: resent, not exited.
+    return identities.carry_over(connection, audience.key, counts)
+
+
+def _queue_changes(
+    connection: sa.Connection, audience: AudienceSettings, run_id: int | None, now: datetime, *, full: bool
+) -> None:
+    if audience.trait:
+        traits.queue_changes(connection, audience.key, run_id, now, full=full, on_exit=audience.on_exit)
+    else:
+        diff.queue_changes(connection, audience.key, run_id, now, full=full)
 
 
 def _discard_stage(connection: sa.Connection) -> None:
@@ -378,6 +409,7 @@ def _deliver(
     sender_factory: Callable[[PlanhatSettings], Any],
     progress: Progress | None,
     should_stop: Callable[[], bool],
+    audiences: dict[str, AudienceSettings] | None = None,
 ) -> None:
     run_ids = {key: report.run_id for key, report in ready.items() if report.run_id}
     total = _pending_total(engine, list(run_ids))
@@ -389,14 +421,16 @@ def _deliver(
     sender: Sender | None = None
     try:
         with sender_factory(planhat) as sender:
-            deliver(
-                engine,
-                sender,
-                run_ids,  # type: ignore[arg-type]
-                counts,
-                progress.advance if progress else None,
-                should_stop,
-            )
+            for level_ids, meta in _by_level(run_ids, audiences or {}):  # type: ignore[arg-type]
+                deliver(
+                    engine,
+                    sender,
+                    level_ids,
+                    counts,
+                    progress.advance if progress else None,
+                    should_stop,
+                    meta=meta,
+                )
     except PlanhatError as exc:
         for report in ready.values():
             report.error = str(exc)
@@ -415,6 +449,34 @@ def _deliver(
     if sender is not None and sender.exhausted:
         for report in ready.values():
             report.error = report.error or "Planhat unavailable: retry budget spent"
+
+
+def _by_level(
+    run_ids: dict[str, int], audiences: dict[str, AudienceSettings]
+) -> list[tuple[dict[str, int], KeyMeta]]:
+    """The run's keys split into user level (contacts) and account level (companies), each
+    with how its keys go out. Company ids and user refs are separate spaces: never coalesced."""
+    groups = []
+    for account in (False, True):
+        chosen = [
+            a for k in run_ids if (a := audiences.get(k)) is not None and (a.level == "account") == account
+        ]
+        if not account:
+            chosen += [AudienceSettings(k, k, "", "") for k in run_ids if k not in audiences]
+        if chosen:
+            groups.append(({a.key: run_ids[a.key] for a in chosen}, key_meta(chosen, account)))
+    return groups
+
+
+def key_meta(chosen: list[AudienceSettings], account: bool = False) -> KeyMeta:
+    """How these keys go out; the plain default when they are user-level audiences only."""
+    meta = KeyMeta(
+        traits=frozenset(a.key for a in chosen if a.trait),
+        events=frozenset(a.key for a in chosen if a.send_as != "property"),
+        events_only=frozenset(a.key for a in chosen if a.send_as == "events"),
+        account=account,
+    )
+    return AUDIENCES if meta == AUDIENCES else meta
 
 
 def _pending_total(engine: Engine, keys: list[str]) -> int:
@@ -499,17 +561,19 @@ def _dry_run(
         try:
             report.kind, _trigger = _kind(connection, audience.key, options)
             diff.create_stage(connection)
-            given = diff.load_stage(connection, read_members(pool, audience, stats))
+            given = diff.load_stage(
+                connection, read_members(pool, audience, stats), with_value=audience.trait
+            )
             settle_in_flight(connection, audience.key)  # rolled back with the rest
-            counts = diff.measure(connection, audience.key)
+            counts = _measure(connection, audience)
             report.members, report.entered, report.exited = counts.members, counts.entered, counts.exited
             report.skipped = stats.skipped + (given - counts.members)
             blocked = _guard(counts, settings.safety, options, audience.key)
             if blocked:
                 report.status, report.error = "blocked", blocked
-            diff.queue_changes(connection, audience.key, None, store.utcnow(), full=report.kind == "full")
+            _queue_changes(connection, audience, None, store.utcnow(), full=report.kind == "full")
             report.pending, report.in_doubt = store.pending_counts(connection, audience.key)
-            report.samples = _samples(connection, audience.key, settings.planhat)
+            report.samples = _samples(connection, audience, settings.planhat)
         except AudienceSyncError as exc:
             report.status, report.error = "failed", str(exc)
         except sa.exc.SQLAlchemyError as exc:
@@ -520,14 +584,18 @@ def _dry_run(
     return report
 
 
-def _samples(connection: sa.Connection, key: str, planhat: PlanhatSettings) -> list[dict[str, Any]]:
+def _samples(
+    connection: sa.Connection, audience: AudienceSettings, planhat: PlanhatSettings
+) -> list[dict[str, Any]]:
+    key = audience.key
     rows = connection.execute(
         sa.select(m.pending)
         .where(m.pending.c.audience_key == key)
         .order_by(m.pending.c.value.desc(), m.pending.c.user_ref)
         .limit(DRY_RUN_SAMPLES)
     )
-    payloads = []
+    meta = key_meta([audience], audience.level == "account")
+    payloads: list[dict[str, Any]] = []
     for row in rows:
         contact = Contact(
             ref=row.user_ref,
@@ -536,10 +604,13 @@ def _samples(connection: sa.Connection, key: str, planhat: PlanhatSettings) -> l
             name=row.name,
             title=row.title,
             company_id=row.company_id,
-            values={key: bool(row.value)},
+            values={key: row_value(row.value, row.value_json)},
+            meta=meta,
         )
         if planhat.transport == "segment":
-            payloads.append(build_identify(contact, planhat, "dry-run", utc_timestamp()))
+            payloads.extend(build_messages(contact, planhat, utc_timestamp()))
+        elif meta.account:
+            payloads.append(build_company(contact))
         else:
             payloads.append(build_enduser(contact))
     return payloads

@@ -4,7 +4,8 @@ audiences        one row per configured audience key; baseline_at set once its f
                  diff is committed, next_run_at written by the daemon, retired_at set by
                  `audience-sync retire` once Planhat holds no `true` for it
 baseline         the members Planhat has confirmed as `true` (what Planhat was told);
-                 advances only when Planhat accepts a change
+                 advances only when Planhat accepts a change; for a computed trait, the users
+                 Planhat holds a value for, with that value (`value_json`)
 pending          the outbox: changes computed but not yet accepted by Planhat; `in_doubt`
                  marks a pair whose value in Planhat is unknown (a send had no definite
                  answer), so the row stays until a delivery is confirmed
@@ -79,6 +80,9 @@ audiences = Table(
     Column("next_run_at", UTCDateTime, nullable=True),
     # Retired: gone from the config and every user told `false`; cleared if it comes back.
     Column("retired_at", UTCDateTime, nullable=True),
+    # What the key is, from the config (NULL before 0005: a user-level audience).
+    Column("kind", String(16), nullable=True),  # audience | trait
+    Column("level", String(16), nullable=True),  # user | account
 )
 
 baseline = Table(
@@ -90,6 +94,10 @@ baseline = Table(
     Column("email", String(KEY), nullable=True),
     Column("run_id", Integer, nullable=True),
     Column("told_at", UTCDateTime, nullable=False),
+    # A computed trait's value as Planhat has it (canonical JSON text); NULL for an audience.
+    Column("value_json", Text, nullable=True),
+    # Finds the row of a user who comes back under another identifier (identities.py).
+    Index("ix_baseline_email", "audience_key", "email"),
 )
 
 pending = Table(
@@ -110,6 +118,9 @@ pending = Table(
     Column("last_error", Text, nullable=True),
     # Planhat may hold either value for this pair: never dropped, only superseded and resent.
     Column("in_doubt", Boolean, nullable=False, server_default=sa.false()),
+    # A computed trait's value to send (canonical JSON text, `null` clears the field); NULL for
+    # an audience, whose `value` is the membership. For a trait `value` is FALSE only for `null`.
+    Column("value_json", Text, nullable=True),
     Index("uq_pending_audience_user", "audience_key", "user_ref", unique=True),
     # Delivery reads the outbox in user order, so one user's audiences coalesce.
     Index("ix_pending_user_ref", "user_ref", "audience_key"),
@@ -181,6 +192,7 @@ changes = Table(
     Column("outcome", String(16), nullable=False),  # delivered | failed | in_doubt
     Column("error", Text, nullable=True),
     Column("at", UTCDateTime, nullable=False),
+    Column("value_json", Text, nullable=True),  # a computed trait's value (canonical JSON)
     Index("ix_changes_run_id", "run_id"),
     Index("ix_changes_audience_user", "audience_key", "user_ref"),
     Index("ix_changes_at", "at"),

@@ -50,6 +50,7 @@ log = logging.getLogger("audience_sync.planhat")
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
 CUSTOM_FIELDS_PATH = "/customfields"
+COMPANIES_PATH = "/companies"  # account-level audiences and traits: Planhat companies
 MAX_PAGE = 5000  # contacts per read page: the most Planhat's public clients are seen to get
 READ_RPS = 3.0  # reads count against the same 200 calls/minute soft quota as writes
 # Segment chunks are this many times the concurrency: enough to keep every worker busy, small
@@ -62,6 +63,19 @@ _ERROR_TEXT_FIELDS = ("error", "message", "msg", "reason")
 
 
 @dataclass(frozen=True, slots=True)
+class KeyMeta:
+    """How the keys of one delivery go out; one object per run, shared by its contacts."""
+
+    traits: frozenset[str] = frozenset()  # computed traits (computation_class "trait")
+    events: frozenset[str] = frozenset()  # also sent as track events (send_as events or both)
+    events_only: frozenset[str] = frozenset()  # not sent as a property (send_as events)
+    account: bool = False  # the refs are Planhat company externalIds: group calls, /companies
+
+
+AUDIENCES = KeyMeta()
+
+
+@dataclass(frozen=True, slots=True)
 class Contact:
     ref: str  # identity audience-sync keys on: user_id when known, else email
     user_id: str | None
@@ -69,7 +83,8 @@ class Contact:
     name: str | None
     title: str | None
     company_id: str | None  # the company's externalId in Planhat
-    values: dict[str, bool]  # audience key -> membership, one user's changes coalesced
+    values: dict[str, Any]  # key -> membership (audience) or value (trait), one user's changes
+    meta: KeyMeta = AUDIENCES
 
 
 @dataclass
@@ -87,7 +102,8 @@ def build_identify(
     contact: Contact, settings: PlanhatSettings, message_id: str, timestamp: str
 ) -> dict[str, Any]:
     """One Segment-spec identify, as Engage sends it to Planhat's Segment destination."""
-    keys = sorted(contact.values)
+    meta = contact.meta
+    keys = sorted(k for k in contact.values if k not in meta.events_only)
     traits: dict[str, Any] = {key: contact.values[key] for key in keys}
     # Identity traits are set last so they win over an audience key of the same name.
     for name, value in (
@@ -98,7 +114,7 @@ def build_identify(
     ):
         if value is not None:
             traits[name] = value
-    personas: dict[str, Any] = {"computation_class": "audience"}
+    personas: dict[str, Any] = {"computation_class": _computation_class(keys, meta)}
     if keys:
         personas["computation_key"] = keys[0]
         personas["computation_keys"] = keys
@@ -115,6 +131,86 @@ def build_identify(
         source=settings.source_marker,
     )
     return message
+
+
+def _computation_class(keys: list[str], meta: KeyMeta) -> str:
+    """`trait` when every key is a computed trait, else `audience` (a user's traits and
+    audiences go out together in one message)."""
+    return "trait" if keys and meta.traits.issuperset(keys) else "audience"
+
+
+def build_track(
+    contact: Contact, key: str, settings: PlanhatSettings, message_id: str, timestamp: str
+) -> dict[str, Any]:
+    """One Segment-spec track, as Engage sends an audience or computed trait as events:
+    `Audience Entered` / `Audience Exited`, or `Trait Computed`."""
+    value = contact.values[key]
+    if key in contact.meta.traits:
+        event, properties = "Trait Computed", {"trait_key": key, key: value}
+    else:
+        event = "Audience Entered" if value else "Audience Exited"
+        properties = {"audience_key": key, key: bool(value)}
+    message: dict[str, Any] = {"type": "track", "event": event}
+    if contact.user_id is not None:
+        message["userId"] = contact.user_id
+        message["user_id"] = contact.user_id
+    if contact.email is not None:  # identifies an email-only user, as on an identify
+        message["context"] = {"traits": {"email": contact.email}}
+    message.update(
+        properties=properties, messageId=message_id, timestamp=timestamp, source=settings.source_marker
+    )
+    return message
+
+
+def build_group(
+    contact: Contact, settings: PlanhatSettings, message_id: str, timestamp: str
+) -> dict[str, Any]:
+    """One Segment-spec group call for a Planhat company (account-level audiences and traits):
+    `groupId` is the company's externalId."""
+    keys = sorted(contact.values)
+    traits: dict[str, Any] = {key: contact.values[key] for key in keys}
+    if contact.name is not None:
+        traits["name"] = contact.name
+    return {
+        "type": "group",
+        "groupId": contact.ref,
+        "traits": traits,
+        "context": {
+            "personas": {
+                "computation_class": _computation_class(keys, contact.meta),
+                "computation_key": keys[0] if keys else None,
+                "computation_keys": keys,
+            }
+        },
+        "messageId": message_id,
+        "timestamp": timestamp,
+        "source": settings.source_marker,
+    }
+
+
+def build_company(contact: Contact) -> dict[str, Any]:
+    """One item of a PUT /companies bulk upsert, matched on the company's externalId."""
+    item: dict[str, Any] = {"externalId": contact.ref}
+    if contact.name is not None:
+        item["name"] = contact.name
+    item["custom"] = dict(contact.values)
+    return item
+
+
+def build_messages(contact: Contact, settings: PlanhatSettings, timestamp: str) -> list[dict[str, Any]]:
+    """Every Segment message one contact's changes make: the identify (or, for a company, the
+    group call) carrying the properties, then a track per key sent as events."""
+    meta = contact.meta
+    if meta.account:
+        return [build_group(contact, settings, str(uuid.uuid4()), timestamp)]
+    messages = []
+    if any(key not in meta.events_only for key in contact.values):
+        messages.append(build_identify(contact, settings, str(uuid.uuid4()), timestamp))
+    if meta.events:
+        for key in sorted(contact.values):
+            if key in meta.events:
+                messages.append(build_track(contact, key, settings, str(uuid.uuid4()), timestamp))
+    return messages
 
 
 def build_enduser(contact: Contact) -> dict[str, Any]:
@@ -546,16 +642,31 @@ class _SegmentDelivery:
 
     def send(self, contacts: Sequence[Contact]) -> Outcome:
         timestamp = utc_timestamp()
-        # messageId is fixed per contact here, so every retry of the message reuses it.
+        # messageId is fixed per message here, so every retry of the message reuses it.
         futures = [
             self._pool.submit(
                 self._deliver, c.ref, _encode(build_identify(c, self._settings, str(uuid.uuid4()), timestamp))
+            )
+            if c.meta is AUDIENCES
+            else self._pool.submit(
+                self._deliver_all, c.ref, [_encode(m) for m in build_messages(c, self._settings, timestamp)]
             )
             for c in contacts
         ]
         # A rejected token halts the exchange: the other workers stop before sending.
         results = [future.result() for future in futures]
         return _outcome(results, stop=self.exchange.halted)
+
+    def _deliver_all(self, ref: str, bodies: list[bytes]) -> _Result:
+        """A contact's messages one after another (its identify before its track events); it
+        is accepted when all were. After a failure the rest are not sent: the whole contact
+        is resent later."""
+        result = _Result(ref)
+        for body in bodies:
+            result = self._deliver(ref, body)
+            if result.error is not None:
+                return result
+        return result
 
     def _deliver(self, ref: str, body: bytes) -> _Result:
         reply = self.exchange.request("POST", SEGMENT_PATH, body)
@@ -589,9 +700,13 @@ class _EndusersDelivery:
         return _outcome(results, stop=self.exchange.halted)
 
     def _deliver(self, batch: Sequence[Contact], doubt: bool = False) -> list[_Result]:
-        """`doubt`: an earlier request carrying these items may have been applied."""
-        body = _encode([build_enduser(c) for c in batch])
-        reply = self.exchange.request("PUT", ENDUSERS_PATH, body)
+        """`doubt`: an earlier request carrying these items may have been applied. A chunk is
+        all contacts or all companies (account level), never both."""
+        if batch and batch[0].meta.account:
+            path, body = COMPANIES_PATH, _encode([build_company(c) for c in batch])
+        else:
+            path, body = ENDUSERS_PATH, _encode([build_enduser(c) for c in batch])
+        reply = self.exchange.request("PUT", path, body)
         if isinstance(reply, _GaveUp):
             return [_Result(c.ref, reply.text, doubt or reply.in_doubt) for c in batch]
         doubt = doubt or reply.in_doubt
@@ -604,7 +719,7 @@ class _EndusersDelivery:
             return [_Result(c.ref, error, doubt) for c in batch]
         data = _bulk_answer(reply)
         if data is None:
-            error = _unproven(reply, self.exchange.where(ENDUSERS_PATH), self.exchange,
+            error = _unproven(reply, self.exchange.where(path), self.exchange,
                               "without the bulk upsert's JSON counters")  # fmt: skip
             self.exchange.halt(error)
             return [_Result(c.ref, str(error), in_doubt=True) for c in batch]

@@ -21,6 +21,7 @@ Memory stays a page of contacts: they go straight into the state database.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -37,11 +38,12 @@ from .errors import AudienceSyncError
 from .models import KEY, UTCDateTime
 from .planhat import PlanhatReader
 from .sources import SourcePool, frozen_gc
+from .values import UnusableValue, canonical
 
 log = logging.getLogger("audience_sync.reconcile")
 
 CONTACTS = "observed_contacts"  # every contact Planhat has: its externalId and email
-TRUE = "observed_true"  # (audience, contact) where Planhat holds `true`
+TRUE = "observed_true"  # (audience, contact) where Planhat holds `true`; a trait: any value
 TOLD_EMAILS = "told_emails"  # one audience's email-only members, lowercased
 DRIFT = "drift"  # one audience's disagreements, by category
 STAGE_TABLES = (CONTACTS, TRUE, TOLD_EMAILS, DRIFT)
@@ -102,13 +104,21 @@ def reconcile(
 ) -> list[ReconcileReport]:
     """Compare Planhat with the state database for the named audiences (default all); with
     `fix`, repair the baseline and deliver the corrections. One report per audience."""
-    audiences = settings.select(keys)
+    audiences, unsupported = _reconcilable(settings.select(keys), named=bool(keys))
     holder = holder or lease.new_holder()
     ttl = settings.daemon.lease_seconds
     reports = {a.key: ReconcileReport(key=a.key, name=a.name) for a in audiences}
+    for audience in unsupported:
+        reports[audience.key] = ReconcileReport(
+            key=audience.key,
+            name=audience.name,
+            status="skipped",
+            error=f"{audience.noun} {audience.key!r}: reconcile reads contacts only; "
+            "account-level keys are not reconciled",
+        )
     with store.translate_errors("state database", str(engine.url)):
         with engine.begin() as connection:
-            store.register_audiences(connection, [(a.key, a.name) for a in audiences])
+            store.register_audiences(connection, audiences)
         held = _acquire(engine, audiences, reports, holder, ttl) if fix else list(audiences)
         try:
             if held:
@@ -123,7 +133,17 @@ def reconcile(
             if fix:
                 for audience in held:
                     lease.release(engine, audience.key, holder)
-    return [reports[a.key] for a in audiences]
+    return [reports[a.key] for a in [*audiences, *unsupported]]
+
+
+def _reconcilable(
+    audiences: list[AudienceSettings], named: bool
+) -> tuple[list[AudienceSettings], list[AudienceSettings]]:
+    """(user-level audiences and traits, the rest): reconcile reads contacts. Account-level
+    keys are reported as skipped when named, left out silently otherwise."""
+    chosen = [a for a in audiences if a.level == "user"]
+    others = [a for a in audiences if a not in chosen]
+    return chosen, others if named else []
 
 
 def _acquire(
@@ -156,12 +176,13 @@ def _compare(
 ) -> None:
     """Read Planhat into the stage, count per audience and, with `fix`, repair the baselines."""
     keys = [a.key for a in audiences]
+    trait_keys = {a.key for a in audiences if a.trait}
     with engine.connect() as connection:
         try:
             _create_stage(connection)
             started = time.monotonic()
             with reader_factory(settings) as reader:
-                contacts = _load(connection, reader.pages(), keys)
+                contacts = _load(connection, reader.pages(), keys, trait_keys)
                 requests = reader.requests
             log.info(
                 "read %d Planhat contacts in %d requests (%.1fs)",
@@ -177,9 +198,9 @@ def _compare(
             for key in keys:
                 report = reports[key]
                 report.contacts = contacts
-                _count(connection, key, report)
+                _count(connection, key, report, key in trait_keys)
                 if fix:
-                    _repair_baseline(connection, key)
+                    _repair_baseline(connection, key, key in trait_keys)
             connection.commit()
         finally:
             connection.rollback()
@@ -200,22 +221,30 @@ def _create_stage(connection: Connection) -> None:
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     connection.exec_driver_sql(f"CREATE TEMPORARY TABLE {CONTACTS} (external_id {key}, email {key})")
     connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {TRUE} (audience_key {key}, external_id {key}, email {key})"
+        f"CREATE TEMPORARY TABLE {TRUE} (audience_key {key}, external_id {key}, email {key}, value_json TEXT)"
     )
     connection.exec_driver_sql(f"CREATE TEMPORARY TABLE {TOLD_EMAILS} (email {key} PRIMARY KEY)")
     connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {DRIFT} (category {key}, user_ref {key}, user_id {key}, email {key})"
+        f"CREATE TEMPORARY TABLE {DRIFT} (category {key}, user_ref {key}, user_id {key}, email {key}, "
+        "value_json TEXT)"
     )
 
 
-def _load(connection: Connection, pages: Iterable[list[dict[str, Any]]], keys: list[str]) -> int:
-    """Stage every contact and every `true` it holds for these audiences; returns the count.
+def _load(
+    connection: Connection,
+    pages: Iterable[list[dict[str, Any]]],
+    keys: list[str],
+    trait_keys: set[str] | frozenset[str] = frozenset(),
+) -> int:
+    """Stage every contact and every `true` it holds for these audiences (for a computed
+    trait, every value, normalised as the source's are); returns the count.
 
     Emails are compared lowercased: Planhat may not keep the case the source had.
     """
     contacts = 0
+    audience_keys = [k for k in keys if k not in trait_keys]
     insert_contact = sa.text(f"INSERT INTO {CONTACTS} VALUES (:external_id, :email)")
-    insert_true = sa.text(f"INSERT INTO {TRUE} VALUES (:audience_key, :external_id, :email)")
+    insert_true = sa.text(f"INSERT INTO {TRUE} VALUES (:audience_key, :external_id, :email, :value_json)")
     with frozen_gc():
         for page in pages:
             rows, trues = [], []
@@ -231,7 +260,14 @@ def _load(connection: Connection, pages: Iterable[list[dict[str, Any]]], keys: l
                 rows.append(row)
                 custom = item.get("custom")
                 if isinstance(custom, dict):
-                    trues.extend({"audience_key": k, **row} for k in keys if _is_true(custom.get(k)))
+                    trues.extend(
+                        {"audience_key": k, "value_json": None, **row}
+                        for k in audience_keys
+                        if _is_true(custom.get(k))
+                    )
+                    for k in trait_keys:
+                        if custom.get(k) is not None:
+                            trues.append({"audience_key": k, "value_json": _observed(custom[k]), **row})
             if rows:
                 connection.execute(insert_contact, rows)
             if trues:
@@ -255,6 +291,15 @@ def _identity(value: object) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+def _observed(value: object) -> str:
+    """A trait value read back, as the canonical JSON text the baseline holds; one the source
+    could never have produced still reads as a value (it disagrees with every baseline)."""
+    try:
+        return canonical(value) or "null"
+    except UnusableValue:
+        return json.dumps(repr(value))
 
 
 def _is_true(value: object) -> bool:
@@ -293,8 +338,35 @@ _FIND_DRIFT = (
 )
 
 
-def _count(connection: Connection, key: str, report: ReconcileReport) -> None:
-    """Fill the drift table for this audience and count it."""
+# A computed trait: a baseline row agrees when Planhat holds the same value; `missing_true` is
+# a contact holding another value or none, `unexpected_true` a value Planhat was never told.
+_HAS_VALUE = _HAS.format(table=TRUE, key="o.audience_key = :key AND o.value_json = b.value_json AND ")
+_OBSERVED_VALUE = (
+    f"(SELECT min(o.value_json) FROM {TRUE} o WHERE o.audience_key = :key AND "
+    "((b.user_id IS NOT NULL AND o.external_id = b.user_ref) "
+    "OR (b.user_id IS NULL AND o.email = lower(b.user_ref))))"
+)
+_FIND_TRAIT_DRIFT = (
+    f"""
+    INSERT INTO {DRIFT} (category, user_ref, user_id, email, value_json)
+    SELECT CASE WHEN {_HAS_CONTACT} THEN 'missing_true' ELSE 'missing_contact' END,
+           b.user_ref, b.user_id, b.email, {_OBSERVED_VALUE}
+    FROM baseline b WHERE b.audience_key = :key AND NOT {_HAS_VALUE}
+    """,
+    f"""
+    INSERT INTO {DRIFT} (category, user_ref, user_id, email, value_json)
+    SELECT 'unexpected_true', coalesce(o.external_id, o.email), o.external_id, o.email, o.value_json
+    FROM {TRUE} o
+    WHERE o.audience_key = :key
+      AND NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = :key
+                      AND b.user_ref = o.external_id AND b.user_id IS NOT NULL)
+      AND NOT EXISTS (SELECT 1 FROM {TOLD_EMAILS} t WHERE t.email = o.email)
+    """,
+)
+
+
+def _count(connection: Connection, key: str, report: ReconcileReport, trait: bool = False) -> None:
+    """Fill the drift table for this audience (or computed trait) and count it."""
     params = {"key": key}
     for table in (DRIFT, TOLD_EMAILS):
         connection.exec_driver_sql(f"DELETE FROM {table}")
@@ -305,7 +377,7 @@ def _count(connection: Connection, key: str, report: ReconcileReport) -> None:
         ),
         params,
     )
-    for statement in _FIND_DRIFT:
+    for statement in _FIND_TRAIT_DRIFT if trait else _FIND_DRIFT:
         connection.execute(sa.text(statement), params)
     report.members = connection.execute(
         sa.text("SELECT count(*) FROM baseline WHERE audience_key = :key"), params
@@ -338,10 +410,13 @@ def _count(connection: Connection, key: str, report: ReconcileReport) -> None:
         )
 
 
-def _repair_baseline(connection: Connection, key: str) -> None:
+def _repair_baseline(connection: Connection, key: str, trait: bool = False) -> None:
     """Make the baseline what Planhat showed (from the drift just counted), and drop the doubt
     its answer settled."""
     params = {"key": key, "now": store.utcnow()}
+    if trait:
+        _repair_trait_baseline(connection, params)
+        return
     connection.execute(
         sa.text(
             f"DELETE FROM baseline WHERE audience_key = :key AND user_ref IN "
@@ -370,6 +445,29 @@ def _repair_baseline(connection: Connection, key: str) -> None:
         params,
     )
     connection.execute(sa.text("DELETE FROM in_flight WHERE audience_key = :key"), params)
+
+
+def _repair_trait_baseline(connection: Connection, params: dict[str, Any]) -> None:
+    """_repair_baseline for a computed trait: the baseline holds the value Planhat showed."""
+    statements = (
+        f"DELETE FROM baseline WHERE audience_key = :key AND user_ref IN (SELECT user_ref FROM {DRIFT})",
+        "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at, value_json) "
+        f"SELECT :key, user_ref, user_id, email, NULL, :now, value_json FROM {DRIFT} "
+        "WHERE value_json IS NOT NULL ON CONFLICT (audience_key, user_ref) DO NOTHING",
+        "UPDATE pending SET in_doubt = FALSE WHERE audience_key = :key AND in_doubt",
+        # An outbox row asking for what Planhat already holds has nothing left to do.
+        "DELETE FROM pending WHERE audience_key = :key AND ("
+        "EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = pending.audience_key "
+        "AND b.user_ref = pending.user_ref AND b.value_json = pending.value_json) "
+        "OR (NOT value AND NOT EXISTS (SELECT 1 FROM baseline b WHERE b.audience_key = pending.audience_key "
+        "AND b.user_ref = pending.user_ref)))",
+        "DELETE FROM in_flight WHERE audience_key = :key",
+    )
+    for statement in statements:
+        text = sa.text(statement)
+        if ":now" in statement:
+            text = text.bindparams(sa.bindparam("now", type_=UTCDateTime))
+        connection.execute(text, params)
 
 
 # --- repairing ---------------------------------------------------------------------------------

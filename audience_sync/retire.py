@@ -89,6 +89,7 @@ def retire(
     with store.translate_errors("state database", str(engine.url)):
         with engine.connect() as connection:
             row = _audience_row(connection, key, configured)
+        _refuse_unless_user_audience(row)
         report = RetireReport(key=key, name=row.name, status="dry-run", warning=_daemon_warning(row))
         if row.retired_at is not None:
             report.status, report.retired_at = "already-retired", row.retired_at
@@ -114,7 +115,7 @@ def retire(
 def _audience_row(connection: Connection, key: str, configured: set[str]) -> Any:
     a = m.audiences.c
     row = connection.execute(
-        sa.select(a.key, a.name, a.retired_at, a.next_run_at).where(a.key == key)
+        sa.select(a.key, a.name, a.retired_at, a.next_run_at, a.kind, a.level).where(a.key == key)
     ).first()
     if row is None:
         known = connection.execute(sa.select(a.key).where(a.retired_at.is_(None)).order_by(a.key)).scalars()
@@ -123,6 +124,18 @@ def _audience_row(connection: Connection, key: str, configured: set[str]) -> Any
             f"no audience {key!r} in the state database (audiences there and not in the config: {retirable})"
         )
     return row
+
+
+def _refuse_unless_user_audience(row: Any) -> None:
+    """A retire tells contacts `false`. A computed trait would need `null`, an account-level key
+    its companies: neither is done here, so say so rather than send the wrong thing."""
+    what = "a computed trait" if row.kind == "trait" else "account-level" if row.level == "account" else None
+    if what is not None:
+        raise AudienceSyncError(
+            f"{row.key!r} is {what}; retire clears user-level audiences only. To clear it in Planhat, "
+            "put it back in the config with a query that returns no rows and run "
+            f"`audience-sync sync --audience {row.key} --force` (the guard asks for --force), then remove it"
+        )
 
 
 def _daemon_warning(row: Any) -> str | None:

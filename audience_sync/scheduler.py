@@ -341,7 +341,7 @@ class Daemon:
         at start every configured audience, on a reload the added ones."""
         settings = self.settings
         with self.engine.begin() as connection:
-            store.register_audiences(connection, [(a.key, a.name) for a in settings.select(keys)])
+            store.register_audiences(connection, settings.select(keys))
             if initial:
                 # An audience removed from the config is no longer run: its history stays, its
                 # next run goes.

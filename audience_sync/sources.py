@@ -25,6 +25,7 @@ from .config import AudienceSettings, SourceSettings
 from .errors import SourceError
 from .keys import MAX_IDENTIFIER_LENGTH, clean_identifier
 from .store import driver_message, first_line, safe_url
+from .values import UnusableValue, canonical
 
 log = logging.getLogger("audience_sync.sources")
 
@@ -33,6 +34,7 @@ TRAIT_COLUMNS = ("name", "title", "company_id")
 CHUNK_ROWS = 10_000
 MAX_SAMPLES = 5
 MAX_TRAIT_LENGTH = 1024
+VALUE_COLUMN = "value"  # a computed trait's value
 
 
 # One staged member: (user_id, email, name, title, company_id), at least one of user_id and
@@ -40,6 +42,7 @@ MAX_TRAIT_LENGTH = 1024
 # a million of them pass through here per run, and a NamedTuple costs a Python call each.
 Member = tuple[str | None, str | None, str | None, str | None, str | None]
 MEMBER_FIELDS = ("user_id", "email", "name", "title", "company_id")
+# A computed trait's member has a sixth field: its value as canonical JSON text (traits.py).
 
 
 _gc_lock = threading.Lock()
@@ -129,10 +132,18 @@ def read_members(
     try:
         with connection:
             keys, chunks = _query(connection, audience.query, chunk_rows)
+            value_at = _value_position(keys, where) if audience.trait else -1
+            if audience.level == "account":
+                company_at = _company_position(keys, where)
+                name_at = _position(keys, "name")
+                for rows in chunks:
+                    stats.rows += len(rows)
+                    yield _companies(rows, company_at, name_at, value_at, stats)
+                return
             columns = _column_positions(keys, where)
             for rows in chunks:
                 stats.rows += len(rows)
-                yield _members(rows, columns, stats)
+                yield _members(rows, columns, stats, value_at)
     except sa.exc.DBAPIError as exc:
         raise SourceError(f"{where}: query failed: {driver_message(exc)}") from exc
     except sa.exc.SQLAlchemyError as exc:
@@ -192,15 +203,76 @@ def _column_positions(keys: list[str], where: str) -> dict[str, int]:
     return {column: lowered.index(column) for column in wanted if column in lowered}
 
 
-def _members(rows: Any, columns: dict[str, int], stats: ReadStats) -> list[Member]:
+def _position(keys: list[str], column: str) -> int:
+    lowered = [key.lower() for key in keys]
+    return lowered.index(column) if column in lowered else -1
+
+
+def _company_position(keys: list[str], where: str) -> int:
+    at = _position(keys, "company_id")
+    if at < 0:
+        shown = ", ".join(keys) or "none"
+        raise SourceError(f"{where}: an account-level query must return company_id (columns: {shown})")
+    return at
+
+
+def _companies(rows: Any, company_at: int, name_at: int, value_at: int, stats: ReadStats) -> list[Member]:
+    """An account-level chunk: the company's externalId stands where a user's id does (the
+    stage keys on it), its `name` travels with it, and a trait's value ends the tuple."""
+    members: list[Member] = []
+    for row in rows:
+        company = clean_identifier(row[company_at])
+        if company is None:
+            raw = row[company_at]
+            stats.skip("row without company_id" if raw is None else f"unusable company_id {_sample(raw)}")
+            continue
+        value = None
+        if value_at >= 0:
+            try:
+                value = canonical(row[value_at])
+            except UnusableValue as exc:
+                stats.skip(f"unusable value for company {_sample(company)}: {exc}")
+                continue
+            if value is None:
+                continue
+        name = row[name_at] if name_at >= 0 else None
+        name = str(name).strip()[:MAX_TRAIT_LENGTH] or None if name is not None else None
+        member: Member = (company, None, name, None, None)
+        members.append(member if value is None else (*member, value))
+    return members
+
+
+def _value_position(keys: list[str], where: str) -> int:
+    lowered = [key.lower() for key in keys]
+    if VALUE_COLUMN not in lowered:
+        shown = ", ".join(keys) or "none"
+        raise SourceError(f"{where}: a trait's query must return a value column (columns: {shown})")
+    return lowered.index(VALUE_COLUMN)
+
+
+def _members(rows: Any, columns: dict[str, int], stats: ReadStats, value_at: int = -1) -> list[Member]:
     """One chunk of rows as members. Rows of plain text take the inline path (this loop runs a
     million times per large audience); anything else (numbers, blanks, over-long values, a
-    missing identifier) goes through `_member`, which applies the full contract."""
+    missing identifier) goes through `_member`, which applies the full contract.
+
+    With `value_at` (a computed trait), each member ends with its value as canonical JSON; a
+    row whose value is NULL has no value (the user is not in the trait), and a value the trait
+    cannot carry skips the row, counted like a bad identifier."""
     user_id_at, email_at, name_at, title_at, company_at = (columns.get(c, -1) for c in MEMBER_FIELDS)
     longest, trait_limit = MAX_IDENTIFIER_LENGTH, MAX_TRAIT_LENGTH
     members: list[Member] = []
     append = members.append
     for row in rows:
+        value = None
+        if value_at >= 0:
+            try:
+                value = canonical(row[value_at])
+            except UnusableValue as exc:
+                who = row[user_id_at] if user_id_at >= 0 else row[email_at] if email_at >= 0 else None
+                stats.skip(f"unusable value for {_sample(who)}: {exc}")
+                continue
+            if value is None:
+                continue
         user_id = row[user_id_at] if user_id_at >= 0 else None
         email = row[email_at] if email_at >= 0 else None
         name = row[name_at] if name_at >= 0 else None
@@ -222,19 +294,18 @@ def _members(rows: Any, columns: dict[str, int], stats: ReadStats) -> list[Membe
                 if not 0 < len(email) <= longest:
                     email = None  # without a user_id the slow path below says why
             if usable and (user_id or email):
-                append(
-                    (
-                        user_id,
-                        email,
-                        name.strip()[:trait_limit] or None if name is not None else None,
-                        title.strip()[:trait_limit] or None if title is not None else None,
-                        company.strip()[:longest] or None if company is not None else None,
-                    )
+                member = (
+                    user_id,
+                    email,
+                    name.strip()[:trait_limit] or None if name is not None else None,
+                    title.strip()[:trait_limit] or None if title is not None else None,
+                    company.strip()[:longest] or None if company is not None else None,
                 )
+                append(member if value is None else (*member, value))
                 continue
         member = _member(row, columns, stats)
         if member is not None:
-            append(member)
+            append(member if value is None else (*member, value))
     return members
 
 

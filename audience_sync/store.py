@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -25,6 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 from . import models as m
 from . import urls
 from .errors import SchemaOutdatedError, StateDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .config import AudienceSettings
 
 log = logging.getLogger("audience_sync.store")
 
@@ -199,32 +204,36 @@ def open_state(url: str) -> Engine:
 # --- audiences and runs -------------------------------------------------------------------
 
 
-def register_audiences(connection: Connection, audiences: list[tuple[str, str]]) -> None:
-    """Insert unknown audience keys; keep the name current for known ones. Safe when several
-    processes register the same new audience at once (ON CONFLICT DO NOTHING).
+def register_audiences(connection: Connection, audiences: Sequence[AudienceSettings]) -> None:
+    """Insert unknown audience keys; keep the name, kind and level current for known ones. Safe
+    when several processes register the same new audience at once (ON CONFLICT DO NOTHING).
 
     A retired audience that is back in the config is un-retired as if new: its baseline_at is
     cleared, so it gets an initial full sync (its baseline is empty since its retirement)."""
     now = utcnow()
     a = m.audiences.c
-    existing = {row.key: row for row in connection.execute(sa.select(a.key, a.name, a.retired_at))}
-    new = [{"key": key, "name": name, "created_at": now} for key, name in audiences if key not in existing]
+    query = sa.select(a.key, a.name, a.retired_at, a.kind, a.level)
+    existing = {row.key: row for row in connection.execute(query)}
+    new = [
+        {"key": e.key, "name": e.name, "created_at": now, "kind": e.kind, "level": e.level}
+        for e in audiences
+        if e.key not in existing
+    ]
     if new:  # one statement for hundreds of audiences (a daemon's first start)
         insert = dialect_insert(connection)(m.audiences).on_conflict_do_nothing(index_elements=["key"])
         connection.execute(insert, new)
-    for key, name in audiences:
-        row = existing.get(key)
+    for entry in audiences:
+        row = existing.get(entry.key)
         if row is None:
             continue
+        update = m.audiences.update().where(a.key == entry.key)
+        shape = {"name": entry.name, "kind": entry.kind, "level": entry.level}
         if row.retired_at is not None:
-            log.info("audience %r, retired %s, is configured again: initial full sync", key, row.retired_at)
-            connection.execute(
-                m.audiences.update()
-                .where(a.key == key)
-                .values(name=name, retired_at=None, baseline_at=None, next_run_at=None)
-            )
-        elif row.name != name:
-            connection.execute(m.audiences.update().where(a.key == key).values(name=name))
+            log.info("audience %r, retired %s, is configured again: initial full sync", entry.key,
+                     row.retired_at)  # fmt: skip
+            connection.execute(update.values(retired_at=None, baseline_at=None, next_run_at=None, **shape))
+        elif (row.name, row.kind, row.level) != (entry.name, entry.kind, entry.level):
+            connection.execute(update.values(**shape))
 
 
 def has_baseline(connection: Connection, key: str) -> bool:

@@ -5,13 +5,19 @@ what they wrote, and lets a test script faults. Audience booleans from segment t
 endusers custom fields both land in `contact["custom"][key]`, so tests assert the same way for
 both transports.
 
-    POST /dock/segment   Basic auth, user name = tenant token, empty password
+    POST /dock/segment   Basic auth, user name = tenant token, empty password: identify
+                         (traits other than email/name/title/companyId land in `custom`; a
+                         null removes the field), track (kept in `events`, per contact ref)
+                         and group (traits land in the company's `custom`)
+    PUT  /companies      Bearer API token; like PUT /endusers, items matched on externalId,
+                         kept in `companies`
     PUT  /endusers       Bearer API token; answers created/updated and the *Errors lists
     GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
     GET  /customfields   Bearer API token; the `custom_fields` list (404 when it is None)
-    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n};
+    GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n},
+                         and "values": {key: n} when contacts hold other (trait) values;
                          ?applied=1 adds "applied_items": n, "applied_values": n
 
 Faults are scripted for the next n requests, whatever their route (fail_next, delay_next,
@@ -66,6 +72,8 @@ except ImportError:  # script mode on a machine without pytest
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
 CUSTOM_FIELDS_PATH = "/customfields"
+COMPANIES_PATH = "/companies"
+IDENTITY_TRAITS = ("email", "name", "title", "companyId")
 STATE_PATH = "/_state"
 MAX_BULK = 5000
 MAX_PAGE = 5000  # GET /endusers answers at most this many contacts
@@ -173,6 +181,8 @@ class FakePlanhat:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.contacts: dict[str, dict[str, Any]] = {}
+        self.companies: dict[str, dict[str, Any]] = {}  # externalId -> {"name", "custom"}
+        self.events: list[dict[str, Any]] = []  # track calls received: {"ref", "event", "properties"}
         self.requests: list[Recorded] = []
         self.message_ids: list[str] = []  # every segment messageId received, faults included
         self.max_in_flight = 0
@@ -181,6 +191,8 @@ class FakePlanhat:
         self.applied: Counter[tuple[str, str, Any]] = Counter()  # (ref, key, value) -> writes
         self._in_flight = 0
         self._email_keys: dict[str, str] = {}  # email -> key of the contact holding it
+        # externalId -> key of the contact it was given to after creation (matched by email)
+        self._external_keys: dict[str, str] = {}
         self._order: list[str] = []  # contact keys in creation order, for GET /endusers
         self._order_stale = False
         self._ids: dict[str, int] = {}  # contact key -> _id number, given on first read
@@ -380,7 +392,7 @@ class FakePlanhat:
         """The `contacts` key of the contact that `ref` names; the caller holds the lock."""
         if ref in self.contacts:
             return ref
-        key = self._email_keys.get(ref)
+        key = self._external_keys.get(ref) or self._email_keys.get(ref)
         return key if key in self.contacts else None
 
     # --- reading the state ------------------------------------------------------------------
@@ -404,17 +416,19 @@ class FakePlanhat:
         with self._lock:
             true: dict[str, int] = {}
             false: dict[str, int] = {}
+            values: dict[str, int] = {}  # other (computed trait) values held
             for contact in self.contacts.values():
                 for key, flag in contact.get("custom", {}).items():
-                    counts = true if flag is True else false if flag is False else None
-                    if counts is not None:
-                        counts[key] = counts.get(key, 0) + 1
+                    counts = true if flag is True else false if flag is False else values
+                    counts[key] = counts.get(key, 0) + 1
             state: dict[str, Any] = {
                 "contacts": len(self.contacts),
                 "true": true,
                 "false": false,
                 "requests": len(self.requests),
             }
+            if values:
+                state["values"] = values
             if applied:
                 state["applied_items"] = self.applied_items
                 state["applied_values"] = self.applied_values
@@ -464,6 +478,7 @@ class FakePlanhat:
         return {
             ("POST", SEGMENT_PATH): self._segment,
             ("PUT", ENDUSERS_PATH): self._endusers,
+            ("PUT", COMPANIES_PATH): self._companies,
             ("GET", ENDUSERS_PATH): self._list_endusers,
             ("GET", CUSTOM_FIELDS_PATH): self._list_custom_fields,
         }
@@ -524,9 +539,83 @@ class FakePlanhat:
             for key, value in custom.items():
                 self.applied[(ref, key, value)] += 1
 
+    def company_value(self, external_id: str, key: str) -> Any:
+        """A company's custom field, or None when never written (or cleared)."""
+        with self._lock:
+            return self.companies.get(external_id, {}).get("custom", {}).get(key)
+
+    def events_of(self, ref: str) -> list[tuple[str, dict[str, Any]]]:
+        """(event, properties) of the track calls received for a contact, in order."""
+        with self._lock:
+            return [(e["event"], e["properties"]) for e in self.events if e["ref"] == ref]
+
+    def _track(self, message: dict[str, Any]) -> _Answer:
+        user_id = message.get("userId") or message.get("user_id")
+        email = ((message.get("context") or {}).get("traits") or {}).get("email")
+        if not (user_id or email) or not message.get("event"):
+            return _json_answer(400, {"error": "track needs an event and userId or context.traits.email"})
+        with self._lock:
+            self.events.append(
+                {
+                    "ref": user_id or email,
+                    "event": message["event"],
+                    "properties": message.get("properties") or {},
+                }
+            )
+        return _json_answer(200, {"ok": True})
+
+    def _group(self, message: dict[str, Any]) -> _Answer:
+        group_id = message.get("groupId")
+        if not group_id:
+            return _json_answer(400, {"error": "group has no groupId"})
+        traits = message.get("traits") or {}
+        custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
+        with self._lock:
+            self._upsert_company({"externalId": group_id, "name": traits.get("name")}, custom)
+            self._count(group_id, custom)
+        return _json_answer(200, {"ok": True})
+
+    def _companies(self, items: Any, _query: str = "") -> _Answer:
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_BULK:
+            return _json_answer(400, {"error": f"expected an array of 1 to {MAX_BULK} items"})
+        if not all(isinstance(i, dict) and i.get("externalId") for i in items):
+            return _json_answer(400, {"error": "every item needs externalId"})
+        report: dict[str, Any] = {"created": 0, "updated": 0}
+        report.update({name: [] for name in ERROR_LISTS})
+        with self._lock:
+            for item in items:
+                if self._partial and (refused := self._partial_error(item)) is not None:
+                    where, error = refused
+                    report.setdefault(where, []).append(error)
+                    continue
+                custom = item.get("custom") or {}
+                created = self._upsert_company(item, custom)
+                self._count(item["externalId"], custom)
+                report["created" if created else "updated"] += 1
+        partial = any(report[name] for name in report if name.endswith("Errors"))
+        return _json_answer(206 if partial else 200, report)
+
+    def _upsert_company(self, fields: dict[str, Any], custom: dict[str, Any]) -> bool:
+        """The caller holds the lock; a null custom value removes the field."""
+        company = self.companies.get(fields["externalId"])
+        created = company is None
+        if company is None:
+            company = self.companies[fields["externalId"]] = {
+                "externalId": fields["externalId"],
+                "custom": {},
+            }
+        if fields.get("name") is not None:
+            company["name"] = fields["name"]
+        _merge_custom(company["custom"], custom)
+        return created
+
     def _segment(self, message: Any, _query: str = "") -> _Answer:
+        if isinstance(message, dict) and message.get("type") == "track":
+            return self._track(message)
+        if isinstance(message, dict) and message.get("type") == "group":
+            return self._group(message)
         if not isinstance(message, dict) or message.get("type") != "identify":
-            return _json_answer(400, {"error": "expected one identify message"})
+            return _json_answer(400, {"error": "expected one identify, track or group message"})
         traits = message.get("traits") or {}
         user_id = message.get("userId") or message.get("user_id")
         email = traits.get("email")
@@ -543,7 +632,7 @@ class FakePlanhat:
             "title": traits.get("title"),
             "companyExternalId": traits.get("companyId"),
         }
-        custom = {k: v for k, v in traits.items() if isinstance(v, bool)}
+        custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
         with self._lock:
             self._upsert(fields, custom)
             self._count(user_id or email, custom)
@@ -638,23 +727,30 @@ class FakePlanhat:
         return where, error
 
     def _upsert(self, fields: dict[str, Any], custom: dict[str, Any], adopt: bool = False) -> bool:
-        """Merge into the contact matched by externalId, else email; True when created.
+        """Merge into the contact matched by externalId, else email; True when created. An
+        unknown externalId with the email of an existing contact updates that contact (and
+        gives it the externalId), as Planhat's Segment destination matches userId or email.
 
         `fields` may hold a "custom" entry; `custom` replaces it. With `adopt`, a new contact
         is `fields` itself (a parsed item nobody else keeps): no copy per item in a benchmark.
         The caller holds the lock.
         """
         email = fields.get("email")
-        key = fields.get("externalId") or self._email_keys.get(email, email)
+        external = fields.get("externalId")
+        key = external or self._email_keys.get(email, email)
+        if external and external not in self.contacts:
+            known = self._external_keys.get(external) or (email and self._email_keys.get(email))
+            if known:
+                key = self._external_keys[external] = known
         contact = self.contacts.get(key)
         created = contact is None
         if contact is None:
             if adopt:
                 contact = fields
-                contact["custom"] = custom
+                contact["custom"] = custom if None not in custom.values() else _without_nulls(custom)
             else:
                 contact = {name: value for name, value in fields.items() if value is not None}
-                contact["custom"] = dict(custom)
+                contact["custom"] = _without_nulls(custom)
             self.contacts[key] = contact
             if not self._order_stale and len(self._order) == len(self.contacts) - 1:
                 self._order.append(key)
@@ -662,10 +758,23 @@ class FakePlanhat:
             for name, value in fields.items():
                 if value is not None and name != "custom":
                     contact[name] = value
-            contact.setdefault("custom", {}).update(custom)
+            _merge_custom(contact.setdefault("custom", {}), custom)
         if email:
             self._email_keys[email] = key
         return created
+
+
+def _without_nulls(custom: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in custom.items() if v is not None}
+
+
+def _merge_custom(custom: dict[str, Any], written: dict[str, Any]) -> None:
+    """Planhat clears a field written as null."""
+    for key, value in written.items():
+        if value is None:
+            custom.pop(key, None)
+        else:
+            custom[key] = value
 
 
 def _ref(item: dict[str, Any]) -> str:

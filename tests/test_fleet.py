@@ -167,7 +167,7 @@ def test_an_audience_whose_lease_is_held_elsewhere_does_not_hold_back_the_others
     engine = store.open_state(project.state_url)
     try:
         with engine.begin() as connection:
-            store.register_audiences(connection, [("buyers", "Buyers")])
+            store.register_audiences(connection, load_settings(project.path).select(["buyers"]))
         assert lease.try_acquire(engine, "buyers", "another-host:1:x", 600)
         start_daemon()
         wait_for(lambda: finished(project.state_url, "pro_plan"), what="pro_plan's run")

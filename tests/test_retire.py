@@ -114,6 +114,25 @@ def test_a_configured_audience_is_not_retired(project: Project, cli) -> None:  #
     assert len(project.planhat.requests) == requests and true_for(project, "pro_plan") == 3
 
 
+def test_a_removed_trait_or_account_level_audience_is_refused_not_told_false(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_traits import TRAIT, set_scores
+
+    project.source.set_users(users(range(1, 4), plan="pro", company_id="acme"))
+    set_scores(project, [("u1", 10), ("u2", 20)])
+    accounts = {"name": "Pro Accounts", "level": "account",
+                "query": "SELECT DISTINCT company_id FROM users WHERE plan = 'pro'"}  # fmt: skip
+    project.write([accounts], extra=TRAIT)
+    assert run(cli, "sync").code == 0
+    project.write([{"name": "Buyers", "query": BUYERS_QUERY}])  # both gone from the config
+    requests = len(project.planhat.requests)
+    for key, what in (("total_revenue_180_days", "a computed trait"), ("pro_accounts", "account-level")):
+        for args in (("retire", key), ("retire", key, "--yes")):
+            refused = run(cli, *args)
+            assert refused.code == 1 and refused.err.count("\n") == 1, refused.err
+            assert f"'{key}' is {what}; retire clears user-level audiences only" in refused.err
+    assert len(project.planhat.requests) == requests  # nothing sent: no wrong `false`
+
+
 def test_an_unknown_key_is_named_with_the_keys_that_can_be_retired(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
     synced_then_removed(project, cli)
     result = run(cli, "retire", "pro_plna", "--yes")

@@ -131,7 +131,7 @@ def test_read_ahead_hands_over_errors_and_stops_the_source_when_left_early() -> 
 
 
 def test_one_audience_pages_group_like_the_general_path() -> None:
-    rows = [(n, "k", f"u{n}", n % 2, f"u{n}", None, "Name", None, None) for n in range(1, 6)]
+    rows = [(n, "k", f"u{n}", n % 2, f"u{n}", None, "Name", None, None, None) for n in range(1, 6)]
     for complete in (True, False):
         fast = coalesce(rows, complete, one_audience=True)
         general = coalesce(rows, complete)
