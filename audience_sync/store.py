@@ -376,23 +376,28 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
     return result
 
 
+def _newest_run_value(column: sa.Column[Any], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
+    """`column` of the audience's newest run (that matches `where`), correlated to `audiences`:
+    it walks ix_runs_audience_started backwards from the newest run, so the cost does not grow
+    with the history."""
+    r = m.runs.c
+    return (
+        sa.select(column)
+        .where(r.audience_key == m.audiences.c.key, *where)
+        .order_by(r.started_at.desc(), r.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
 def _latest_runs(connection: Connection) -> dict[str, Any]:
     """Per audience: its newest run's id, and the newest members count, error and success
     time of any run. Each correlated subquery walks ix_runs_audience_started backwards from
     the audience's newest run, so the cost does not grow with the history."""
-    a, r = m.audiences.c, m.runs.c
-
-    def newest(column: sa.Column[Any], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
-        return (
-            sa.select(column)
-            .where(r.audience_key == a.key, *where)
-            .order_by(r.started_at.desc(), r.id.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-
+    r = m.runs.c
+    newest = _newest_run_value
     query = sa.select(
-        a.key,
+        m.audiences.c.key,
         newest(r.id).label("last_run_id"),
         newest(r.members, r.members.is_not(None)).label("members"),
         newest(r.error, r.error.is_not(None)).label("last_error"),
@@ -520,17 +525,8 @@ def audience_overview(connection: Connection) -> dict[str, dict[str, Any]]:
     """Every `audiences` row, with the id of its newest run and when its newest successful run
     ended. One statement: the correlated subqueries each walk ix_runs_audience_started
     backwards from the audience's newest run, so the cost does not grow with the history."""
-    a, r = m.audiences.c, m.runs.c
-
-    def newest(column: sa.Column[Any], *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[Any]:
-        return (
-            sa.select(column)
-            .where(r.audience_key == a.key, *where)
-            .order_by(r.started_at.desc(), r.id.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-
+    r = m.runs.c
+    newest = _newest_run_value
     query = sa.select(
         m.audiences,
         newest(r.id).label("last_run_id"),

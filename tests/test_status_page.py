@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -39,12 +38,11 @@ from audience_sync.web import StatusPage
 from tests.conftest import (
     API_TOKEN,
     BUYERS_QUERY,
-    POSTGRES_URL,
     PRO_QUERY,
     TENANT_TOKEN,
     Project,
     SourceDB,
-    require_postgres,
+    postgres_schema,
     users,
 )
 from tests.fake_planhat import FakePlanhat
@@ -136,21 +134,6 @@ class Shared:
     keys: dict[str, str]  # audience keys by name
 
 
-@contextmanager
-def _postgres_schema() -> Iterator[str]:
-    require_postgres()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     """One populated state database per backend, for the tests that only read it (populating
@@ -167,7 +150,7 @@ def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         if request.param == "sqlite":
             url = f"sqlite:///{directory / 'state.db'}"
         else:
-            url = stack.enter_context(_postgres_schema())
+            url = stack.enter_context(postgres_schema())
         fake = stack.enter_context(FakePlanhat(tenant_token=TENANT_TOKEN, api_token=API_TOKEN))
         project = Project(directory / "audience_sync.toml", url, SourceDB(directory / "source.db"), fake)
         keys = populate(project, lambda *args: main(list(args)))
