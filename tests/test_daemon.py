@@ -178,7 +178,10 @@ def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0
     project.write(PRO_ONLY, extra=schedule("1h", "2h", '[daemon]\ngrace = "2s"\n'))
     fake.delay_next(1000, 30)  # Planhat hangs: every request times out (after 2 s) and is retried
     daemon = spawn(project)
-    wait_for(lambda: fake.max_in_flight > 0, what="a request in flight")
+    # The chunk's trace is committed just before its request leaves (the start's check reads
+    # Planhat too, so a request in flight alone does not say the run's is).
+    wait_for(lambda: count(project.state_url, m.in_flight) > 0, what="the run's chunk on the wire")
+    time.sleep(0.5)
 
     code, took = daemon.signal(signal.SIGTERM)
     assert code == 0, daemon.log()
