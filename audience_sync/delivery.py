@@ -134,7 +134,7 @@ def _single_contact(row: PageRow, meta: KeyMeta = AUDIENCES) -> Contact:
         row[_NAME],
         row[_TITLE],
         row[_COMPANY],
-        {row[_KEY]: bool(row[_VALUE]) if row[_JSON] is None else orjson.loads(row[_JSON])},
+        {row[_KEY]: row_value(row[_VALUE], row[_JSON])},
         meta,
     )
 
@@ -475,12 +475,8 @@ def _acknowledge(
     fresh: frozenset[str],
 ) -> None:
     with engine.begin() as connection:
-        valued = [row for row in delivered if row[_JSON] is not None]
-        if valued:  # computed traits: the baseline takes the value
-            _apply_delivered_values(connection, valued, run_ids, now)
-        plain = [row for row in delivered if row[_JSON] is None] if valued else delivered
-        if plain:  # the span covers the whole chunk: with trait rows in it, go by ids
-            _apply_delivered(connection, plain, run_ids, now, None if valued else span, fresh)
+        if delivered:
+            _apply_delivered(connection, delivered, run_ids, now, span, fresh)
         if failed:
             connection.execute(
                 m.pending.update()
@@ -522,6 +518,15 @@ def _count_in_runs(
         )
 
 
+_BASELINE_COLUMNS = "audience_key, user_ref, user_id, email, run_id, told_at, value_json"
+_BASELINE_UPSERT = (
+    "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
+    "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at, "
+    "value_json = excluded.value_json"
+)
+_CHANGES_COLUMNS = "run_id, audience_key, user_ref, value, value_json, outcome, error, at"
+
+
 def _apply_delivered(
     connection: sa.Connection,
     rows: list[PageRow],
@@ -530,7 +535,9 @@ def _apply_delivered(
     span: _Span | None = None,
     fresh: frozenset[str] = frozenset(),
 ) -> None:
-    """Advance the baseline, log the changes and empty the outbox for the accepted rows.
+    """Advance the baseline, log the changes and empty the outbox for the accepted rows. A
+    computed trait's baseline takes the value sent (`value_json`; NULL for an audience), and a
+    `null` sent (value FALSE) removes its row, as an exit does.
 
     PostgreSQL does it all in one statement, the outbox rows read once as they are deleted.
     With the chunk's `span` they are found by one range scan of the outbox's index (less the
@@ -564,11 +571,9 @@ def _apply_delivered(
     if any(row[_VALUE] for row in rows):
         connection.execute(
             sa.text(
-                "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at) "
-                f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now "
-                f"FROM pending p WHERE {chosen} AND p.value = TRUE "
-                "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
-                "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at"
+                f"INSERT INTO baseline ({_BASELINE_COLUMNS}) "
+                f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now, p.value_json "
+                f"FROM pending p WHERE {chosen} AND p.value = TRUE {_BASELINE_UPSERT}"
             ).bindparams(now_param),
             params,
         )
@@ -582,8 +587,8 @@ def _apply_delivered(
         )
     connection.execute(
         sa.text(
-            "INSERT INTO changes (run_id, audience_key, user_ref, value, outcome, error, at) "
-            f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, 'delivered', NULL, :now "
+            f"INSERT INTO changes ({_CHANGES_COLUMNS}) "
+            f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
             f"FROM pending p WHERE {chosen}"
         ).bindparams(now_param),
         params,
@@ -594,13 +599,14 @@ def _apply_delivered(
 def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozenset[str]) -> str:
     """One statement: delete the chosen outbox rows, advance the baseline from them (a plain
     insert for audiences in `fresh`), log them in `changes`; its row count is the rows'."""
-    columns = "audience_key, user_ref, user_id, email, run_id, told_at"
+    columns = _BASELINE_COLUMNS
     select = (
-        f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now FROM done p WHERE p.value"
+        f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now, p.value_json "
+        "FROM done p WHERE p.value"
     )
     ctes = [
         f"done AS (DELETE FROM pending p WHERE {chosen} "
-        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email)"
+        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email, p.value_json)"
     ]
     values = {(row[_KEY] in fresh, bool(row[_VALUE])) for row in rows}
     if (True, True) in values:
@@ -611,9 +617,7 @@ def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozense
     if (False, True) in values:
         ctes.append(
             f"entered AS (INSERT INTO baseline ({columns}) {select} "
-            "AND NOT p.audience_key = ANY(CAST(:fresh AS VARCHAR[])) "
-            "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
-            "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at)"
+            f"AND NOT p.audience_key = ANY(CAST(:fresh AS VARCHAR[])) {_BASELINE_UPSERT})"
         )
     if any(not value for _, value in values):
         ctes.append(
@@ -622,52 +626,10 @@ def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozense
         )
     return (
         f"WITH {', '.join(ctes)} "
-        "INSERT INTO changes (run_id, audience_key, user_ref, value, outcome, error, at) "
-        f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, 'delivered', NULL, :now FROM done p"
+        f"INSERT INTO changes ({_CHANGES_COLUMNS}) "
+        f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
+        "FROM done p"
     )
-
-
-def _apply_delivered_values(
-    connection: sa.Connection, rows: list[PageRow], run_ids: dict[str, int], now: datetime
-) -> None:
-    """_apply_delivered for computed traits: the baseline takes the value Planhat accepted (a
-    `null` removes the user's row), `changes` records it. The chunk's ids travel as one
-    parameter (a JSON array), on both databases."""
-    params: dict[str, Any] = {"now": now, "ids": json.dumps([row[_ID] for row in rows])}
-    run_id = _run_id_case(run_ids, params)
-    now_param = sa.bindparam("now", type_=UTCDateTime)
-    if connection.dialect.name == "postgresql":
-        ids = "SELECT CAST(value AS BIGINT) FROM json_array_elements_text(CAST(:ids AS JSON))"
-    else:
-        ids = "SELECT value FROM json_each(:ids)"
-    chosen = f"p.id IN ({ids})"
-    connection.execute(
-        sa.text(
-            "INSERT INTO baseline (audience_key, user_ref, user_id, email, run_id, told_at, value_json) "
-            f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now, p.value_json "
-            f"FROM pending p WHERE {chosen} AND p.value = TRUE "
-            "ON CONFLICT (audience_key, user_ref) DO UPDATE SET user_id = excluded.user_id, "
-            "email = excluded.email, run_id = excluded.run_id, told_at = excluded.told_at, "
-            "value_json = excluded.value_json"
-        ).bindparams(now_param),
-        params,
-    )
-    connection.execute(
-        sa.text(
-            "DELETE FROM baseline WHERE (audience_key, user_ref) IN ("
-            f"SELECT p.audience_key, p.user_ref FROM pending p WHERE {chosen} AND p.value = FALSE)"
-        ),
-        params,
-    )
-    connection.execute(
-        sa.text(
-            "INSERT INTO changes (run_id, audience_key, user_ref, value, value_json, outcome, error, at) "
-            f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
-            f"FROM pending p WHERE {chosen}"
-        ).bindparams(now_param),
-        params,
-    )
-    connection.execute(sa.text(f"DELETE FROM pending WHERE id IN ({ids})"), params)
 
 
 def _run_id_case(run_ids: dict[str, int], params: dict[str, Any]) -> str:

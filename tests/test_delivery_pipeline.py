@@ -154,3 +154,30 @@ def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(
         ("u5",),
         ("u7",),
     ]
+
+
+@pytest.mark.parametrize("transport", ["endusers", "segment"])
+def test_trait_values_acknowledged_on_the_wire_keep_their_value(
+    project: Project, cli, transport: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The baseline of a computed trait holds the value Planhat accepted, whichever path
+    acknowledged it, so an unchanged value is not sent again and a changed one is."""
+    from tests.test_traits import KEY, TRAIT, set_scores
+
+    project.write([], transport=transport, extra=TRAIT, planhat=BULK)
+    set_scores(project, [(f"u{n}", n * 10) for n in range(1, 13)])
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    baseline = query(
+        project.state_url, f"SELECT user_ref, value_json FROM baseline WHERE audience_key = '{KEY}'"
+    )
+    assert sorted(baseline) == sorted((f"u{n}", str(n * 10)) for n in range(1, 13))
+    changes = query(project.state_url, "SELECT count(*) FROM changes WHERE value_json IS NOT NULL")
+    assert changes == [(12,)]
+
+    set_scores(project, [(f"u{n}", n * 10 + (n == 3)) for n in range(1, 12)])  # u3 changes, u12 leaves
+    writes = len(project.planhat.requests)
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    sent = [r for r in project.planhat.requests[writes:] if r.method != "GET"]
+    items = [i for r in sent for i in (r.body if isinstance(r.body, list) else [r.body])]
+    assert len(items) == 2  # only u3's new value and u12's null
+    assert project.planhat.contact("u3")["custom"][KEY] == 31
