@@ -509,13 +509,25 @@ def _count_in_runs(
     killed later still says what it sent."""
     sent = Counter(row[_KEY] for row in delivered)
     refused = Counter(row[_KEY] for row, _, _ in failed)
-    runs = m.runs.c
-    for key in sent.keys() | refused.keys():
+    if sent or refused:
+        # One statement, executed for each run (a chunk of a group run touches hundreds).
         connection.execute(
-            m.runs.update()
-            .where(runs.id == run_ids[key])
-            .values(sent=runs.sent + sent[key], failed=runs.failed + refused[key])
+            _ADVANCE_RUN,
+            [
+                {"run": run_ids[key], "add_sent": sent[key], "add_failed": refused[key]}
+                for key in sorted(sent.keys() | refused.keys())
+            ],
         )
+
+
+_ADVANCE_RUN = (
+    m.runs.update()
+    .where(m.runs.c.id == sa.bindparam("run"))
+    .values(
+        sent=m.runs.c.sent + sa.bindparam("add_sent", type_=sa.Integer),
+        failed=m.runs.c.failed + sa.bindparam("add_failed", type_=sa.Integer),
+    )
+)
 
 
 _BASELINE_COLUMNS = "audience_key, user_ref, user_id, email, run_id, told_at, value_json"
@@ -548,9 +560,9 @@ def _apply_delivered(
     """
     ids = [row[_ID] for row in rows]
     params: dict[str, Any] = {"now": now}
-    run_id = _run_id_case(run_ids, params)
     now_param = sa.bindparam("now", type_=UTCDateTime)
     if connection.dialect.name == "postgresql":
+        params.update(run_keys=list(run_ids), run_numbers=list(run_ids.values()))
         if span is None:
             params["ids"] = ids
             chosen = "p.id = ANY(CAST(:ids AS BIGINT[]))"
@@ -561,12 +573,13 @@ def _apply_delivered(
                 "AND p.user_ref <= :last AND NOT p.id = ANY(CAST(:kept AS BIGINT[]))"
             )
         params["fresh"] = sorted(fresh)
-        statement = sa.text(_postgres_ack(rows, run_id, chosen, fresh)).bindparams(now_param)
+        statement = sa.text(_postgres_ack(rows, chosen, fresh)).bindparams(now_param)
         result = connection.execute(statement, params)
         if span is not None and result.rowcount != len(rows):
             raise _SpanMismatch
         return
     params["ids"] = json.dumps(ids)
+    run_id = _run_id_case(run_ids, params)
     chosen = "p.id IN (SELECT value FROM json_each(:ids))"
     if any(row[_VALUE] for row in rows):
         connection.execute(
@@ -596,17 +609,24 @@ def _apply_delivered(
     connection.execute(sa.text("DELETE FROM pending WHERE id IN (SELECT value FROM json_each(:ids))"), params)
 
 
-def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozenset[str]) -> str:
+def _postgres_ack(rows: list[PageRow], chosen: str, fresh: frozenset[str]) -> str:
     """One statement: delete the chosen outbox rows, advance the baseline from them (a plain
-    insert for audiences in `fresh`), log them in `changes`; its row count is the rows'."""
+    insert for audiences in `fresh`), log them in `changes`; its row count is the rows'.
+
+    Each row's run id comes from a hash join with the (audience, run) pairs, `:run_keys` and
+    `:run_numbers`: a CASE over a group run's hundreds of audiences compared every row's key
+    with each of them in turn."""
     columns = _BASELINE_COLUMNS
     select = (
-        f"SELECT p.audience_key, p.user_ref, p.user_id, p.email, {run_id}, :now, p.value_json "
-        "FROM done p WHERE p.value"
+        "SELECT p.audience_key, p.user_ref, p.user_id, p.email, p.run_id, :now, p.value_json "
+        "FROM done_in_run p WHERE p.value"
     )
     ctes = [
         f"done AS (DELETE FROM pending p WHERE {chosen} "
-        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email, p.value_json)"
+        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email, p.value_json)",
+        "done_in_run AS (SELECT d.*, r.run_id FROM done d JOIN unnest("
+        "CAST(:run_keys AS VARCHAR[]), CAST(:run_numbers AS INTEGER[])) AS r (audience_key, run_id) "
+        "ON r.audience_key = d.audience_key)",
     ]
     values = {(row[_KEY] in fresh, bool(row[_VALUE])) for row in rows}
     if (True, True) in values:
@@ -627,13 +647,14 @@ def _postgres_ack(rows: list[PageRow], run_id: str, chosen: str, fresh: frozense
     return (
         f"WITH {', '.join(ctes)} "
         f"INSERT INTO changes ({_CHANGES_COLUMNS}) "
-        f"SELECT {run_id}, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
-        "FROM done p"
+        "SELECT p.run_id, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
+        "FROM done_in_run p"
     )
 
 
 def _run_id_case(run_ids: dict[str, int], params: dict[str, Any]) -> str:
-    """SQL for "this run's id for the row's audience", its parameters added to `params`."""
+    """SQL for "this run's id for the row's audience", its parameters added to `params`
+    (SQLite, whose acknowledgement reads the outbox rows by id)."""
     whens = []
     for index, (key, run_id) in enumerate(run_ids.items()):
         params[f"key_{index}"], params[f"run_{index}"] = key, run_id
