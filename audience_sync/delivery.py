@@ -613,20 +613,19 @@ def _postgres_ack(rows: list[PageRow], chosen: str, fresh: frozenset[str]) -> st
     """One statement: delete the chosen outbox rows, advance the baseline from them (a plain
     insert for audiences in `fresh`), log them in `changes`; its row count is the rows'.
 
-    Each row's run id comes from a hash join with the (audience, run) pairs, `:run_keys` and
-    `:run_numbers`: a CASE over a group run's hundreds of audiences compared every row's key
-    with each of them in turn."""
+    Each row's run id comes from joining the (audience, run) pairs `:run_keys` and
+    `:run_numbers` as the rows are deleted: a CASE over a group run's hundreds of audiences
+    compared every row's key with each of them in turn."""
     columns = _BASELINE_COLUMNS
     select = (
         "SELECT p.audience_key, p.user_ref, p.user_id, p.email, p.run_id, :now, p.value_json "
-        "FROM done_in_run p WHERE p.value"
+        "FROM done p WHERE p.value"
     )
     ctes = [
-        f"done AS (DELETE FROM pending p WHERE {chosen} "
-        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email, p.value_json)",
-        "done_in_run AS (SELECT d.*, r.run_id FROM done d JOIN unnest("
-        "CAST(:run_keys AS VARCHAR[]), CAST(:run_numbers AS INTEGER[])) AS r (audience_key, run_id) "
-        "ON r.audience_key = d.audience_key)",
+        "done AS (DELETE FROM pending p USING unnest(CAST(:run_keys AS VARCHAR[]), "
+        "CAST(:run_numbers AS INTEGER[])) AS r (audience_key, run_id) "
+        f"WHERE r.audience_key = p.audience_key AND {chosen} "
+        "RETURNING p.audience_key, p.user_ref, p.value, p.user_id, p.email, p.value_json, r.run_id)",
     ]
     values = {(row[_KEY] in fresh, bool(row[_VALUE])) for row in rows}
     if (True, True) in values:
@@ -648,7 +647,7 @@ def _postgres_ack(rows: list[PageRow], chosen: str, fresh: frozenset[str]) -> st
         f"WITH {', '.join(ctes)} "
         f"INSERT INTO changes ({_CHANGES_COLUMNS}) "
         "SELECT p.run_id, p.audience_key, p.user_ref, p.value, p.value_json, 'delivered', NULL, :now "
-        "FROM done_in_run p"
+        "FROM done p"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -150,10 +151,7 @@ def _sync_leased(
     try:
         with lease.LeaseKeeper(engine, [a.key for a in held], holder, ttl) as keeper:
             started = time.monotonic()
-            for audience in held:
-                if should_stop():
-                    break
-                reports[audience.key] = _snapshot(engine, pool, audience, options, settings.safety, holder)
+            reports.update(_snapshot_all(engine, pool, held, options, settings.safety, holder, should_stop))
             ready = {k: r for k, r in reports.items() if r.status == "running" and r.run_id}
             try:
                 if ready:
@@ -222,6 +220,41 @@ def _already_running(engine: Engine, audience: AudienceSettings) -> RunReport:
 
 
 # --- snapshot and diff --------------------------------------------------------------------
+
+# Audiences snapshotted at once on PostgreSQL. A group run's snapshots are mostly the server's
+# work (COPY, the stage's sort and key, the outbox insert), in one backend per connection:
+# two keep both cores of a small host busy while this process reads the next source. SQLite
+# has one writer, whose diff holds the database: its audiences go one after another.
+SNAPSHOT_WORKERS = 2
+
+
+def _snapshot_all(
+    engine: Engine,
+    pool: SourcePool,
+    audiences: list[AudienceSettings],
+    options: SyncOptions,
+    safety: SafetySettings,
+    holder: str,
+    should_stop: Callable[[], bool],
+) -> dict[str, RunReport]:
+    """Snapshot each audience (one failing does not hold back the others); those not started
+    before `should_stop` are left out."""
+
+    def one(audience: AudienceSettings) -> RunReport | None:
+        if should_stop():
+            return None
+        return _snapshot(engine, pool, audience, options, safety, holder)
+
+    workers = min(len(audiences), SNAPSHOT_WORKERS if engine.dialect.name == "postgresql" else 1)
+    if workers <= 1:
+        done = map(one, audiences)
+    else:
+        executor = ThreadPoolExecutor(workers, thread_name_prefix="audience-sync-snapshot")
+        try:
+            done = [future.result() for future in [executor.submit(one, a) for a in audiences]]
+        finally:  # Ctrl-C: the snapshots under way finish, the others never start
+            executor.shutdown(wait=True, cancel_futures=True)
+    return {report.key: report for report in done if report is not None}
 
 
 def _snapshot(

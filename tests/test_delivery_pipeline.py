@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from audience_sync import delivery, store
 from audience_sync import engine as sync_engine
 from audience_sync.config import PlanhatSettings, load_settings
-from tests.conftest import Project, SenderAround, query, users
+from tests.conftest import BUYERS_QUERY, PRO_QUERY, Project, SenderAround, query, users
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
@@ -181,3 +181,28 @@ def test_trait_values_acknowledged_on_the_wire_keep_their_value(
     items = [i for r in sent for i in (r.body if isinstance(r.body, list) else [r.body])]
     assert len(items) == 2  # only u3's new value and u12's null
     assert project.planhat.contact("u3")["custom"][KEY] == 31
+
+
+@pytest.mark.parametrize("prepare_from", [1, 10**9], ids=["on-the-wire", "after-the-answer"])
+def test_a_chunk_across_audiences_counts_each_change_in_its_own_run(
+    project: Project, cli, monkeypatch: pytest.MonkeyPatch, prepare_from: int
+) -> None:  # type: ignore[no-untyped-def]
+    """A group run's chunks carry many audiences' rows: each change is logged under its own
+    audience's run, and each run counts what it sent, whichever path acknowledged the chunk."""
+    monkeypatch.setattr(delivery, "PREPARE_FROM", prepare_from)
+    audiences = [
+        {"name": "Pro Plan", "query": PRO_QUERY},
+        {"name": "Buyers", "query": BUYERS_QUERY},
+        {"name": "Everyone", "query": "SELECT id AS user_id, email FROM users"},
+    ]
+    project.write(audiences, transport="endusers", planhat=BULK)
+    project.source.set_users([*users(range(1, 9), plan="pro", orders=1), *users(range(9, 14), plan="free")])
+    assert cli("--config", "audience_sync.toml", "sync").code == 0
+    runs = query(project.state_url, "SELECT audience_key, sent, status FROM runs ORDER BY audience_key")
+    assert runs == [("buyers", 8, "success"), ("everyone", 13, "success"), ("pro_plan", 8, "success")]
+    logged = query(
+        project.state_url,
+        "SELECT c.audience_key, r.audience_key, count(*) FROM changes c JOIN runs r ON r.id = c.run_id "
+        "GROUP BY c.audience_key, r.audience_key ORDER BY c.audience_key",
+    )
+    assert logged == [("buyers", "buyers", 8), ("everyone", "everyone", 13), ("pro_plan", "pro_plan", 8)]

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
+from audience_sync import engine as sync_engine
 from audience_sync import lease, store
 from audience_sync.cadence import Cadence
 from audience_sync.config import ScheduleSettings, load_settings
@@ -198,3 +199,26 @@ def test_planning_many_audiences_costs_no_more_queries_than_planning_few(project
         statements[count] = len(executed)
         assert all(daemon.next_run(key) is not None for key in daemon.keys)
     assert statements[60] == statements[5], statements
+
+
+def test_a_stop_during_a_groups_snapshots_starts_no_more_and_loses_nothing(project: Project) -> None:
+    """The group's audiences are snapshotted a few at a time: a stop asked for meanwhile lets
+    the snapshots under way finish and starts no other; the next run sends everything."""
+    project.write(FOUR, transport="endusers")
+    project.source.set_users(thirty_users())
+    settings = load_settings(project.path)
+    checks = iter(range(10**6))
+    engine = store.open_state(project.state_url)
+    try:
+        # The stop comes after two audiences have started (each asks before it starts).
+        stopped = sync_engine.sync(settings, engine, should_stop=lambda: next(checks) >= 2)
+        assert [r.key for r in stopped] == KEYS[:2]
+        assert all(r.status == "partial" and r.sent == 0 for r in stopped)
+        assert not project.planhat.requests
+        again = sync_engine.sync(settings, engine)
+    finally:
+        engine.dispose()
+    assert [(r.key, r.status) for r in again] == [(key, "success") for key in KEYS]
+    assert project.planhat.value("u3", "everyone") is True and project.planhat.value("u3", "odd") is True
+    assert project.planhat.value("u2", "pro_plan") is True
+    assert project.planhat.value("u3", "pro_plan") is None  # never a member: never told
