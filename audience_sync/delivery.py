@@ -78,22 +78,39 @@ _COLUMNS = (
 )
 
 
-def read_page(engine: Engine, keys: list[str], after: str, limit: int) -> list[PageRow]:
-    """The next `limit` outbox rows of these audiences after user `after`, in user order.
+# Outbox rows one page may hold when a chunk carries several audiences: a chunk is up to
+# chunk_size *users*, and a user in fifty audiences has fifty rows. 25,000 rows keep a page (and
+# the one read ahead) to about 12 MB each; a bulk request then carries ~500 such users, not 100.
+PAGE_ROWS = 25_000
+
+
+def read_page(
+    engine: Engine, keys: list[str], after: str, limit: int, users: int | None = None
+) -> list[PageRow]:
+    """The next outbox rows of these audiences after user `after`, in user order: `limit` rows
+    at most, and with `users`, only those of the next `users` users.
 
     Read through the driver's own cursor: plain tuples, no result-row objects, for a million
     rows in a full sync.
     """
     with engine.connect() as connection:
         marker = "?" if connection.dialect.name == "sqlite" else "%s"
+        of_keys = f"audience_key IN ({', '.join([marker] * len(keys))}) AND user_ref > {marker}"
+        params: tuple[Any, ...] = (*keys, after)
+        bound = ""
+        if users is not None:  # up to the users-th distinct user after `after`
+            bound = (
+                f" AND user_ref <= (SELECT max(user_ref) FROM (SELECT DISTINCT user_ref FROM pending "
+                f"WHERE {of_keys} ORDER BY user_ref LIMIT {int(users)}) AS chunk)"
+            )
+            params += params
         sql = (
             f"SELECT {', '.join(column.name for column in _COLUMNS)} FROM pending "
-            f"WHERE audience_key IN ({', '.join([marker] * len(keys))}) AND user_ref > {marker} "
-            f"ORDER BY user_ref, audience_key LIMIT {int(limit)}"
+            f"WHERE {of_keys}{bound} ORDER BY user_ref, audience_key LIMIT {int(limit)}"
         )
         cursor = connection.connection.cursor()
         try:
-            cursor.execute(sql, (*keys, after))
+            cursor.execute(sql, params)
             return cursor.fetchall()
         finally:
             cursor.close()
@@ -184,12 +201,15 @@ def deliver(
     keys = list(run_ids)
     for key in keys:
         counts.setdefault(key, DeliveryCounts())
-    limit = sender.chunk_size + 1
+    one_audience = len(keys) == 1
+    # One more row than a page holds: when it comes, the page's last user may have more rows.
+    limit = (sender.chunk_size if one_audience else max(sender.chunk_size, PAGE_ROWS)) + 1
+    users = None if one_audience else sender.chunk_size
 
     def page(after: str) -> list[tuple[Contact, list[PageRow]]]:
-        rows = read_page(engine, keys, after, limit)
+        rows = read_page(engine, keys, after, limit, users)
         return (
-            coalesce(rows, complete=len(rows) < limit, one_audience=len(keys) == 1, meta=meta) if rows else []
+            coalesce(rows, complete=len(rows) < limit, one_audience=one_audience, meta=meta) if rows else []
         )
 
     if engine.dialect.name == "postgresql" and len(keys) > 1:

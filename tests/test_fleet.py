@@ -222,3 +222,22 @@ def test_a_stop_during_a_groups_snapshots_starts_no_more_and_loses_nothing(proje
     assert project.planhat.value("u3", "everyone") is True and project.planhat.value("u3", "odd") is True
     assert project.planhat.value("u2", "pro_plan") is True
     assert project.planhat.value("u3", "pro_plan") is None  # never a member: never told
+
+
+def test_a_bulk_request_carries_a_full_batch_of_users_whatever_their_audiences(project: Project) -> None:
+    """A chunk is batch_size users, not batch_size outbox rows: 30 users in up to four
+    audiences each go out in 6 requests of 5 contacts (rows would have made 16 of about 2)."""
+    project.write(FOUR, transport="endusers", planhat="batch_size = 5\nmax_requests_per_second = 150")
+    project.source.set_users(thirty_users())
+    engine = store.open_state(project.state_url)
+    try:
+        reports = sync_engine.sync(load_settings(project.path), engine)
+    finally:
+        engine.dispose()
+    assert {r.status for r in reports} == {"success"}
+    bodies = [r.body for r in project.planhat.requests if r.method == "PUT"]
+    assert [len(body) for body in bodies] == [5] * 6
+    assert sorted(item["externalId"] for body in bodies for item in body) == sorted(
+        f"u{n}" for n in range(1, 31)
+    )
+    assert project.planhat.contact("u3")["custom"] == {"everyone": True, "buyers": True, "odd": True}
