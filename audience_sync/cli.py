@@ -427,7 +427,7 @@ def history(
     try:
         reading = store.translate_errors("cannot read state database", settings.database_url)
         with reading, engine.connect() as connection:
-            records = store.history(connection, audience, limit)
+            records = store.recent_runs(connection, audience, limit)
     finally:
         engine.dispose()
     if as_json:

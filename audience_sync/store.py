@@ -302,14 +302,6 @@ def pending_counts(connection: Connection, key: str) -> tuple[int, int]:
 # --- history and status -------------------------------------------------------------------
 
 
-def history(connection: Connection, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """Run records, newest first."""
-    query = sa.select(m.runs).order_by(m.runs.c.started_at.desc(), m.runs.c.id.desc()).limit(limit)
-    if key:
-        query = query.where(m.runs.c.audience_key == key)
-    return [_run_record(row._mapping) for row in connection.execute(query)]
-
-
 def _run_record(row: Any) -> dict[str, Any]:
     duration = None
     if row["finished_at"] is not None:
@@ -556,9 +548,11 @@ def runs_by_id(connection: Connection, ids: list[int]) -> dict[int, dict[str, An
     return {row.id: _run_record(row._mapping) for row in rows}
 
 
-def recent_runs(connection: Connection, key: str | None, limit: int) -> list[dict[str, Any]]:
-    """Like `history`, newest first, by an index either way: across audiences by id (ids are
-    taken as runs start), for one audience by ix_runs_audience_started."""
+def recent_runs(connection: Connection, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """Run records, newest first (`audience-sync history`, the status page), by an index either
+    way: across audiences by id (ids are taken as runs start; runs are never pruned, and sorting
+    a year of them by started_at took 175 ms on PostgreSQL), for one audience by
+    ix_runs_audience_started."""
     r = m.runs.c
     query = sa.select(m.runs).limit(limit)
     if key is None:
