@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from . import store
@@ -285,6 +284,8 @@ def _new_sqlite_file(path: Path, shown: str, head: str) -> CheckResult:
 
 
 def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory  # only for a revision other than the head
+
     return {script.revision for script in ScriptDirectory(str(store.migrations_dir())).walk_revisions()}
 
 

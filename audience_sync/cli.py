@@ -2,6 +2,10 @@
 
 Every expected failure is an AudienceSyncError, printed by `main` as one line
 `Kind: message` on stderr with a non-zero exit; nothing else reports errors.
+
+Each command imports what it uses when it runs: `status` and `history` need only the store
+(SQLAlchemy) and a rich table, not the engine, Alembic or httpx, and `--help` not even those.
+tests/test_cli_imports.py keeps it that way.
 """
 
 from __future__ import annotations
@@ -11,20 +15,20 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import sqlalchemy as sa
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from . import check as setup_check
-from . import engine as sync_engine
-from . import store
-from .config import Settings, load_settings
-from .demo import ensure_demo_source
 from .errors import AudienceSyncError, StateDatabaseError
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from sqlalchemy.engine import Engine
+
+    from . import engine as sync_engine
+    from . import store
+    from .config import Settings
 
 app = typer.Typer(
     name="audience-sync",
@@ -41,6 +45,7 @@ AudienceOption = Annotated[
     typer.Option("--audience", "-a", help="Audience key; repeat for several (default: all)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+CHECK_TIMEOUT = 30.0  # check.DEFAULT_TIMEOUT (a test holds them equal): `check` loads httpx and Alembic
 
 
 @dataclass
@@ -49,8 +54,12 @@ class CliContext:
     log_level: str
 
     def settings(self) -> Settings:
+        from .config import load_settings
+
         settings = load_settings(self.config)
         if settings.path is None:
+            from .demo import ensure_demo_source
+
             ensure_demo_source()
         return settings
 
@@ -76,7 +85,9 @@ def main_options(
     ctx.obj = CliContext(config=config, log_level=log_level)
 
 
-def _open(cli: CliContext, default_level: str = "warning") -> tuple[Settings, Any]:
+def _open(cli: CliContext, default_level: str = "warning") -> tuple[Settings, Engine]:
+    from . import store
+
     settings = cli.settings()
     configure_logging(cli.log_level or default_level, settings.daemon.log_format)
     return settings, store.open_state(settings.database_url)
@@ -88,6 +99,8 @@ def _open(cli: CliContext, default_level: str = "warning") -> tuple[Settings, An
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Upgrade the state database schema to this version's head."""
+    from . import store
+
     cli = _context(ctx)
     settings = cli.settings()
     configure_logging(cli.log_level or "warning", settings.daemon.log_format)
@@ -118,6 +131,8 @@ def sync(
     as_json: JsonOption = False,
 ) -> None:
     """Run the audiences once now: full on first sync, changes only afterwards."""
+    from . import engine as sync_engine
+
     settings, engine = _open(_context(ctx))
     try:
         if not dry_run and settings.planhat.token is None:
@@ -145,6 +160,8 @@ def _print_reports(reports: list[sync_engine.RunReport], as_json: bool, dry_run:
     if as_json:
         typer.echo(json.dumps([asdict(report) for report in reports], indent=2, default=str))
         return
+    from rich.table import Table
+
     table = Table(title="Dry run: nothing sent" if dry_run else None)
     columns = ("audience", "kind", "status", "members", "entered", "exited")
     columns += ("to send",) if dry_run else ("sent", "failed", "pending")
@@ -179,6 +196,9 @@ def resync(
     now: Annotated[bool, typer.Option("--now", help="Run the full resync here and now.")] = False,
 ) -> None:
     """Request a full resync; the daemon picks it up within seconds (or --now runs it here)."""
+    from . import engine as sync_engine
+    from . import store
+
     settings, engine = _open(_context(ctx))
     try:
         keys = [a.key for a in settings.select(audience)]
@@ -244,6 +264,8 @@ def _reconcile_record(report: Any) -> dict[str, Any]:
 
 
 def _print_reconcile(reports: list[Any], fix: bool) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Planhat read back: {reports[0].contacts if reports else 0} contacts")
     columns = ("audience", "status", "members", "agree", "true, not member", "member, not true",
                "contact missing", "in doubt")  # fmt: skip
@@ -325,10 +347,12 @@ def check(
     as_json: JsonOption = False,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds each item may take (connect, query, reads).")
-    ] = setup_check.DEFAULT_TIMEOUT,
+    ] = CHECK_TIMEOUT,
 ) -> None:
     """Check the setup before anything is sent: config, state database, sources, each audience's
     query, keys, Planhat token and fields. One line per item; exits 1 on any FAIL."""
+    from . import check as setup_check
+
     cli = _context(ctx)
     configure_logging(cli.log_level or "error")  # the lines say it all; retries would repeat them
     results = setup_check.run_checks(cli.config, timeout=timeout)
@@ -342,7 +366,7 @@ def check(
 @app.command()
 def run(ctx: typer.Context) -> None:
     """Run as a daemon: every audience on schedule (default each 2-3 h), resyncs within seconds."""
-    from . import scheduler
+    from . import scheduler, store
 
     cli = _context(ctx)
     settings = cli.settings()
@@ -368,7 +392,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the status page from the state database, without running the daemon."""
-    from . import web
+    from . import store, web
 
     cli = _context(ctx)
     settings = cli.settings()
@@ -397,16 +421,20 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """Sync history: one record per audience per run, newest first."""
+    from . import store
+
     settings, engine = _open(_context(ctx))
     try:
         reading = store.translate_errors("cannot read state database", settings.database_url)
         with reading, engine.connect() as connection:
-            records = store.history(connection, audience, limit)
+            records = store.recent_runs(connection, audience, limit)
     finally:
         engine.dispose()
     if as_json:
         typer.echo(json.dumps(records, indent=2, default=_iso))
         return
+    from rich.table import Table
+
     table = Table()
     for column in (
         "id",
@@ -445,6 +473,8 @@ def history(
 @app.command()
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Per audience: members, last run, pending changes, last error, next scheduled run."""
+    from . import store
+
     settings, engine = _open(_context(ctx))
     try:
         reading = store.translate_errors("cannot read state database", settings.database_url)
@@ -456,6 +486,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
         records = [{**asdict(e), "hint": _retire_hint(e)} for e in entries]
         typer.echo(json.dumps(records, indent=2, default=_iso))
         return
+    from rich.table import Table
+
     table = Table()
     for column in (
         "audience",
@@ -501,6 +533,8 @@ def _retire_hint(entry: store.AudienceStatus) -> str | None:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # Off a terminal (pipes, logs, CI) rich assumes 80 columns; keep tables readable there.
     return Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -536,7 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     except AudienceSyncError as exc:
         _err(f"{exc.kind}: {exc}")
         return 1
-    except sa.exc.SQLAlchemyError as exc:  # one a command did not translate: still one line
+    except Exception as exc:
+        import sqlalchemy as sa  # imported already by whatever raised a SQLAlchemy error
+
+        if not isinstance(exc, sa.exc.SQLAlchemyError):
+            raise
+        from . import store  # one a command did not translate: still one line
+
         _err(f"{StateDatabaseError.kind}: {exc.__class__.__name__}: {store.error_message(exc)}")
         return 1
     return 0

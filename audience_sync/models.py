@@ -47,6 +47,11 @@ NAMING_CONVENTION = {
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+# The Alembic revision these tables are at: the head of migrations/versions. Opening the state
+# database compares it with the database's own, without loading Alembic; a new migration
+# bumps it (tests/test_packaging.py holds it to Alembic's head).
+SCHEMA_REVISION = "0005"
+
 KEY = 255  # audience keys and user identifiers
 TEXT = 1024  # traits such as name and title
 

@@ -91,3 +91,65 @@ def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: 
             assert connection.execute(sa.text("SELECT count(*) FROM in_flight")).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_the_schema_revision_constant_is_alembics_head() -> None:
+    """Opening the state database compares its revision with models.SCHEMA_REVISION instead of
+    asking Alembic for the head (which costs every command ~0.3 s): a new migration must bump it."""
+    from alembic.script import ScriptDirectory
+
+    from audience_sync import models, store
+
+    script = ScriptDirectory(str(store.migrations_dir()))
+    assert script.get_heads() == [models.SCHEMA_REVISION]
+    assert store.head_revision() == models.SCHEMA_REVISION
+
+
+def test_the_current_revision_is_read_as_alembic_reads_it(state_url: str) -> None:
+    """store.current_revision (a plain SELECT) agrees with Alembic's MigrationContext with no
+    version table, at each revision, and with the table left empty by a downgrade to base."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from audience_sync import store
+
+    def both(engine: sa.Engine) -> tuple[str | None, str | None]:
+        with engine.connect() as connection:
+            ours = store.current_revision(connection)
+            return ours, MigrationContext.configure(connection).get_current_revision()
+
+    engine = store.create_state_engine(state_url)
+    try:
+        assert both(engine) == (None, None)
+        revisions = [s.revision for s in ScriptDirectory(str(store.migrations_dir())).walk_revisions()]
+        for revision in reversed(revisions):
+            store.upgrade(engine, revision)
+            assert both(engine) == (revision, revision)
+        with engine.begin() as connection:
+            command.downgrade(store._alembic_config(connection), "base")
+        assert both(engine) == (None, None)
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_from_a_newer_version_is_refused_with_one_line(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    from audience_sync import store
+
+    config = Path("audience_sync.toml")
+    config.write_text(f'[database]\nurl = "{state_url}"\n')
+    assert cli("--config", str(config), "db", "upgrade").code == 0
+    engine = sa.create_engine(state_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    engine.dispose()
+    for command in ("status", "history"):
+        result = cli("--config", str(config), command)
+        assert result.code == 1 and result.out == ""
+        assert result.err.strip().splitlines() == [
+            f"State database error: state database {store.safe_url(state_url)} is at revision 0099, "
+            f"this version needs {store.head_revision()}: run `audience-sync db upgrade`"
+        ]
