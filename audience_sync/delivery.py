@@ -212,7 +212,7 @@ def deliver(
             coalesce(rows, complete=len(rows) < limit, one_audience=one_audience, meta=meta) if rows else []
         )
 
-    if engine.dialect.name == "postgresql" and len(keys) > 1:
+    if engine.dialect.name == "postgresql" and not one_audience:
         _refresh_statistics(engine, keys)
     fresh = first_baselines(engine, keys)
     prepare = engine.dialect.name == "postgresql"  # SQLite has one writer: it would wait on it

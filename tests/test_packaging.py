@@ -42,15 +42,21 @@ def test_migrations_upgrade_from_empty_to_head_on_every_backend(state_url: str, 
     assert again.code == 0 and "up to date" in again.out
 
 
+def upgraded_config(state_url: str, cli) -> Path:  # type: ignore[no-untyped-def]
+    """A config naming only the state database, upgraded to head."""
+    config = Path("audience_sync.toml")
+    config.write_text(f'[database]\nurl = "{state_url}"\n')
+    assert cli("--config", str(config), "db", "upgrade").code == 0
+    return config
+
+
 def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
     import sqlalchemy as sa
     from alembic import command
 
     from audience_sync import store
 
-    config = Path("audience_sync.toml")
-    config.write_text(f'[database]\nurl = "{state_url}"\n')
-    assert cli("--config", str(config), "db", "upgrade").code == 0
+    config = upgraded_config(state_url, cli)
     engine = sa.create_engine(state_url)
     with engine.begin() as connection:
         command.downgrade(store._alembic_config(connection), "base")
@@ -139,9 +145,7 @@ def test_a_schema_from_a_newer_version_is_refused_with_one_line(state_url: str, 
 
     from audience_sync import store
 
-    config = Path("audience_sync.toml")
-    config.write_text(f'[database]\nurl = "{state_url}"\n')
-    assert cli("--config", str(config), "db", "upgrade").code == 0
+    config = upgraded_config(state_url, cli)
     engine = sa.create_engine(state_url)
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
