@@ -42,7 +42,7 @@ from .errors import AudienceSyncError
 from .models import UTCDateTime
 from .planhat import AUDIENCES, Contact, KeyMeta, Outcome
 from .sources import frozen_gc
-from .store import utcnow
+from .store import forget_baseline_counts, recount_baselines, utcnow
 
 log = logging.getLogger("audience_sync.delivery")
 
@@ -218,6 +218,12 @@ def deliver(
     prepare = engine.dialect.name == "postgresql"  # SQLite has one writer: it would wait on it
     with frozen_gc(), ThreadPoolExecutor(2, thread_name_prefix="audience-sync-delivery") as helpers:
         after, batch = "", page("")
+        if not batch:  # nothing to change; a count a killed delivery left unknown is counted
+            with engine.begin() as connection:
+                recount_baselines(connection, keys, unknown_only=True)
+            return
+        with engine.begin() as connection:  # kept only while no acknowledgement can change them
+            forget_baseline_counts(connection, keys)
         while batch and not sender.exhausted and not should_stop():
             trace = mark_in_flight(engine, batch, run_ids, after)
             last = batch[-1][0].ref
@@ -241,9 +247,11 @@ def deliver(
             if outcome.stop is not None:
                 raise outcome.stop
             batch = upcoming
-    if engine.dialect.name == "postgresql" and sum(c.sent for c in counts.values()) > ANALYZE_AFTER:
-        with engine.begin() as connection:  # the next run's diff plans against the new baseline
-            connection.exec_driver_sql("ANALYZE baseline")
+    # Every acknowledgement is committed; one that raised left the counts to be counted live.
+    with engine.begin() as connection:
+        recount_baselines(connection, keys)
+        if engine.dialect.name == "postgresql" and sum(c.sent for c in counts.values()) > ANALYZE_AFTER:
+            connection.exec_driver_sql("ANALYZE baseline")  # the next run's diff plans on the new baseline
 
 
 def _refresh_statistics(engine: Engine, keys: list[str]) -> None:

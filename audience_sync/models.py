@@ -2,7 +2,8 @@
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by
-                 `audience-sync retire` once Planhat holds no `true` for it
+                 `audience-sync retire` once Planhat holds no `true` for it, and
+                 baseline_count its baseline's rows (NULL while a delivery is changing them)
 baseline         the members Planhat has confirmed as `true` (what Planhat was told);
                  advances only when Planhat accepts a change; for a computed trait, the users
                  Planhat holds a value for, with that value (`value_json`)
@@ -50,7 +51,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The Alembic revision these tables are at: the head of migrations/versions. Opening the state
 # database compares it with the database's own, without loading Alembic; a new migration
 # bumps it (tests/test_packaging.py holds it to Alembic's head).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 KEY = 255  # audience keys and user identifiers
 TEXT = 1024  # traits such as name and title
@@ -88,6 +89,9 @@ audiences = Table(
     # What the key is, from the config (NULL before 0005: a user-level audience).
     Column("kind", String(16), nullable=True),  # audience | trait
     Column("level", String(16), nullable=True),  # user | account
+    # Rows in `baseline` for this key, so that `status` and the metrics need not count them;
+    # NULL while a delivery may be changing them (readers count those live; store.py).
+    Column("baseline_count", Integer, nullable=True),
 )
 
 baseline = Table(

@@ -201,6 +201,8 @@ def _compare(
                 _count(connection, key, report, key in trait_keys)
                 if fix:
                     _repair_baseline(connection, key, key in trait_keys)
+            if fix:  # in the repair's transaction: no reader sees the old count with the new rows
+                store.recount_baselines(connection, keys)
             connection.commit()
         finally:
             connection.rollback()

@@ -10,7 +10,7 @@ with a plain SELECT and compared with `models.SCHEMA_REVISION`; only an upgrade 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -351,7 +351,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
     keys = list(configured) + sorted(k for k in rows if k not in configured)
     pending = _counts_by_audience(connection, m.pending)
     doubt = in_doubt_by_audience(connection)
-    baseline = _counts_by_audience(connection, m.baseline)
+    baseline = baseline_counts(connection)
     requested = set(
         connection.execute(
             sa.select(m.resync_requests.c.audience_key).where(m.resync_requests.c.status == "pending")
@@ -422,6 +422,45 @@ def in_doubt_by_audience(connection: Connection) -> dict[str, int]:
         .group_by(p.audience_key)
     )
     return {key: int(count) for key, count in connection.execute(query)}
+
+
+def baseline_counts(connection: Connection) -> dict[str, int]:
+    """Users in each audience's baseline (audiences with none are absent): the kept
+    `baseline_count`, and, for audiences a delivery may be changing (NULL), their rows counted
+    through the primary key. Counting every audience took 200 ms at a million rows on
+    PostgreSQL. (Two statements: one with a correlated count costs PostgreSQL's planner a
+    JIT compilation of 170 ms for the subquery it then never runs.)"""
+    a, b = m.audiences.c, m.baseline.c
+    kept: dict[str, int | None] = {
+        key: count for key, count in connection.execute(sa.select(a.key, a.baseline_count))
+    }
+    unknown = [key for key, count in kept.items() if count is None]
+    if unknown:
+        live = sa.select(b.audience_key, sa.func.count()).where(b.audience_key.in_(unknown))
+        kept.update((key, count) for key, count in connection.execute(live.group_by(b.audience_key)))
+    return {key: int(count) for key, count in kept.items() if count}
+
+
+def forget_baseline_counts(connection: Connection, keys: Sequence[str]) -> None:
+    """Before a delivery changes these audiences' baselines: readers count them live."""
+    query = m.audiences.update().where(m.audiences.c.key.in_(keys), m.audiences.c.baseline_count.is_not(None))
+    connection.execute(query.values(baseline_count=None))
+
+
+def recount_baselines(connection: Connection, keys: Sequence[str], unknown_only: bool = False) -> None:
+    """Keep these audiences' baseline counts (or only those not kept), once nothing is
+    changing their baselines. One grouped count, not one correlated per audience: PostgreSQL
+    JIT-compiles the latter (0.2 s at 200 audiences)."""
+    a, b = m.audiences.c, m.baseline.c
+    if unknown_only:
+        unknown = sa.select(a.key).where(a.key.in_(keys), a.baseline_count.is_(None))
+        keys = list(connection.execute(unknown).scalars())
+    if not keys:
+        return
+    grouped = sa.select(b.audience_key, sa.func.count()).where(b.audience_key.in_(keys))
+    counts = {key: count for key, count in connection.execute(grouped.group_by(b.audience_key))}
+    update = m.audiences.update().where(a.key == sa.bindparam("k")).values(baseline_count=sa.bindparam("n"))
+    connection.execute(update, [{"k": key, "n": counts.get(key, 0)} for key in keys])
 
 
 def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, int]:
@@ -598,7 +637,7 @@ def window_summary(
 
 def outbox_and_baseline_counts(connection: Connection) -> dict[str, tuple[int, int, int]]:
     """Per audience: (users Planhat has as `true`, changes pending, of which in doubt)."""
-    baseline = _counts_by_audience(connection, m.baseline)
+    baseline = baseline_counts(connection)
     pending = _counts_by_audience(connection, m.pending)
     doubt = in_doubt_by_audience(connection)
     keys = baseline.keys() | pending.keys() | doubt.keys()

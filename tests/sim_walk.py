@@ -552,6 +552,7 @@ class Simulation:
         self.errors: list[str] = []
         self.crashes = 0
         self.first_divergence: tuple[int, list[str]] | None = None
+        self.first_miscount: tuple[int, list[str]] | None = None  # see Simulation.miscounted
         # The plan of the operation running now.
         self._lock = threading.Lock()
         self._crash: Crash | None = None
@@ -658,6 +659,8 @@ class Simulation:
             pairs = self.diverged()
             if pairs:
                 self.first_divergence = (step, pairs)
+        if self.first_miscount is None and (wrong := self.miscounted()):
+            self.first_miscount = (step, wrong)
         return line
 
     def _change_source(self, op: SetAttr | DeleteRow | RestoreRow | ChangeEmail) -> str:
@@ -849,6 +852,16 @@ class Simulation:
                     pairs.append(f"{ref}.{key} Planhat={held} baseline={not held}")
         return pairs
 
+    def miscounted(self) -> list[str]:
+        """Audiences whose kept baseline_count (what `status` shows as "in Planhat") is not
+        the rows of their baseline; a count not kept (NULL) is counted live, never wrong."""
+        with self.engine.connect() as connection:
+            kept = connection.exec_driver_sql(
+                "SELECT a.key, a.baseline_count, (SELECT count(*) FROM baseline b "
+                "WHERE b.audience_key = a.key) FROM audiences a WHERE a.baseline_count IS NOT NULL"
+            ).all()
+        return [f"{key} kept {count}, has {rows}" for key, count, rows in kept if count != rows]
+
     def final_check(self, result: SimResult) -> None:
         """Clear the faults, run one clean `audience-sync sync` (and `reconcile --fix` after
         drift) through the CLI, then check convergence and the bookkeeping."""
@@ -876,6 +889,12 @@ class Simulation:
                 f"nothing pending to correct it (baseline = what Planhat was told and holds): "
                 f"{', '.join(pairs[:8])}"
             )
+
+        if self.first_miscount is None and (wrong := self.miscounted()):
+            self.first_miscount = (len(self.log) + 1, wrong)
+        if self.first_miscount is not None:
+            step, wrong = self.first_miscount
+            result.violations.append(f"[count] after step {step} a kept baseline count was wrong: {wrong}")
 
         truth = self.source.truth()
         for ref in sorted(self.ever_seen):

@@ -99,6 +99,40 @@ def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: 
         engine.dispose()
 
 
+def test_baselines_from_revision_0005_upgrade_with_their_counts_kept(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+    """0006 fills audiences.baseline_count, so `status` shows the right "in Planhat" at once."""
+    import json
+
+    import sqlalchemy as sa
+
+    from audience_sync import store
+
+    config = Path("audience_sync.toml")
+    config.write_text(f'[database]\nurl = "{state_url}"\n')
+    engine = store.create_state_engine(state_url)
+    try:
+        store.upgrade(engine, "0005")
+        with engine.begin() as connection:
+            for key, members in (("vip", 3), ("churned", 0)):
+                connection.exec_driver_sql(
+                    "INSERT INTO audiences (key, name, created_at) "
+                    f"VALUES ('{key}', '{key}', '2026-11-01 00:00:00')"
+                )
+                for n in range(members):
+                    connection.exec_driver_sql(
+                        "INSERT INTO baseline (audience_key, user_ref, told_at) "
+                        f"VALUES ('{key}', 'u{n}', '2026-11-01 00:00:00')"
+                    )
+        assert cli("--config", str(config), "db", "upgrade").code == 0
+        with engine.connect() as connection:
+            kept = connection.execute(sa.text("SELECT key, baseline_count FROM audiences ORDER BY key")).all()
+        assert kept == [("churned", 0), ("vip", 3)]
+    finally:
+        engine.dispose()
+    shown = json.loads(cli("--config", str(config), "status", "--json").out)
+    assert {e["key"]: e["baseline"] for e in shown} == {"churned": 0, "vip": 3}
+
+
 def test_the_schema_revision_constant_is_alembics_head() -> None:
     """Opening the state database compares its revision with models.SCHEMA_REVISION instead of
     asking Alembic for the head (which costs every command ~0.3 s): a new migration must bump it."""
