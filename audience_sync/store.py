@@ -349,8 +349,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
     """One entry per audience known to the config or to the database."""
     rows = {r.key: r for r in connection.execute(sa.select(m.audiences))}
     keys = list(configured) + sorted(k for k in rows if k not in configured)
-    pending = _counts_by_audience(connection, m.pending)
-    doubt = in_doubt_by_audience(connection)
+    outbox = outbox_counts(connection)
     baseline = baseline_counts(connection)
     requested = set(
         connection.execute(
@@ -369,8 +368,8 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
                 configured=key in configured,
                 members=facts.members if facts else None,
                 baseline=baseline.get(key, 0),
-                pending=pending.get(key, 0),
-                in_doubt=doubt.get(key, 0),
+                pending=outbox.get(key, (0, 0))[0],
+                in_doubt=outbox.get(key, (0, 0))[1],
                 last_run=last_runs.get(facts.last_run_id) if facts else None,
                 last_success_at=facts.last_success_at if facts else None,
                 last_error=facts.last_error if facts else None,
@@ -412,16 +411,14 @@ def _latest_runs(connection: Connection) -> dict[str, Any]:
     return {row.key: row for row in connection.execute(query)}
 
 
-def in_doubt_by_audience(connection: Connection) -> dict[str, int]:
-    """Outbox rows in doubt per audience: marked so, or inside a chunk that a stopped run left
-    on the wire (settled into the mark by that audience's next run)."""
+def outbox_counts(connection: Connection) -> dict[str, tuple[int, int]]:
+    """Outbox rows per audience, and of those the ones in doubt: marked so, or inside a chunk
+    that a stopped run left on the wire (settled into the mark by that audience's next run).
+    One pass over the outbox for both."""
     p = m.pending.c
-    query = (
-        sa.select(p.audience_key, sa.func.count())
-        .where(sa.or_(p.in_doubt.is_(True), m.on_the_wire()))
-        .group_by(p.audience_key)
-    )
-    return {key: int(count) for key, count in connection.execute(query)}
+    doubt = sa.or_(p.in_doubt.is_(True), m.on_the_wire())
+    query = sa.select(p.audience_key, sa.func.count(), sa.func.count().filter(doubt)).group_by(p.audience_key)
+    return {key: (int(rows), int(in_doubt)) for key, rows, in_doubt in connection.execute(query)}
 
 
 def baseline_counts(connection: Connection) -> dict[str, int]:
@@ -638,10 +635,9 @@ def window_summary(
 def outbox_and_baseline_counts(connection: Connection) -> dict[str, tuple[int, int, int]]:
     """Per audience: (users Planhat has as `true`, changes pending, of which in doubt)."""
     baseline = baseline_counts(connection)
-    pending = _counts_by_audience(connection, m.pending)
-    doubt = in_doubt_by_audience(connection)
-    keys = baseline.keys() | pending.keys() | doubt.keys()
-    return {key: (baseline.get(key, 0), pending.get(key, 0), doubt.get(key, 0)) for key in keys}
+    outbox = outbox_counts(connection)
+    keys = baseline.keys() | outbox.keys()
+    return {key: (baseline.get(key, 0), *outbox.get(key, (0, 0))) for key in keys}
 
 
 COMPOUND_TERMS = 250  # SELECTs per UNION ALL: SQLite allows 500 by default
