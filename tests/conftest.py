@@ -169,6 +169,42 @@ class SenderAround:
         self.client.close()
 
 
+class Killed(BaseException):
+    """Stands in for SIGKILL: no `except Exception` catches it, as nothing runs after a kill."""
+
+
+def killing_sender(after_sends: int) -> Any:
+    """A real client that dies right after its N-th chunk reached Planhat, before the ack."""
+
+    class Sender(SenderAround):
+        def after_send(self) -> None:
+            if self.sends >= after_sends:
+                raise Killed
+
+    return Sender
+
+
+def sync_killed(project: Project, after_sends: int, keys: list[str] | None = None) -> None:
+    """A sync of `keys` (default: all) whose process is killed once its N-th chunk reached
+    Planhat, before the acknowledgement."""
+    from audience_sync import engine as sync_engine
+    from audience_sync import store
+    from audience_sync.config import load_settings
+
+    settings = load_settings(project.path)
+    engine = store.open_state(project.state_url)
+    try:
+        with pytest.raises(Killed):
+            sync_engine.sync(settings, engine, keys, sender_factory=killing_sender(after_sends))
+    finally:
+        engine.dispose()
+
+
+def expire_leases(url: str) -> None:
+    """The leases a killed process held run out."""
+    query(url, "UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
+
+
 def _user_row(row: dict[str, Any]) -> dict[str, Any]:
     base = {"id": None, "email": None, "name": None, "title": None, "company_id": None,
             "plan": "pro", "orders": 0}  # fmt: skip

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
-from tests.conftest import Project, query
+from tests.conftest import Project, expire_leases, query, sync_killed
 
 ENTERPRISE = {"name": "Enterprise Accounts", "level": "account",
               "query": "SELECT company_id, name FROM accounts WHERE arr >= 100000"}  # fmt: skip
@@ -32,16 +29,6 @@ def set_accounts(project: Project, rows: list[tuple[Any, str, Any]]) -> None:
 
 def sync(cli, *args: str):  # type: ignore[no-untyped-def]
     return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-@contextlib.contextmanager
-def sa_engine(url: str) -> Iterator[sa.Connection]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as connection:
-            yield connection
-    finally:
-        engine.dispose()
 
 
 def writes(project: Project) -> list[tuple[str, Any]]:
@@ -180,21 +167,10 @@ def test_the_daemon_runs_account_level_keys_events_and_traits(project: Project, 
 def test_a_kill_after_planhat_took_a_companies_chunk_leaves_it_in_doubt(
     project: Project, cli, transport: str
 ) -> None:  # type: ignore[no-untyped-def]
-    from audience_sync import engine as sync_engine
-    from audience_sync import store
-    from audience_sync.config import load_settings
-    from tests.test_in_doubt import Killed, killing_sender
-
     fake = project.planhat
     project.write([ENTERPRISE], transport=transport, extra=ARR)
     set_accounts(project, [("c1", "Acme", 250000)])
-    settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
-    try:
-        with pytest.raises(Killed):
-            sync_engine.sync(settings, engine, sender_factory=killing_sender(1))
-    finally:
-        engine.dispose()
+    sync_killed(project, 1)
     assert fake.company_value("c1", "arr") == 250000  # Planhat has it; the state database never heard
     assert sorted(query(project.state_url, "SELECT audience_key FROM in_flight")) == [
         ("arr",),
@@ -202,8 +178,7 @@ def test_a_kill_after_planhat_took_a_companies_chunk_leaves_it_in_doubt(
     ]
 
     set_accounts(project, [])  # c1 leaves both before the next run: Planhat must not keep them
-    with sa_engine(project.state_url) as connection:  # the dead process's leases expire
-        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
+    expire_leases(project.state_url)
     assert sync(cli).code == 0
     assert (
         fake.company_value("c1", "enterprise_accounts") is False and fake.company_value("c1", "arr") is None

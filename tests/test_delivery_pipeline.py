@@ -14,12 +14,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from audience_sync import delivery, store
 from audience_sync import engine as sync_engine
 from audience_sync.config import PlanhatSettings, load_settings
-from tests.conftest import BUYERS_QUERY, PRO_QUERY, Project, SenderAround, query, users
+from tests.conftest import (
+    BUYERS_QUERY,
+    PRO_QUERY,
+    Project,
+    SenderAround,
+    expire_leases,
+    query,
+    sync_killed,
+    users,
+)
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
@@ -72,29 +80,10 @@ def test_a_refused_item_rolls_the_prepared_chunk_back_and_stays_pending(project:
     assert counts(project.state_url) == (12, 0, 0, 12)
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL: nothing runs after it."""
-
-
-def killing_sender(after_sends: int) -> Any:
-    class Sender(SenderAround):
-        def after_send(self) -> None:
-            if self.sends >= after_sends:
-                raise Killed
-
-    return Sender
-
-
 def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users(users(range(1, 13), plan="pro"))
-    settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
-    try:
-        with pytest.raises(Killed):
-            sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=killing_sender(2))
-    finally:
-        engine.dispose()
+    sync_killed(project, 2, ["pro_plan"])
     # Planhat has ten; the state database acknowledged the first chunk only, and the second
     # chunk's prepared acknowledgement went with the process.
     assert sum(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 13)) == 10
@@ -106,13 +95,6 @@ def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Pr
     assert counts(project.state_url) == (6, 0, 0, 5 + 4 + 1 + 3)
     assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 7))
     assert not any(project.planhat.value(f"u{n}", "pro_plan") for n in range(7, 13))
-
-
-def expire_leases(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
-    engine.dispose()
 
 
 def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(

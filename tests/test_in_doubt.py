@@ -13,12 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
-from audience_sync import engine as sync_engine
-from audience_sync import store
-from audience_sync.config import PlanhatSettings, load_settings
-from tests.conftest import Project, SenderAround, query, users
+from tests.conftest import Project, expire_leases, query, sync_killed, users
 
 TRANSPORTS = ["segment", "endusers"]
 # One attempt, a short timeout: the fake's delayed answer arrives after the client gave up.
@@ -133,21 +129,6 @@ def test_a_full_resync_sends_false_to_every_user_planhat_may_have_as_true(
     assert [fake.value(f"u{n}", "pro_plan") for n in range(1, 6)] == [True, True, True, False, False]
 
 
-class Killed(BaseException):
-    """Stands in for SIGKILL: no `except Exception` catches it, as nothing runs after a kill."""
-
-
-def killing_sender(after_sends: int) -> Callable[[PlanhatSettings], Any]:
-    """A real client that dies right after its N-th chunk reached Planhat, before the ack."""
-
-    class Sender(SenderAround):
-        def after_send(self) -> None:
-            if self.sends >= after_sends:
-                raise Killed
-
-    return Sender
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_kill_between_planhat_accepting_and_the_ack_leaves_the_chunk_in_doubt(
     project: Project,
@@ -157,22 +138,13 @@ def test_a_kill_between_planhat_accepting_and_the_ack_leaves_the_chunk_in_doubt(
     fake = project.planhat
     first_sync_of_three(project, cli, transport)
     project.source.set_users(users(range(1, 5), plan="pro"))
-    settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
-    try:
-        with pytest.raises(Killed):
-            sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=killing_sender(1))
-    finally:
-        engine.dispose()
+    sync_killed(project, 1, ["pro_plan"])
     assert fake.value("u4", "pro_plan") is True  # Planhat has it; the state database never heard
     assert query(project.state_url, "SELECT audience_key, last_ref FROM in_flight") == [("pro_plan", "u4")]
     assert status(cli)["in_doubt"] == 1  # shown before any run settles it
 
     project.source.set_users(users(range(1, 4), plan="pro"))  # u4 leaves
-    store_engine = sa.create_engine(project.state_url)
-    with store_engine.begin() as connection:  # the dead process's lease expires
-        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
-    store_engine.dispose()
+    expire_leases(project.state_url)
     assert sync(cli, "--audience", "pro_plan").code == 0
     assert fake.value("u4", "pro_plan") is False
     assert query(project.state_url, "SELECT count(*) FROM in_flight") == [(0,)]

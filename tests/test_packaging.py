@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,67 +71,65 @@ def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli) ->
     assert cli("--config", str(config), "status").code == 0
 
 
-def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
-    """A state database in use before in-doubt tracking keeps its outbox, none of it in doubt,
-    and its runs read with zero in doubt."""
-    import sqlalchemy as sa
-
+@contextmanager
+def state_at(state_url: str, revision: str, *statements: str) -> Iterator[tuple[Path, Any]]:
+    """A config naming the state database, which is left at `revision` with `statements` run
+    on it; yields the config's path and an engine on the database."""
     from audience_sync import store
 
     config = Path("audience_sync.toml")
     config.write_text(f'[database]\nurl = "{state_url}"\n')
     engine = store.create_state_engine(state_url)
     try:
-        store.upgrade(engine, "0001")
+        store.upgrade(engine, revision)
         with engine.begin() as connection:
-            connection.exec_driver_sql(
-                "INSERT INTO pending (audience_key, user_ref, value, queued_at, attempts) "
-                "VALUES ('vip', 'u1', TRUE, '2026-11-01 00:00:00', 2)"
-            )
-            connection.exec_driver_sql(
-                "INSERT INTO runs (audience_key, kind, trigger, status, started_at) "
-                "VALUES ('vip', 'full', 'cli', 'partial', '2026-11-01 00:00:00')"
-            )
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+        yield config, engine
+    finally:
+        engine.dispose()
+
+
+def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+    """A state database in use before in-doubt tracking keeps its outbox, none of it in doubt,
+    and its runs read with zero in doubt."""
+    import sqlalchemy as sa
+
+    outbox = (
+        "INSERT INTO pending (audience_key, user_ref, value, queued_at, attempts) "
+        "VALUES ('vip', 'u1', TRUE, '2026-11-01 00:00:00', 2)"
+    )
+    run = (
+        "INSERT INTO runs (audience_key, kind, trigger, status, started_at) "
+        "VALUES ('vip', 'full', 'cli', 'partial', '2026-11-01 00:00:00')"
+    )
+    with state_at(state_url, "0001", outbox, run) as (config, engine):
         assert cli("--config", str(config), "db", "upgrade").code == 0
         with engine.connect() as connection:
             rows = connection.execute(sa.text("SELECT user_ref, in_doubt, attempts FROM pending")).all()
             assert [(ref, bool(doubt), attempts) for ref, doubt, attempts in rows] == [("u1", False, 2)]
             assert connection.execute(sa.text("SELECT in_doubt, drift FROM runs")).all() == [(0, None)]
             assert connection.execute(sa.text("SELECT count(*) FROM in_flight")).scalar_one() == 0
-    finally:
-        engine.dispose()
 
 
 def test_baselines_from_revision_0005_upgrade_with_their_counts_kept(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
     """0006 fills audiences.baseline_count, so `status` shows the right "in Planhat" at once."""
     import json
 
-    import sqlalchemy as sa
-
-    from audience_sync import store
-
-    config = Path("audience_sync.toml")
-    config.write_text(f'[database]\nurl = "{state_url}"\n')
-    engine = store.create_state_engine(state_url)
-    try:
-        store.upgrade(engine, "0005")
-        with engine.begin() as connection:
-            for key, members in (("vip", 3), ("churned", 0)):
-                connection.exec_driver_sql(
-                    "INSERT INTO audiences (key, name, created_at) "
-                    f"VALUES ('{key}', '{key}', '2026-11-01 00:00:00')"
-                )
-                for n in range(members):
-                    connection.exec_driver_sql(
-                        "INSERT INTO baseline (audience_key, user_ref, told_at) "
-                        f"VALUES ('{key}', 'u{n}', '2026-11-01 00:00:00')"
-                    )
+    audiences = [
+        f"INSERT INTO audiences (key, name, created_at) VALUES ('{key}', '{key}', '2026-11-01 00:00:00')"
+        for key in ("vip", "churned")
+    ]
+    members = [
+        "INSERT INTO baseline (audience_key, user_ref, told_at) "
+        f"VALUES ('vip', 'u{n}', '2026-11-01 00:00:00')"
+        for n in range(3)
+    ]
+    with state_at(state_url, "0005", *audiences, *members) as (config, engine):
         assert cli("--config", str(config), "db", "upgrade").code == 0
         with engine.connect() as connection:
-            kept = connection.execute(sa.text("SELECT key, baseline_count FROM audiences ORDER BY key")).all()
+            kept = connection.exec_driver_sql("SELECT key, baseline_count FROM audiences ORDER BY key").all()
         assert kept == [("churned", 0), ("vip", 3)]
-    finally:
-        engine.dispose()
     shown = json.loads(cli("--config", str(config), "status", "--json").out)
     assert {e["key"]: e["baseline"] for e in shown} == {"churned": 0, "vip": 3}
 

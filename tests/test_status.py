@@ -11,14 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
-from audience_sync import engine as sync_engine
-from audience_sync import store
-from audience_sync.config import load_settings
-from tests.conftest import Project, query, users
-from tests.test_in_doubt import Killed, killing_sender, status, sync
+from tests.conftest import Project, expire_leases, query, sync_killed, users
+from tests.test_in_doubt import status, sync
 
 FAST = "batch_size = 5\nmax_requests_per_second = 150"
 
@@ -68,28 +64,14 @@ def test_a_killed_delivery_leaves_the_count_to_be_counted_live(project: Project,
     assert kept_count(project) == 3
 
     project.source.set_users(users(range(1, 14), plan="pro"))  # ten enter: two chunks of five
-    settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
-    try:
-        with pytest.raises(Killed):
-            sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=killing_sender(2))
-    finally:
-        engine.dispose()
+    sync_killed(project, 2, ["pro_plan"])
     assert kept_count(project) is None
     assert in_planhat(cli) == 8  # 3 + the first chunk; the second is in doubt
     assert status(cli)["in_doubt"] == 5
 
-    expire_leases(project)
+    expire_leases(project.state_url)
     assert sync(cli, "--audience", "pro_plan").code == 0
     assert (in_planhat(cli), kept_count(project)) == (13, 13)
-
-
-def expire_leases(project: Project) -> None:
-    """The dead process's lease runs out."""
-    engine = sa.create_engine(project.state_url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
-    engine.dispose()
 
 
 def test_status_prints_one_line_per_audience_that_greps(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
