@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -570,5 +571,8 @@ def entrypoint() -> None:
     code = main()
     # The process ends here: spare the interpreter's closing garbage collections a walk over
     # every object the imports made (0.1 s of each `status`, with SQLAlchemy and psycopg).
-    gc.freeze()
+    # Not while a thread still runs (a stopped daemon's check, still in a SQLite query):
+    # finalizing under it then crashed now and then (SIGSEGV).
+    if threading.active_count() == 1:
+        gc.freeze()
     sys.exit(code)
