@@ -24,6 +24,7 @@ the token never appears in a message, a log line or a repr.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import json
 import logging
@@ -366,6 +367,8 @@ class _Exchange:
         self._limiter = _RateLimiter(settings.requests_per_second, clock, sleep)
         self._budget = _RetryBudget(settings.retry_budget_seconds, clock)
         self._lock = threading.Lock()
+        self._token_unproven = threading.Lock()  # see _sending_slot
+        self._token_accepted = False
         self.exhausted_by: str | None = None  # the fault that spent the budget
         self.halted: PlanhatError | None = None  # a rejected token or an answer proving nothing
         self.closed = False
@@ -431,10 +434,12 @@ class _Exchange:
             if (stop := self.stop_text()) is not None:
                 return _GaveUp(stop, doubt)
             self._limiter.acquire()
-            if (stop := self.stop_text()) is not None:
-                return _GaveUp(stop, doubt)
             try:
-                result = self._attempt(method, path, content)
+                with self._sending_slot():
+                    if (stop := self.stop_text()) is not None:
+                        return _GaveUp(stop, doubt)
+                    result = self._attempt(method, path, content)
+                    self._token_accepted = self._token_accepted or isinstance(result, _Reply)
             except PlanhatAuthError:
                 if doubt:  # an earlier attempt may have been applied before the token was refused
                     return _GaveUp("Planhat rejected the token", in_doubt=True)
@@ -462,6 +467,18 @@ class _Exchange:
             return _GaveUp(fault.text, doubt)
         plural = "s" if attempts != 1 else ""
         return _GaveUp(f"{fault.text} (after {attempts} attempt{plural})", doubt)
+
+    @contextlib.contextmanager
+    def _sending_slot(self) -> Iterator[None]:
+        """Until Planhat has answered a request without refusing the token, one request at a
+        time: a wrong token costs one request, not one per worker (the others, waiting here,
+        then find the exchange halted). Once it has, requests go in parallel."""
+        if not self._token_accepted:
+            with self._token_unproven:
+                if not self._token_accepted:
+                    yield
+                    return
+        yield
 
     def _attempt(self, method: str, path: str, content: bytes) -> _Reply | _Fault:
         try:

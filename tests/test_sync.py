@@ -134,6 +134,7 @@ def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli)
 def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
     project.source.set_users(users(range(1, 6), plan="pro"))
     project.path.write_text(project.path.read_text().replace(TENANT_TOKEN, "wrong-token"))
+    project.planhat.delay_next(1, 0.3)  # the refusal takes a while: the other workers wait for it
     result = sync(cli, "--audience", "pro_plan")
     assert result.code != 0
     assert "planhat.tenant_token" in result.err and "401" in result.err
