@@ -25,8 +25,6 @@ from . import urls
 from .errors import SchemaOutdatedError, StateDatabaseError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from alembic.config import Config as AlembicConfig
 
     from .config import AudienceSettings
@@ -427,14 +425,13 @@ def baseline_counts(connection: Connection) -> dict[str, int]:
     through the primary key. Counting every audience took 200 ms at a million rows on
     PostgreSQL. (Two statements: one with a correlated count costs PostgreSQL's planner a
     JIT compilation of 170 ms for the subquery it then never runs.)"""
-    a, b = m.audiences.c, m.baseline.c
+    a = m.audiences.c
     kept: dict[str, int | None] = {
         key: count for key, count in connection.execute(sa.select(a.key, a.baseline_count))
     }
     unknown = [key for key, count in kept.items() if count is None]
     if unknown:
-        live = sa.select(b.audience_key, sa.func.count()).where(b.audience_key.in_(unknown))
-        kept.update((key, count) for key, count in connection.execute(live.group_by(b.audience_key)))
+        kept.update(_count_baselines(connection, unknown))
     return {key: int(count) for key, count in kept.items() if count}
 
 
@@ -448,21 +445,22 @@ def recount_baselines(connection: Connection, keys: Sequence[str], unknown_only:
     """Keep these audiences' baseline counts (or only those not kept), once nothing is
     changing their baselines. One grouped count, not one correlated per audience: PostgreSQL
     JIT-compiles the latter (0.2 s at 200 audiences)."""
-    a, b = m.audiences.c, m.baseline.c
+    a = m.audiences.c
     if unknown_only:
         unknown = sa.select(a.key).where(a.key.in_(keys), a.baseline_count.is_(None))
         keys = list(connection.execute(unknown).scalars())
     if not keys:
         return
-    grouped = sa.select(b.audience_key, sa.func.count()).where(b.audience_key.in_(keys))
-    counts = {key: count for key, count in connection.execute(grouped.group_by(b.audience_key))}
+    counts = _count_baselines(connection, keys)
     update = m.audiences.update().where(a.key == sa.bindparam("k")).values(baseline_count=sa.bindparam("n"))
     connection.execute(update, [{"k": key, "n": counts.get(key, 0)} for key in keys])
 
 
-def _counts_by_audience(connection: Connection, table: sa.Table) -> dict[str, int]:
-    query = sa.select(table.c.audience_key, sa.func.count()).group_by(table.c.audience_key)
-    return {key: int(count) for key, count in connection.execute(query)}
+def _count_baselines(connection: Connection, keys: Sequence[str]) -> dict[str, int]:
+    """The baseline rows of these audiences, counted (audiences with none are absent)."""
+    b = m.baseline.c
+    query = sa.select(b.audience_key, sa.func.count()).where(b.audience_key.in_(keys))
+    return {key: int(count) for key, count in connection.execute(query.group_by(b.audience_key))}
 
 
 # --- the daemon's plan, for many audiences in one query each ------------------------------
@@ -495,7 +493,9 @@ def baselined_keys(connection: Connection) -> set[str]:
 
 
 def pending_by_audience(connection: Connection) -> dict[str, int]:
-    return _counts_by_audience(connection, m.pending)
+    p = m.pending.c
+    query = sa.select(p.audience_key, sa.func.count()).group_by(p.audience_key)
+    return {key: int(count) for key, count in connection.execute(query)}
 
 
 def publish_next_runs(connection: Connection, planned: dict[str, datetime | None]) -> None:
