@@ -8,8 +8,7 @@
     ├── PlanhatError             delivery to Planhat failed
     │   ├── PlanhatAuthError     Planhat rejected the token (401/403): stop, never retry
     │   └── PlanhatUnavailable   retries exhausted (timeouts, 5xx, 429)
-    ├── AlreadyRunningError      another process holds an audience's lease
-    └── MassExitBlocked          the mass-exit guard held an audience back
+    └── AlreadyRunningError      another process holds an audience's lease
 
 Lower-level errors (SQLAlchemy, httpx, tomllib) are converted at the module that meets
 them, with `raise ... from exc`, so callers only ever catch these.
@@ -54,7 +53,3 @@ class PlanhatUnavailable(PlanhatError):
 
 class AlreadyRunningError(AudienceSyncError):
     kind = "Already running"
-
-
-class MassExitBlocked(AudienceSyncError):
-    kind = "Blocked"

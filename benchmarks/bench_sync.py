@@ -183,13 +183,13 @@ def floor_seconds(source: Path, state: str, workdir: Path) -> float:
     else:
         import psycopg
 
-        with psycopg.connect(_libpq(POSTGRES)) as target:
-            target.execute("CREATE TEMP TABLE floor (k TEXT PRIMARY KEY)")
-            with target.cursor().copy("COPY floor (k) FROM STDIN") as copy:
+        with psycopg.connect(_libpq(POSTGRES)) as server:
+            server.execute("CREATE TEMP TABLE floor (k TEXT PRIMARY KEY)")
+            with server.cursor().copy("COPY floor (k) FROM STDIN") as copy:
                 while rows := cursor.fetchmany(READ_CHUNK):
                     for row in rows:
                         copy.write_row((row[0],))
-            target.commit()
+            server.commit()
     reader.close()
     return time.perf_counter() - started
 
@@ -223,7 +223,7 @@ def fake_planhat(max_rps: float | None = None) -> Iterator[str]:
 def planhat_state(url: str, applied: bool = False) -> dict[str, Any]:
     query = "?applied=1" if applied else ""
     with urllib.request.urlopen(f"{url}/_state{query}", timeout=60) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+        return json.loads(response.read())
 
 
 @contextmanager
@@ -310,7 +310,7 @@ def checked_sync(config: Path, source: Path, planhat_url: str, label: str, py_sp
 def last_run(config: Path) -> dict[str, Any]:
     command = [*CLI, "--config", str(config)]
     out = subprocess.run([*command, "history", "--json", "--limit", "1"], capture_output=True, check=True)
-    return json.loads(out.stdout)[0]  # type: ignore[no-any-return]
+    return json.loads(out.stdout)[0]
 
 
 # --- the measurements ---------------------------------------------------------------------

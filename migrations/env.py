@@ -1,4 +1,4 @@
-"""Alembic environment. Configured in code by audience_sync.store; no alembic.ini needed.
+"""Alembic environment. Configured in code by audience_sync.state.migrations; no alembic.ini needed.
 
 The caller passes an open connection in `config.attributes["connection"]`.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from audience_sync.models import metadata
+from audience_sync.state.models import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only reachable from a hand-run `alembic`

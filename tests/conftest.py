@@ -1,33 +1,40 @@
-"""Shared fixtures: a clean environment, state databases on SQLite and PostgreSQL, a source
-database, a config file, the loopback fake Planhat, and a CLI runner."""
+"""Shared fixtures and helpers: a clean environment, state databases on SQLite and PostgreSQL, a
+source database, a config file, the loopback fake Planhat, the CLI in-process and the daemon in a
+process of its own, and readers of the state database."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import sqlalchemy as sa
 
-from audience_sync import store
 from audience_sync.cli import main
 from audience_sync.config import load_settings
-from tests.fake_planhat import FakePlanhat
+from audience_sync.state import database
+from audience_sync.state import models as m
+from audience_sync.sync import run as sync_run
+from tests.fake_planhat import API_TOKEN, TENANT_TOKEN, FakePlanhat
 
 POSTGRES_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 # CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
 REQUIRE_POSTGRES = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
-TENANT_TOKEN = "tenant-secret-token-123"
-API_TOKEN = "api-secret-token-456"
 
 _postgres_error: str | bool | None = False  # False: not probed yet
 
@@ -100,7 +107,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def fake_planhat() -> Iterator[FakePlanhat]:
-    with FakePlanhat(tenant_token=TENANT_TOKEN, api_token=API_TOKEN) as fake:
+    with FakePlanhat() as fake:
         yield fake
 
 
@@ -187,15 +194,11 @@ def killing_sender(after_sends: int) -> Any:
 def sync_killed(project: Project, after_sends: int, keys: list[str] | None = None) -> None:
     """A sync of `keys` (default: all) whose process is killed once its N-th chunk reached
     Planhat, before the acknowledgement."""
-    from audience_sync import engine as sync_engine
-    from audience_sync import store
-    from audience_sync.config import load_settings
-
     settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
         with pytest.raises(Killed):
-            sync_engine.sync(settings, engine, keys, sender_factory=killing_sender(after_sends))
+            sync_run.sync(settings, engine, keys, sender_factory=killing_sender(after_sends))
     finally:
         engine.dispose()
 
@@ -278,7 +281,7 @@ def start_daemon(project: Project) -> Iterator[Callable[..., Any]]:
 
     def start(**kwargs: Any) -> Any:
         settings = load_settings(project.path)
-        engine = store.open_state(settings.database_url)
+        engine = database.open_state(settings.database_url)
         daemon = _daemon_class()(settings, engine, **kwargs)
         started.append((daemon, engine))
         daemon.start()
@@ -291,7 +294,7 @@ def start_daemon(project: Project) -> Iterator[Callable[..., Any]]:
 
 
 def _daemon_class() -> Any:
-    from audience_sync.scheduler import Daemon
+    from audience_sync.daemon.daemon import Daemon
 
     return Daemon
 
@@ -303,6 +306,45 @@ class CliResult:
     err: str
 
 
+CONFIG = "audience_sync.toml"  # the `project` fixture's config, in the test's directory
+
+
+def run(cli: Cli, *args: str) -> CliResult:
+    """`audience-sync --config audience_sync.toml ARGS`."""
+    return cli("--config", CONFIG, *args)
+
+
+def sync(cli: Cli, *args: str) -> CliResult:
+    """`audience-sync sync ARGS` on the project's config."""
+    return run(cli, "sync", *args)
+
+
+def last_run(cli: Cli, key: str | None = None) -> dict[str, Any]:
+    """The newest run (of one audience), as `history --json` shows it."""
+    audience = ("--audience", key) if key else ()
+    return json.loads(run(cli, "history", "--json", *audience).out)[0]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll until `condition()` is truthy; returns its value. Fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def state(state_url: str) -> Iterator[sa.Engine]:
+    """An engine on the state database, at this version's schema."""
+    engine = database.open_state(state_url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
 def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
     """caplog, also after a CLI run has made the package's logger stop propagating."""
@@ -310,8 +352,17 @@ def logs(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> p
     return caplog
 
 
+class Cli(Protocol):
+    """The `cli` fixture: `audience-sync ARGS` run in-process."""
+
+    def __call__(self, *args: str) -> CliResult: ...
+
+
+StartDaemon = Callable[..., Any]  # the `start_daemon` fixture: a started Daemon
+
+
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
     """Run `audience-sync ARGS` in-process; returns exit code, stdout and stderr."""
 
     def run(*args: str) -> CliResult:
@@ -321,3 +372,108 @@ def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+# --- reading the state database, writing a schedule ------------------------------------------
+
+
+def runs(url: str, key: str | None = None) -> list[dict[str, Any]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            query = sa.select(m.runs).order_by(m.runs.c.id)
+            if key:
+                query = query.where(m.runs.c.audience_key == key)
+            return [dict(row._mapping) for row in connection.execute(query)]
+    finally:
+        engine.dispose()
+
+
+def finished(url: str, key: str | None = None) -> list[dict[str, Any]]:
+    return [run for run in runs(url, key) if run["finished_at"]]
+
+
+def next_runs(url: str) -> dict[str, datetime | None]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.select(m.audiences.c.key, m.audiences.c.next_run_at))
+            return dict(rows.all())
+    finally:
+        engine.dispose()
+
+
+def schedule(low: str, high: str, extra: str = "") -> str:
+    return f'[schedule]\nmin_interval = "{low}"\nmax_interval = "{high}"\n{extra}'
+
+
+_SCRIPT = Path(sys.executable).with_name("audience-sync")
+
+
+# The installed console script when there is one, else the same entry point through -c.
+CLI = (
+    [str(_SCRIPT)]
+    if _SCRIPT.exists()
+    else [sys.executable, "-c", "from audience_sync.cli import entrypoint; entrypoint()"]
+)
+
+
+POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
+
+
+class DaemonProcess:
+    """`audience-sync --config CONFIG run` in its own process, its output in a log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [*CLI, "--config", str(config), "run"], stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int, float]:
+        """Send `signum`; returns the exit code and the seconds the process took to exit."""
+        sent = time.monotonic()
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - sent
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log.close()
+
+
+Spawn = Callable[[Project], "DaemonProcess"]  # the `spawn` fixture
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start daemons on a project (its schema created first, as `db upgrade` would); any still
+    running at the end of the test is killed."""
+    started: list[DaemonProcess] = []
+
+    def start(project: Project) -> DaemonProcess:
+        if not started:
+            database.open_state(project.state_url).dispose()
+        daemon = DaemonProcess(project.path, tmp_path / f"daemon{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def status(cli: Cli, key: str = "pro_plan") -> dict[str, Any]:
+    """One audience's entry of `status --json`."""
+    result = run(cli, "status", "--json")
+    return next(entry for entry in json.loads(result.out) if entry["key"] == key)

@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,11 +64,9 @@ try:
 except ImportError:  # the stdlib is fast enough for tests, orjson for the benchmark
     orjson = None  # type: ignore[assignment]
 
-try:
-    import pytest
-except ImportError:  # script mode on a machine without pytest
-    pytest = None  # type: ignore[assignment]
-
+# The tokens the fake accepts unless told others (the tests' configs use them too).
+TENANT_TOKEN = "tenant-secret-token-123"
+API_TOKEN = "api-secret-token-456"
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
 CUSTOM_FIELDS_PATH = "/customfields"
@@ -155,8 +153,8 @@ class FakePlanhat:
 
     def __init__(
         self,
-        tenant_token: str = "tenant-secret",
-        api_token: str = "api-secret",
+        tenant_token: str = TENANT_TOKEN,
+        api_token: str = API_TOKEN,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -243,7 +241,7 @@ class FakePlanhat:
         if self._server is None:
             raise RuntimeError("FakePlanhat is not started")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no request is being served (a held timeout has written what it writes).
@@ -335,7 +333,7 @@ class FakePlanhat:
 
     # --- drift: changing Planhat behind audience-sync's back --------------------------------
 
-    def set_value(self, ref: str, key: str, value: bool | None) -> None:
+    def set_value(self, ref: str, key: str, value: Any) -> None:
         """Set (True/False) or remove (None) custom field `key` on the contact `ref` (externalId
         or email). A contact that does not exist is created for a True/False value (externalId
         `ref`, or email `ref` when it holds an @); removing from a missing contact does nothing."""
@@ -397,14 +395,21 @@ class FakePlanhat:
 
     # --- reading the state ------------------------------------------------------------------
 
-    def contact(self, ref: str) -> dict[str, Any] | None:
+    def find(self, ref: str) -> dict[str, Any] | None:
+        """The contact a user_id or email names, or None when Planhat has none."""
         with self._lock:
             key = self._key_of(ref)
             return None if key is None else self.contacts[key]
 
-    def value(self, ref: str, key: str) -> bool | None:
-        """The audience boolean Planhat holds for a contact, or None when never written."""
-        found = self.contact(ref)
+    def contact(self, ref: str) -> dict[str, Any]:
+        """The contact a user_id or email names (a test's assertion fails when there is none)."""
+        found = self.find(ref)
+        assert found is not None, f"Planhat has no contact {ref!r}"
+        return found
+
+    def value(self, ref: str, key: str) -> Any:
+        """The value Planhat holds for a contact's field, or None when never written."""
+        found = self.find(ref)
         return None if found is None else found.get("custom", {}).get(key)
 
     def statuses(self) -> list[int]:
@@ -492,7 +497,7 @@ class FakePlanhat:
             return self._record(method, path, None, query, _json_answer(400, {"error": "invalid JSON"}))
         if path == SEGMENT_PATH and isinstance(body, dict):
             with self._lock:
-                self.message_ids.append(body.get("messageId"))
+                self.message_ids.append(str(body.get("messageId")))
         fault = self._next_fault()
         if fault.delay:
             time.sleep(fault.delay)
@@ -635,7 +640,7 @@ class FakePlanhat:
         custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
         with self._lock:
             self._upsert(fields, custom)
-            self._count(user_id or email, custom)
+            self._count(str(user_id or email), custom)
         return _json_answer(200, {"ok": True})
 
     def _endusers(self, items: Any, _query: str = "") -> _Answer:
@@ -722,7 +727,7 @@ class FakePlanhat:
             return None
         where, nested = rule
         ids = {k: item[k] for k in ("externalId", "email") if item.get(k)}
-        error = {"item": ids} if nested else dict(ids)
+        error: dict[str, Any] = {"item": ids} if nested else dict(ids)
         error["error"] = "simulated failure"
         return where, error
 
@@ -737,7 +742,7 @@ class FakePlanhat:
         """
         email = fields.get("email")
         external = fields.get("externalId")
-        key = external or self._email_keys.get(email, email)
+        key = str(external or self._email_keys.get(str(email), email))
         if external and external not in self.contacts:
             known = self._external_keys.get(external) or (email and self._email_keys.get(email))
             if known:
@@ -786,7 +791,7 @@ def _fault_answer(fault: _Fault) -> _Answer:
     body = fault.body
     if body is None:
         try:
-            phrase = HTTPStatus(fault.status).phrase
+            phrase = HTTPStatus(fault.status or 500).phrase
         except ValueError:
             phrase = "simulated fault"
         body = _dumps({"error": phrase})
@@ -869,14 +874,6 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.2):
             pass
     return 0
-
-
-if pytest is not None:
-
-    @pytest.fixture
-    def fake_planhat() -> Iterator[FakePlanhat]:
-        with FakePlanhat() as fake:
-            yield fake
 
 
 if __name__ == "__main__":

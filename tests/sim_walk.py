@@ -42,13 +42,13 @@ import httpx
 import sqlalchemy as sa
 
 import audience_sync
-from audience_sync import store
 from audience_sync.config import Settings, load_settings
-from audience_sync.engine import SyncOptions
-from audience_sync.engine import sync as engine_sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.planhat import PlanhatClient
-from audience_sync.sources import SourcePool
+from audience_sync.snapshot.sources import SourcePool
+from audience_sync.state import database
+from audience_sync.sync.reports import SyncOptions
+from audience_sync.sync.run import sync as engine_sync
 from tests.fake_planhat import FakePlanhat
 
 TENANT_TOKEN = "sim-tenant-token"
@@ -371,7 +371,7 @@ class CrashingSourcePool(SourcePool):
                     return super().fetchmany(min(size or SOURCE_CHUNK, SOURCE_CHUNK))
 
             class Connection(sqlite3.Connection):
-                def cursor(self, factory: Any = Cursor) -> Any:  # type: ignore[override]
+                def cursor(self, factory: Any = Cursor) -> Any:
                     return super().cursor(factory)
 
             url = self._sources[name].url
@@ -505,7 +505,7 @@ def fresh_sqlite_state(path: Path) -> str:
             folder = Path(tempfile.mkdtemp(prefix="audience-sync-sim-"))
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
             template = folder / "template.db"
-            engine = store.open_state(f"sqlite:///{template}")
+            engine = database.open_state(f"sqlite:///{template}")
             engine.dispose()
             _templates["sqlite"] = template
         path.write_bytes(template.read_bytes())
@@ -596,7 +596,7 @@ class Simulation:
         self.config.write_text("\n".join(lines))
 
     def _open_engine(self) -> sa.Engine:
-        engine = store.open_state(self.state_url)
+        engine = database.open_state(self.state_url)
         sa.event.listen(engine, "before_cursor_execute", self._before_statement)
         return engine
 
@@ -766,12 +766,12 @@ class Simulation:
     def _reconcile(self, pool: SourcePool) -> str:
         import inspect
 
-        from audience_sync import reconcile  # type: ignore[attr-defined]
+        from audience_sync.sync import reconcile
 
         accepted = inspect.signature(reconcile.reconcile).parameters
         extra: dict[str, Any] = {}
         if "reader_factory" in accepted:
-            from audience_sync.planhat import PlanhatReader  # type: ignore[attr-defined]
+            from audience_sync.planhat import PlanhatReader
 
             def reader(settings: Settings) -> Any:
                 return PlanhatReader(

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Project, expire_leases, query, sync_killed
+from tests.conftest import (
+    Cli,
+    Project,
+    StartDaemon,
+    expire_leases,
+    query,
+    sync,
+    sync_killed,
+)
 
 ENTERPRISE = {"name": "Enterprise Accounts", "level": "account",
               "query": "SELECT company_id, name FROM accounts WHERE arr >= 100000"}  # fmt: skip
@@ -27,15 +35,11 @@ def set_accounts(project: Project, rows: list[tuple[Any, str, Any]]) -> None:
     connection.close()
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
 def writes(project: Project) -> list[tuple[str, Any]]:
     return [(r.path, r.body) for r in project.planhat.requests]
 
 
-def test_an_account_audience_goes_out_as_group_calls(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_account_audience_goes_out_as_group_calls(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write([ENTERPRISE])
     set_accounts(project, [("c1", "Acme", 250000), ("c2", "Globex", 120000), ("c3", "Small", 10)])
@@ -54,7 +58,7 @@ def test_an_account_audience_goes_out_as_group_calls(project: Project, cli) -> N
     assert fake.company_value("c2", "enterprise_accounts") is False
 
 
-def test_an_account_trait_goes_to_the_companies_bulk_upsert(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_account_trait_goes_to_the_companies_bulk_upsert(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write([ENTERPRISE], transport="endusers", extra=ARR)
     set_accounts(project, [("c1", "Acme", 250000), ("c2", "Globex", 1000.0)])
@@ -76,7 +80,7 @@ def test_an_account_trait_goes_to_the_companies_bulk_upsert(project: Project, cl
     assert fake.company_value("c2", "arr") is None
 
 
-def test_a_company_refused_in_a_partial_answer_stays_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_company_refused_in_a_partial_answer_stays_pending(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write([ENTERPRISE], transport="endusers")
     set_accounts(project, [("c1", "Acme", 250000), ("c2", "Globex", 250000)])
@@ -89,7 +93,7 @@ def test_a_company_refused_in_a_partial_answer_stays_pending(project: Project, c
     assert fake.company_value("c2", "enterprise_accounts") is True
 
 
-def test_users_and_companies_in_one_run_never_mix(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_users_and_companies_in_one_run_never_mix(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write([ENTERPRISE, {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users"}])
     project.source.set_users([{"id": "c1", "email": "c1@example.com"}])  # a user whose id is "c1"
@@ -104,7 +108,7 @@ def test_users_and_companies_in_one_run_never_mix(project: Project, cli) -> None
     )
 
 
-def test_account_level_history_status_dry_run_and_guard(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_account_level_history_status_dry_run_and_guard(project: Project, cli: Cli) -> None:
     project.write([ENTERPRISE], extra="[safety]\nmin_members = 2\n")
     set_accounts(project, [("c1", "Acme", 250000), ("c2", "Globex", 250000), (None, "No id", 250000)])
     dry = sync(cli, "--dry-run")
@@ -119,7 +123,7 @@ def test_account_level_history_status_dry_run_and_guard(project: Project, cli) -
     assert status[0]["key"] == "enterprise_accounts" and status[0]["baseline"] == 2
 
 
-def test_an_account_query_without_company_id_is_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_account_query_without_company_id_is_one_line(project: Project, cli: Cli) -> None:
     project.write([{**ENTERPRISE, "query": "SELECT name FROM accounts"}])
     set_accounts(project, [("c1", "Acme", 1)])
     result = sync(cli)
@@ -127,7 +131,7 @@ def test_an_account_query_without_company_id_is_one_line(project: Project, cli) 
 
 
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
-def test_a_company_change_in_doubt_is_resent(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_company_change_in_doubt_is_resent(project: Project, cli: Cli, transport: str) -> None:
     fake = project.planhat
     one_shot = "max_attempts = 1\ntimeout_seconds = 0.3\nmax_requests_per_second = 150"
     project.write([ENTERPRISE], transport=transport, planhat=one_shot)
@@ -140,7 +144,9 @@ def test_a_company_change_in_doubt_is_resent(project: Project, cli, transport: s
     assert fake.company_value("c1", "enterprise_accounts") is False
 
 
-def test_the_daemon_runs_account_level_keys_events_and_traits(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_runs_account_level_keys_events_and_traits(
+    project: Project, start_daemon: StartDaemon
+) -> None:
     fake = project.planhat
     events = {"name": "Pro Plan", "send_as": "events", "query": "SELECT id AS user_id, email FROM users"}
     schedule = '\n[schedule]\nmin_interval = "1s"\nmax_interval = "1s"\n'
@@ -165,8 +171,8 @@ def test_the_daemon_runs_account_level_keys_events_and_traits(project: Project, 
 
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
 def test_a_kill_after_planhat_took_a_companies_chunk_leaves_it_in_doubt(
-    project: Project, cli, transport: str
-) -> None:  # type: ignore[no-untyped-def]
+    project: Project, cli: Cli, transport: str
+) -> None:
     fake = project.planhat
     project.write([ENTERPRISE], transport=transport, extra=ARR)
     set_accounts(project, [("c1", "Acme", 250000)])

@@ -16,15 +16,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from audience_sync import check, store
+from audience_sync import check
 from audience_sync.config import load_settings
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, SourceDB, query, users
+from audience_sync.state import database, migrations
+from audience_sync.support import redaction
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, SourceDB, query, users
+from tests.fake_planhat import FakePlanhat
 
 ENDLESS = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT 'u' || x AS user_id FROM n"
 
 
 @pytest.fixture
-def sqlite_project(tmp_path: Path, source_db: SourceDB, fake_planhat) -> Project:  # type: ignore[no-untyped-def]
+def sqlite_project(tmp_path: Path, source_db: SourceDB, fake_planhat: FakePlanhat) -> Project:
     """A project on a SQLite state database, for checks where the state database is not the point."""
     project = Project(
         tmp_path / "audience_sync.toml", f"sqlite:///{tmp_path / 'state.db'}", source_db, fake_planhat
@@ -62,7 +65,7 @@ def assert_nothing_sent(project: Project) -> None:
 # --- the happy path -------------------------------------------------------------------------
 
 
-def test_a_working_setup_passes_every_check_and_changes_nothing(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_working_setup_passes_every_check_and_changes_nothing(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 6)))
     project.write(transport="endusers")
     define_fields(project, "pro_plan", "buyers")
@@ -95,7 +98,7 @@ def test_a_working_setup_passes_every_check_and_changes_nothing(project: Project
         assert not sa.inspect(sa.create_engine(project.state_url)).get_table_names()
 
 
-def test_a_state_database_at_head_is_ok(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_state_database_at_head_is_ok(project: Project, cli: Cli) -> None:
     define_fields(project, "pro_plan", "buyers")
     project.write(transport="endusers")
     assert cli("--config", str(project.path), "db", "upgrade").code == 0
@@ -103,10 +106,10 @@ def test_a_state_database_at_head_is_ok(project: Project, cli) -> None:  # type:
     result = cli("--config", str(project.path), "check")
 
     assert result.code == 0, result.out
-    assert f"is at the schema head ({store.head_revision()})" in lines(result.out)["state database"]
+    assert f"is at the schema head ({migrations.head_revision()})" in lines(result.out)["state database"]
 
 
-def test_json_output_for_scripts(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_json_output_for_scripts(sqlite_project: Project, cli: Cli) -> None:
     define_fields(sqlite_project, "pro_plan")  # buyers is missing
 
     result = cli("--config", str(sqlite_project.path), "check", "--json")
@@ -125,7 +128,7 @@ def test_json_output_for_scripts(sqlite_project: Project, cli) -> None:  # type:
 # --- the config -----------------------------------------------------------------------------
 
 
-def test_a_config_that_does_not_parse_is_the_one_fail(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_config_that_does_not_parse_is_the_one_fail(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[planhat\ntransport = 'segment'\n")
 
@@ -138,14 +141,14 @@ def test_a_config_that_does_not_parse_is_the_one_fail(tmp_path: Path, cli) -> No
     assert "Traceback" not in result.out + result.err
 
 
-def test_a_named_config_that_does_not_exist(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_named_config_that_does_not_exist(tmp_path: Path, cli: Cli) -> None:
     result = cli("--config", str(tmp_path / "nowhere.toml"), "check")
 
     assert result.code == 1
     assert "config file not found; fix: pass --config PATH, or set AUDIENCE_SYNC_CONFIG" in result.out
 
 
-def test_colliding_audience_keys_fail_with_the_fix(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_colliding_audience_keys_fail_with_the_fix(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(
         audiences=[
             {"name": "Pro Plan", "query": "SELECT id AS user_id FROM users"},
@@ -176,10 +179,10 @@ def test_settings_built_in_code_get_the_key_check_too(sqlite_project: Project) -
 # --- the state database ---------------------------------------------------------------------
 
 
-def test_a_state_database_behind_head_says_to_upgrade(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    engine = store.create_state_engine(project.state_url)
+def test_a_state_database_behind_head_says_to_upgrade(project: Project, cli: Cli) -> None:
+    engine = database.create_state_engine(project.state_url)
     try:
-        store.upgrade(engine, "0001")
+        migrations.upgrade(engine, "0001")
     finally:
         engine.dispose()
 
@@ -188,11 +191,11 @@ def test_a_state_database_behind_head_says_to_upgrade(project: Project, cli) -> 
     assert result.code == 1
     line = lines(result.out)["state database"]
     assert line.startswith("FAIL")
-    assert f"is at revision 0001, this version needs {store.head_revision()}" in line
+    assert f"is at revision 0001, this version needs {migrations.head_revision()}" in line
     assert "fix: run `audience-sync db upgrade`" in line
 
 
-def test_an_unreachable_state_database(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_state_database(sqlite_project: Project, cli: Cli) -> None:
     password = "s3cret-db-passw0rd"
     closed = _closed_port()
     sqlite_project.state_url = f"postgresql://postgres:{password}@127.0.0.1:{closed}/test"
@@ -209,7 +212,9 @@ def test_an_unreachable_state_database(sqlite_project: Project, cli) -> None:  #
     assert status_of(result.out)["source app"] == "OK"  # the other checks still run
 
 
-def test_a_sqlite_state_database_in_a_missing_folder(sqlite_project: Project, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_sqlite_state_database_in_a_missing_folder(
+    sqlite_project: Project, cli: Cli, tmp_path: Path
+) -> None:
     sqlite_project.state_url = f"sqlite:///{tmp_path / 'missing' / 'state.db'}"
     sqlite_project.write()
 
@@ -224,7 +229,7 @@ def test_a_sqlite_state_database_in_a_missing_folder(sqlite_project: Project, cl
 # --- sources and queries --------------------------------------------------------------------
 
 
-def test_an_unreachable_source_skips_its_audiences(sqlite_project: Project, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_source_skips_its_audiences(sqlite_project: Project, cli: Cli, tmp_path: Path) -> None:
     sqlite_project.source.path.unlink()
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -239,7 +244,7 @@ def test_an_unreachable_source_skips_its_audiences(sqlite_project: Project, cli,
     assert not sqlite_project.source.path.exists()  # not created empty
 
 
-def test_an_unreachable_source_server(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_source_server(sqlite_project: Project, cli: Cli) -> None:
     closed = _closed_port()
     text = sqlite_project.path.read_text()
     sqlite_project.path.write_text(
@@ -254,7 +259,7 @@ def test_an_unreachable_source_server(sqlite_project: Project, cli) -> None:  # 
     assert "fix: check sources.app.url" in line
 
 
-def test_a_failing_query(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_query(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, nope FROM users"}])
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -266,7 +271,7 @@ def test_a_failing_query(sqlite_project: Project, cli) -> None:  # type: ignore[
     assert "fix: run audiences[0].query by hand on source 'app'" in line
 
 
-def test_a_query_without_the_contract_columns(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_without_the_contract_columns(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(audiences=[{"name": "Pro Plan", "query": "SELECT id, email AS mail FROM users"}])
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -277,7 +282,7 @@ def test_a_query_without_the_contract_columns(sqlite_project: Project, cli) -> N
     assert "fix: return a column named user_id or email" in line
 
 
-def test_unusable_rows_are_counted_from_the_sample(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_unusable_rows_are_counted_from_the_sample(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.source.set_users([*users(range(1, 4)), {"id": " ", "email": None}])
     sqlite_project.write(audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users"}])
 
@@ -294,7 +299,7 @@ def source_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-def test_the_query_is_row_limited(sqlite_project: Project, source_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_query_is_row_limited(sqlite_project: Project, source_url: str, cli: Cli) -> None:
     """An endless query: read in full it never ends; the check reads 100 rows and stops."""
     _use_source(sqlite_project, source_url, ENDLESS)
 
@@ -305,7 +310,9 @@ def test_the_query_is_row_limited(sqlite_project: Project, source_url: str, cli)
     assert "columns user_id; 100 of the first 100 rows usable" in lines(result.out)["audience endless"]
 
 
-def test_a_slow_query_is_stopped_at_the_time_limit(sqlite_project: Project, source_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_slow_query_is_stopped_at_the_time_limit(
+    sqlite_project: Project, source_url: str, cli: Cli
+) -> None:
     """A query that must read everything before its first row (sorting an endless one, sleeping)
     is stopped in the database at --timeout, and the line says so."""
     slow = f"{ENDLESS} ORDER BY x DESC" if source_url.startswith("sqlite") else (
@@ -327,7 +334,7 @@ def test_a_slow_query_is_stopped_at_the_time_limit(sqlite_project: Project, sour
         assert running == [(0,)]
 
 
-def test_a_driver_that_never_answers_is_given_up_on(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_driver_that_never_answers_is_given_up_on(sqlite_project: Project, cli: Cli) -> None:
     """A server that accepts the connection and never answers, with no driver timeout in reach:
     the time box gives up on it and the other checks still run."""
     with _silent_server() as port:
@@ -354,7 +361,7 @@ def _use_source(project: Project, url: str, sql: str) -> None:
 # --- Planhat --------------------------------------------------------------------------------
 
 
-def test_a_rejected_api_token(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_rejected_api_token(sqlite_project: Project, cli: Cli) -> None:
     wrong = "wrong-api-token-0123456789"
     sqlite_project.write(transport="endusers", planhat=f'api_token = "{wrong}"')
 
@@ -370,7 +377,7 @@ def test_a_rejected_api_token(sqlite_project: Project, cli) -> None:  # type: ig
     assert_nothing_sent(sqlite_project)
 
 
-def test_an_unreachable_planhat(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_planhat(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(transport="endusers", planhat=f'base_url = "http://127.0.0.1:{_closed_port()}"')
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -381,7 +388,7 @@ def test_an_unreachable_planhat(sqlite_project: Project, cli) -> None:  # type: 
     assert "fix: check planhat.subdomain (or base_url)" in line
 
 
-def test_missing_and_mistyped_custom_fields(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_missing_and_mistyped_custom_fields(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.planhat.add_custom_field("pro_plan", type="text")
     sqlite_project.planhat.add_custom_field("buyers", parent="Company")  # not on contacts
 
@@ -394,7 +401,7 @@ def test_missing_and_mistyped_custom_fields(sqlite_project: Project, cli) -> Non
     assert "fix: in Planhat, create a checkbox custom field on contacts" in line
 
 
-def test_custom_fields_planhat_does_not_list_are_a_skip(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_custom_fields_planhat_does_not_list_are_a_skip(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.planhat.custom_fields = None  # GET /customfields answers 404
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -405,7 +412,7 @@ def test_custom_fields_planhat_does_not_list_are_a_skip(sqlite_project: Project,
     assert "/customfields answered 404" in line
 
 
-def test_the_segment_tenant_token_is_not_claimed_as_proven(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_segment_tenant_token_is_not_claimed_as_proven(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(transport="segment")
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -419,7 +426,7 @@ def test_the_segment_tenant_token_is_not_claimed_as_proven(sqlite_project: Proje
     assert [(r.method, r.path) for r in sqlite_project.planhat.requests] == [("GET", "/endusers")]
 
 
-def test_no_token_fails(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_no_token_fails(sqlite_project: Project, cli: Cli) -> None:
     sqlite_project.write(transport="segment", tokens=False)
 
     result = cli("--config", str(sqlite_project.path), "check")
@@ -435,7 +442,7 @@ def test_no_token_fails(sqlite_project: Project, cli) -> None:  # type: ignore[n
 # --- secrets --------------------------------------------------------------------------------
 
 
-def test_no_secret_is_printed(sqlite_project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_no_secret_is_printed(sqlite_project: Project, cli: Cli) -> None:
     basic = base64.b64encode(f"{TENANT_TOKEN}:".encode()).decode()
     # A working run, a rejected token and Planhat echoing the request's header back.
     sqlite_project.planhat.fail_next(2, status=400, body={"error": f"bad auth Bearer {API_TOKEN} {basic}"})
@@ -458,7 +465,7 @@ def test_the_daemon_logs_the_same_checks(project: Project, caplog: pytest.LogCap
     project.write(transport="endusers")
     define_fields(project, "pro_plan")
     settings = load_settings(project.path)
-    engine = store.open_state(settings.database_url)
+    engine = database.open_state(settings.database_url)
     try:
         with caplog.at_level(logging.INFO, logger="audience_sync.check"):
             results = check.log_checks(settings, engine, timeout=5)
@@ -466,8 +473,8 @@ def test_the_daemon_logs_the_same_checks(project: Project, caplog: pytest.LogCap
         engine.dispose()
 
     messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "audience_sync.check"]
-    assert ("INFO", f"check: OK state database: {store.safe_url(settings.database_url)} is at the schema "
-                    f"head ({store.head_revision()})") in messages  # fmt: skip
+    assert ("INFO", f"check: OK state database: {redaction.safe_url(settings.database_url)} is at the schema "
+                    f"head ({migrations.head_revision()})") in messages  # fmt: skip
     assert any(level == "WARNING" and m.startswith("check: FAIL planhat fields") and "buyers" in m
                for level, m in messages)  # fmt: skip
     assert messages[-1] == ("WARNING", f"check: 1 of {len(results)} checks failed: fix them before syncing.")
@@ -475,7 +482,7 @@ def test_the_daemon_logs_the_same_checks(project: Project, caplog: pytest.LogCap
     assert API_TOKEN not in caplog.text
 
 
-def test_the_embedded_demo_on_a_fresh_machine(cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_embedded_demo_on_a_fresh_machine(cli: Cli) -> None:
     result = cli("check")
 
     found = status_of(result.out)

@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import configparser
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from audience_sync import models as m
-from audience_sync import store
 from audience_sync.config import DaemonSettings
-from tests.conftest import Project, users
-from tests.test_scheduler import finished, next_runs, runs, schedule, wait_for
-
-_SCRIPT = Path(sys.executable).with_name("audience-sync")
-# The installed console script when there is one, else the same entry point through -c.
-CLI = (
-    [str(_SCRIPT)]
-    if _SCRIPT.exists()
-    else [sys.executable, "-c", "from audience_sync.cli import entrypoint; entrypoint()"]
+from audience_sync.state import models as m
+from audience_sync.support import clock
+from tests.conftest import (
+    POSTGRES,
+    Cli,
+    Project,
+    Spawn,
+    finished,
+    next_runs,
+    runs,
+    schedule,
+    users,
+    wait_for,
 )
-POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
+
 PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
 PRO = PRO_ONLY[0]
 BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email FROM users WHERE orders > 0"}
@@ -36,55 +35,6 @@ SLOW_PRO_QUERY = (
     "WITH RECURSIVE slow(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM slow WHERE x < 4000000) "
     "SELECT id AS user_id, email FROM users WHERE plan = 'pro' AND (SELECT count(*) FROM slow) > 0"
 )
-
-
-class DaemonProcess:
-    """`audience-sync --config CONFIG run` in its own process, its output in a log file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.process = subprocess.Popen(
-            [*CLI, "--config", str(config), "run"], stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int, float]:
-        """Send `signum`; returns the exit code and the seconds the process took to exit."""
-        sent = time.monotonic()
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout=timeout)
-        return code, time.monotonic() - sent
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    """Start daemons on a project (its schema created first, as `db upgrade` would); any still
-    running at the end of the test is killed."""
-    started: list[DaemonProcess] = []
-
-    def start(project: Project) -> DaemonProcess:
-        if not started:
-            store.open_state(project.state_url).dispose()
-        daemon = DaemonProcess(project.path, tmp_path / f"daemon{len(started)}.log")
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
 
 
 def query(url: str, statement: Any) -> list[Any]:
@@ -102,7 +52,7 @@ def count(url: str, table: sa.Table, *where: Any) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_a_resync_request_is_run_within_ten_seconds(project: Project, spawn, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_resync_request_is_run_within_ten_seconds(project: Project, spawn: Spawn, cli: Cli) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 6), plan="pro", orders=1))
     project.write(extra=schedule("1h", "2h"))  # the default resync poll: 5 s
@@ -138,8 +88,8 @@ def test_a_resync_request_is_run_within_ten_seconds(project: Project, spawn, cli
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite", POSTGRES], indirect=True)
-def test_sigterm_lets_the_chunk_in_flight_finish_records_the_run_and_exits_0(  # type: ignore[no-untyped-def]
-    project: Project, spawn, cli
+def test_sigterm_lets_the_chunk_in_flight_finish_records_the_run_and_exits_0(
+    project: Project, spawn: Spawn, cli: Cli
 ) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 201), plan="pro"))
@@ -170,8 +120,8 @@ def test_sigterm_lets_the_chunk_in_flight_finish_records_the_run_and_exits_0(  #
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0(  # type: ignore[no-untyped-def]
-    project: Project, spawn, cli
+def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0(
+    project: Project, spawn: Spawn, cli: Cli
 ) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 21), plan="pro"))
@@ -200,15 +150,15 @@ def test_past_the_grace_the_run_is_recorded_aborted_and_the_daemon_still_exits_0
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite", POSTGRES], indirect=True)
-def test_sighup_picks_up_a_changed_config_within_a_second_and_refuses_an_invalid_one(  # type: ignore[no-untyped-def]
-    project: Project, spawn
+def test_sighup_picks_up_a_changed_config_within_a_second_and_refuses_an_invalid_one(
+    project: Project, spawn: Spawn
 ) -> None:
     project.source.set_users(users(range(1, 6), plan="pro", orders=1))
     project.write([PRO], extra=schedule("1h", "2h"))
     daemon = spawn(project)
     wait_for(lambda: finished(project.state_url, "pro_plan"), what="the initial sync")
     planned = wait_for(
-        lambda: (at := next_runs(project.state_url)["pro_plan"]) and at > store.utcnow() and at,
+        lambda: (at := next_runs(project.state_url)["pro_plan"]) and at > clock.utcnow() and at,
         what="the drawn plan",
     )
 

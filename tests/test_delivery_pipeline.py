@@ -15,16 +15,20 @@ from typing import Any
 
 import pytest
 
-from audience_sync import delivery, store
-from audience_sync import engine as sync_engine
 from audience_sync.config import PlanhatSettings, load_settings
+from audience_sync.state import database
+from audience_sync.sync import delivery
+from audience_sync.sync import run as sync_run
 from tests.conftest import (
     BUYERS_QUERY,
     PRO_QUERY,
+    Cli,
+    CliResult,
     Project,
     SenderAround,
     expire_leases,
     query,
+    sync,
     sync_killed,
     users,
 )
@@ -32,13 +36,13 @@ from tests.conftest import (
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
 
+def sync_pro_plan(cli: Cli, *args: str) -> CliResult:
+    return sync(cli, "--audience", "pro_plan", *args)
+
+
 @pytest.fixture(autouse=True)
 def prepare_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(delivery, "PREPARE_FROM", 1)
-
-
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", "--audience", "pro_plan", *args)
 
 
 def counts(url: str) -> tuple[int, int, int, int]:
@@ -50,17 +54,17 @@ def counts(url: str) -> tuple[int, int, int, int]:
         "(SELECT count(*) FROM in_flight), "
         "(SELECT count(*) FROM changes WHERE audience_key = 'pro_plan' AND outcome = 'delivered')",
     )
-    return row  # type: ignore[return-value]
+    return row
 
 
 @pytest.mark.parametrize("transport", ["endusers", "segment"])
-def test_chunks_acknowledged_while_on_the_wire_add_up(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_chunks_acknowledged_while_on_the_wire_add_up(project: Project, cli: Cli, transport: str) -> None:
     project.write(transport=transport, planhat=BULK)
     project.source.set_users(users(range(1, 24), plan="pro"))
-    assert sync(cli).code == 0
+    assert sync_pro_plan(cli).code == 0
     assert counts(project.state_url) == (23, 0, 0, 23)
     project.source.set_users(users(range(3, 30), plan="pro"))  # u1, u2 leave; u24..u29 enter
-    assert sync(cli).code == 0
+    assert sync_pro_plan(cli).code == 0
     assert counts(project.state_url) == (27, 0, 0, 23 + 8)
     assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(3, 30))
     assert project.planhat.value("u1", "pro_plan") is False
@@ -68,19 +72,19 @@ def test_chunks_acknowledged_while_on_the_wire_add_up(project: Project, cli, tra
     assert runs == [(23, 0, 0, "success"), (8, 0, 0, "success")]
 
 
-def test_a_refused_item_rolls_the_prepared_chunk_back_and_stays_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_refused_item_rolls_the_prepared_chunk_back_and_stays_pending(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users(users(range(1, 13), plan="pro"))
     project.planhat.partial_fail(["u7"])
-    assert sync(cli).code != 0
+    assert sync_pro_plan(cli).code != 0
     assert counts(project.state_url) == (11, 1, 0, 11)
     assert query(project.state_url, "SELECT user_ref, in_doubt FROM pending") == [("u7", False)]
     project.planhat.clear_faults()
-    assert sync(cli).code == 0
+    assert sync_pro_plan(cli).code == 0
     assert counts(project.state_url) == (12, 0, 0, 12)
 
 
-def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users(users(range(1, 13), plan="pro"))
     sync_killed(project, 2, ["pro_plan"])
@@ -90,7 +94,7 @@ def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Pr
     assert counts(project.state_url) == (5, 7, 1, 5)
     project.source.set_users(users(range(1, 7), plan="pro"))  # u7..u12 leave
     expire_leases(project.state_url)
-    assert sync(cli).code == 0
+    assert sync_pro_plan(cli).code == 0
     # Chunk 2 (u3..u7) was settled in doubt: u3..u6 true again, u7 false; u10..u12 exit.
     assert counts(project.state_url) == (6, 0, 0, 5 + 4 + 1 + 3)
     assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 7))
@@ -99,7 +103,7 @@ def test_a_kill_while_the_chunk_is_on_the_wire_applies_nothing_of_it(project: Pr
 
 def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The acknowledgement deletes the outbox rows of the chunk's user range: a row that is
@@ -122,9 +126,9 @@ def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(
         return Intruder(settings)
 
     settings = load_settings(project.path)
-    engine = store.open_state(url)
+    engine = database.open_state(url)
     try:
-        (report,) = sync_engine.sync(settings, engine, ["pro_plan"], sender_factory=intruder)
+        (report,) = sync_run.sync(settings, engine, ["pro_plan"], sender_factory=intruder)
     finally:
         engine.dispose()
     assert report.sent == 4
@@ -140,8 +144,8 @@ def test_an_outbox_row_slipped_into_a_chunks_range_is_not_acknowledged_with_it(
 
 @pytest.mark.parametrize("transport", ["endusers", "segment"])
 def test_trait_values_acknowledged_on_the_wire_keep_their_value(
-    project: Project, cli, transport: str
-) -> None:  # type: ignore[no-untyped-def]
+    project: Project, cli: Cli, transport: str
+) -> None:
     """The baseline of a computed trait holds the value Planhat accepted, whichever path
     acknowledged it, so an unchanged value is not sent again and a changed one is."""
     from tests.test_traits import KEY, TRAIT, set_scores
@@ -167,8 +171,8 @@ def test_trait_values_acknowledged_on_the_wire_keep_their_value(
 
 @pytest.mark.parametrize("prepare_from", [1, 10**9], ids=["on-the-wire", "after-the-answer"])
 def test_a_chunk_across_audiences_counts_each_change_in_its_own_run(
-    project: Project, cli, monkeypatch: pytest.MonkeyPatch, prepare_from: int
-) -> None:  # type: ignore[no-untyped-def]
+    project: Project, cli: Cli, monkeypatch: pytest.MonkeyPatch, prepare_from: int
+) -> None:
     """A group run's chunks carry many audiences' rows: each change is logged under its own
     audience's run, and each run counts what it sent, whichever path acknowledged the chunk."""
     monkeypatch.setattr(delivery, "PREPARE_FROM", prepare_from)

@@ -6,27 +6,17 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project, query, users
+from tests.conftest import Cli, Project, last_run, query, sync, users, wait_for
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-def last_run(cli, key: str) -> dict:  # type: ignore[no-untyped-def]
-    result = cli("--config", "audience_sync.toml", "history", "--json", "--audience", key)
-    return json.loads(result.out)[0]
-
-
-def test_endusers_partial_206_keeps_only_the_named_items_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_endusers_partial_206_keeps_only_the_named_items_pending(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=BULK)
     fake = project.planhat
     project.source.set_users(users(range(1, 13), plan="pro"))
@@ -49,7 +39,7 @@ def test_endusers_partial_206_keeps_only_the_named_items_pending(project: Projec
     assert sorted(resent) == ["u3", "u8"]  # only what was not written goes again
 
 
-def test_endusers_bad_item_is_isolated_by_splitting(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_endusers_bad_item_is_isolated_by_splitting(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users(users(range(1, 11), plan="pro"))
     project.planhat.bad_items({"u4"})
@@ -61,7 +51,7 @@ def test_endusers_bad_item_is_isolated_by_splitting(project: Project, cli) -> No
     assert all(project.planhat.value(f"u{n}", "pro_plan") for n in range(1, 11) if n != 4)
 
 
-def test_endusers_payload_carries_custom_boolean_and_coalesces(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_endusers_payload_carries_custom_boolean_and_coalesces(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users([{"id": "u1", "email": "a@x.com", "name": "Ann", "plan": "pro",
                                "orders": 3}])  # fmt: skip
@@ -72,7 +62,7 @@ def test_endusers_payload_carries_custom_boolean_and_coalesces(project: Project,
                      "custom": {"buyers": True, "pro_plan": True}}]  # fmt: skip
 
 
-def test_429_with_retry_after_is_honoured_and_everything_arrives(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_429_with_retry_after_is_honoured_and_everything_arrives(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 6), plan="pro"))
     project.planhat.fail_next(3, status=429, retry_after="0")
     project.planhat.fail_next(2, status=502)
@@ -84,7 +74,7 @@ def test_429_with_retry_after_is_honoured_and_everything_arrives(project: Projec
 # --- the mass-exit guard ------------------------------------------------------------------
 
 
-def test_a_source_that_suddenly_returns_nothing_is_blocked(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_source_that_suddenly_returns_nothing_is_blocked(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat="batch_size = 500\nmax_requests_per_second = 150")
     fake = project.planhat
     project.source.set_users(users(range(1, 151), plan="pro"))
@@ -107,7 +97,7 @@ def test_a_source_that_suddenly_returns_nothing_is_blocked(project: Project, cli
     assert all(fake.value(f"u{n}", "pro_plan") is False for n in range(1, 151))
 
 
-def test_the_guard_lets_normal_churn_and_small_audiences_through(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_guard_lets_normal_churn_and_small_audiences_through(project: Project, cli: Cli) -> None:
     project.write(extra="[safety]\nmax_exit_fraction = 0.5\nmin_members = 20\n")
     project.source.set_users(users(range(1, 11), plan="pro"))  # 10 members, below min_members
     assert sync(cli, "--audience", "pro_plan").code == 0
@@ -134,17 +124,9 @@ def _spawn_sync(config: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_for(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_requests", [0, 1, 6])
-def test_sigkill_at_any_moment_loses_nothing(project: Project, cli, kill_after_requests: int) -> None:  # type: ignore[no-untyped-def]
+def test_sigkill_at_any_moment_loses_nothing(project: Project, cli: Cli, kill_after_requests: int) -> None:
     project.write(transport="endusers", planhat=BULK)
     fake = project.planhat
     members = 60
@@ -154,9 +136,9 @@ def test_sigkill_at_any_moment_loses_nothing(project: Project, cli, kill_after_r
 
     process = _spawn_sync(project.path)
     if kill_after_requests == 0:  # during staging / diff, before anything is sent
-        _wait_for(lambda: query(project.state_url, "SELECT count(*) FROM runs")[0][0] > 0)
+        wait_for(lambda: query(project.state_url, "SELECT count(*) FROM runs")[0][0] > 0)
     else:
-        _wait_for(lambda: len(fake.requests) >= kill_after_requests)
+        wait_for(lambda: len(fake.requests) >= kill_after_requests)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
     delivered_before = len(fake.requests)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from audience_sync.metrics import Metrics
+from audience_sync.http.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
@@ -39,7 +39,7 @@ PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group
 
 
 def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+    return json.loads(DASHBOARD.read_text())
 
 
 def rules() -> list[dict[str, Any]]:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from tests.conftest import Project, users
+from tests.conftest import Cli, Project, sync, users
 
 PRO = "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"
-
-
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
 
 
 def identifies(project: Project) -> list[dict]:
     return [r.body for r in project.planhat.requests if r.body and r.body.get("type") == "identify"]
 
 
-def test_send_as_events_sends_entered_and_exited_and_no_property(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_send_as_events_sends_entered_and_exited_and_no_property(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write([{"name": "Pro Plan", "query": PRO, "send_as": "events"}])
     project.source.set_users(users([1, 2], plan="pro"))
@@ -31,7 +27,7 @@ def test_send_as_events_sends_entered_and_exited_and_no_property(project: Projec
     assert track["userId"] == "u1" and track["messageId"] and track["timestamp"]
 
 
-def test_send_as_both_sends_the_property_and_the_event(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_send_as_both_sends_the_property_and_the_event(project: Project, cli: Cli) -> None:
     project.write([{"name": "Pro Plan", "query": PRO, "send_as": "both"}])
     project.source.set_users(users([1], plan="pro"))
     assert sync(cli).code == 0
@@ -42,7 +38,7 @@ def test_send_as_both_sends_the_property_and_the_event(project: Project, cli) ->
     ]
 
 
-def test_a_trait_as_events_sends_trait_computed(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_trait_as_events_sends_trait_computed(project: Project, cli: Cli) -> None:
     trait = (
         '[[traits]]\nname = "Plan Tier"\nsource = "app"\nsend_as = "events"\n'
         'query = "SELECT id AS user_id, email, plan AS value FROM users"\n'
@@ -61,7 +57,7 @@ def test_a_trait_as_events_sends_trait_computed(project: Project, cli) -> None: 
     )
 
 
-def test_a_failed_event_is_sent_again(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_event_is_sent_again(project: Project, cli: Cli) -> None:
     project.write([{"name": "Pro Plan", "query": PRO, "send_as": "both"}], planhat="max_attempts = 1")
     project.source.set_users(users([1], plan="pro"))
     project.planhat.delay_next(1, 0)  # the identify goes through...
@@ -74,7 +70,7 @@ def test_a_failed_event_is_sent_again(project: Project, cli) -> None:  # type: i
     ]
 
 
-def test_events_on_the_bulk_transport_are_refused_with_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_events_on_the_bulk_transport_are_refused_with_one_line(project: Project, cli: Cli) -> None:
     project.write([{"name": "Pro Plan", "query": PRO, "send_as": "events"}], transport="endusers")
     result = sync(cli)
     assert result.code != 0

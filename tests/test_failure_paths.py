@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
-from audience_sync import engine as sync_engine
-from audience_sync import store
 from audience_sync.config import PlanhatSettings, load_settings
 from audience_sync.errors import StateDatabaseError
-from tests.conftest import Project, SenderAround, query, users
+from audience_sync.state import database
+from audience_sync.support import redaction
+from audience_sync.sync import reports
+from audience_sync.sync import run as sync_run
+from tests.conftest import Cli, Project, SenderAround, query, users
 
 
 def sabotaging_sender(state_url: str, sql: str) -> Callable[[PlanhatSettings], Any]:
@@ -25,13 +27,13 @@ def sabotaging_sender(state_url: str, sql: str) -> Callable[[PlanhatSettings], A
     return Sender
 
 
-def run_sabotaged(project: Project, sql: str) -> list[sync_engine.RunReport]:
+def run_sabotaged(project: Project, sql: str) -> list[reports.RunReport]:
     project.write(transport="endusers", planhat="batch_size = 5\nmax_requests_per_second = 150")
     project.source.set_users(users(range(1, 13), plan="pro"))
     settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
-        return sync_engine.sync(
+        return sync_run.sync(
             settings, engine, ["pro_plan"], sender_factory=sabotaging_sender(project.state_url, sql)
         )
     finally:
@@ -54,11 +56,12 @@ def test_a_database_error_at_the_run_s_end_is_one_line_naming_the_database(proje
     with pytest.raises(StateDatabaseError) as raised:
         run_sabotaged(project, "DROP TABLE runs")
     message = str(raised.value)
-    assert message.startswith(f"state database {store.safe_url(project.state_url)}: ") and "\n" not in message
+    where = redaction.safe_url(project.state_url)
+    assert message.startswith(f"state database {where}: ") and "\n" not in message
     assert query(project.state_url, "SELECT count(*) FROM leases") == [(0,)]  # released all the same
 
 
-def test_a_database_error_in_a_dry_run_is_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_database_error_in_a_dry_run_is_one_line(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert cli("--config", "audience_sync.toml", "sync").code == 0
     query(project.state_url, "DROP TABLE pending")

@@ -11,13 +11,12 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
-from audience_sync import engine as sync_engine
-from audience_sync import lease, store
-from audience_sync.cadence import Cadence
 from audience_sync.config import ScheduleSettings, load_settings
-from audience_sync.scheduler import Daemon
-from tests.conftest import Project
-from tests.test_scheduler import finished, next_runs, schedule, wait_for
+from audience_sync.daemon.cadence import Cadence
+from audience_sync.daemon.daemon import Daemon
+from audience_sync.state import audiences, database, leases
+from audience_sync.sync import run as sync_run
+from tests.conftest import Project, StartDaemon, finished, next_runs, schedule, wait_for
 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 ENGAGE = ScheduleSettings(min_interval=timedelta(hours=2), max_interval=timedelta(hours=3))
@@ -99,7 +98,8 @@ def test_a_new_schedule_redraws_the_plan_from_each_last_run() -> None:
     cadence.plan("due", NOW, "never synced", None)
     faster = ScheduleSettings(min_interval=timedelta(minutes=40), max_interval=timedelta(minutes=50))
     assert cadence.reschedule(faster) == ["a"]
-    assert NOW + timedelta(minutes=10) <= cadence.due("a") <= NOW + timedelta(minutes=20)
+    due = cadence.due("a")
+    assert due is not None and NOW + timedelta(minutes=10) <= due <= NOW + timedelta(minutes=20)
     assert cadence.due("due") == NOW
 
 
@@ -107,8 +107,8 @@ def test_a_new_schedule_redraws_the_plan_from_each_last_run() -> None:
 
 
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
-def test_the_daemon_sends_one_item_per_user_across_its_audiences(  # type: ignore[no-untyped-def]
-    project: Project, start_daemon, transport: str
+def test_the_daemon_sends_one_item_per_user_across_its_audiences(
+    project: Project, start_daemon: StartDaemon, transport: str
 ) -> None:
     project.write(FOUR, transport=transport, extra=schedule("0.6s", "0.9s"))
     project.source.set_users(thirty_users())
@@ -145,7 +145,9 @@ def test_the_daemon_sends_one_item_per_user_across_its_audiences(  # type: ignor
     assert project.planhat.value("u2", "buyers") is False
 
 
-def test_one_failing_audience_does_not_hold_back_its_group(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_one_failing_audience_does_not_hold_back_its_group(
+    project: Project, start_daemon: StartDaemon
+) -> None:
     broken = {"name": "Broken", "query": "SELECT id AS user_id FROM no_such_table"}
     project.write([FOUR[1], broken, FOUR[2]], extra=schedule("1h", "2h"))
     project.source.set_users(thirty_users())
@@ -160,16 +162,16 @@ def test_one_failing_audience_does_not_hold_back_its_group(project: Project, sta
     assert planned["broken"] is not None and planned["broken"] == planned["pro_plan"]  # tried again
 
 
-def test_an_audience_whose_lease_is_held_elsewhere_does_not_hold_back_the_others(  # type: ignore[no-untyped-def]
-    project: Project, start_daemon
+def test_an_audience_whose_lease_is_held_elsewhere_does_not_hold_back_the_others(
+    project: Project, start_daemon: StartDaemon
 ) -> None:
     project.write([FOUR[1], FOUR[2]], extra=schedule("1h", "2h"))
     project.source.set_users(thirty_users())
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
         with engine.begin() as connection:
-            store.register_audiences(connection, load_settings(project.path).select(["buyers"]))
-        assert lease.try_acquire(engine, "buyers", "another-host:1:x", 600)
+            audiences.register(connection, load_settings(project.path).select(["buyers"]))
+        assert leases.try_acquire(engine, "buyers", "another-host:1:x", 600)
         start_daemon()
         wait_for(lambda: finished(project.state_url, "pro_plan"), what="pro_plan's run")
         assert project.planhat.value("u1", "pro_plan") is True
@@ -187,13 +189,13 @@ def test_planning_many_audiences_costs_no_more_queries_than_planning_few(project
         project.write([{"name": f"Audience {n}", "query": FOUR[0]["query"]} for n in range(count)],
                       extra=schedule("1h", "2h"))  # fmt: skip
         settings = load_settings(project.path)
-        engine = store.open_state(settings.database_url)
+        engine = database.open_state(settings.database_url)
         executed.clear()
         sa.event.listen(engine, "before_cursor_execute", lambda *args: executed.append(args[2]))
         try:
             daemon = Daemon(settings, engine)
-            daemon._plan(daemon.keys, initial=True)
-            daemon._refresh(daemon.keys)
+            daemon.planner.plan(daemon.keys, initial=True)
+            daemon.runtime.refresh_metrics(daemon.keys)
         finally:
             engine.dispose()
         statements[count] = len(executed)
@@ -208,14 +210,14 @@ def test_a_stop_during_a_groups_snapshots_starts_no_more_and_loses_nothing(proje
     project.source.set_users(thirty_users())
     settings = load_settings(project.path)
     checks = iter(range(10**6))
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
         # The stop comes after two audiences have started (each asks before it starts).
-        stopped = sync_engine.sync(settings, engine, should_stop=lambda: next(checks) >= 2)
+        stopped = sync_run.sync(settings, engine, should_stop=lambda: next(checks) >= 2)
         assert [r.key for r in stopped] == KEYS[:2]
         assert all(r.status == "partial" and r.sent == 0 for r in stopped)
         assert not project.planhat.requests
-        again = sync_engine.sync(settings, engine)
+        again = sync_run.sync(settings, engine)
     finally:
         engine.dispose()
     assert [(r.key, r.status) for r in again] == [(key, "success") for key in KEYS]
@@ -229,9 +231,9 @@ def test_a_bulk_request_carries_a_full_batch_of_users_whatever_their_audiences(p
     audiences each go out in 6 requests of 5 contacts (rows would have made 16 of about 2)."""
     project.write(FOUR, transport="endusers", planhat="batch_size = 5\nmax_requests_per_second = 150")
     project.source.set_users(thirty_users())
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
-        reports = sync_engine.sync(load_settings(project.path), engine)
+        reports = sync_run.sync(load_settings(project.path), engine)
     finally:
         engine.dispose()
     assert {r.status for r in reports} == {"success"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,19 +13,21 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from audience_sync import lease, store
 from audience_sync.config import load_settings
+from audience_sync.daemon.daemon import Daemon
+from audience_sync.daemon.flights import RETRY_AFTER_ERROR
 from audience_sync.errors import StateDatabaseError
-from audience_sync.scheduler import RETRY_AFTER_ERROR, Daemon
-from tests.conftest import Project, users
-from tests.test_scheduler import schedule, wait_for
+from audience_sync.state import database, leases, resyncs
+from audience_sync.support import clock, redaction
+from audience_sync.sync import lease_keeper
+from tests.conftest import Cli, CliResult, Project, schedule, users, wait_for
 
 PASSWORD = "hunter2-pw"
 SSL_PASSWORD = "xyzzy-sslpw"
 PLANHAT_PASSWORD = "pl4nhat-pw"
 
 
-def one_line(result, prefix: str) -> str:  # type: ignore[no-untyped-def]
+def one_line(result: CliResult, prefix: str) -> str:
     assert result.code == 1, (result.out, result.err)
     lines = result.err.strip().splitlines()
     assert len(lines) == 1, result.err
@@ -66,13 +67,13 @@ def test_settings_reprs_mask_passwords_and_secret_parameters(tmp_path: Path) -> 
 @pytest.mark.parametrize("name", ["password", "PASSWD", "pwd", "token", "client_secret", "key",
                                   "apikey", "api_key", "sslpassword"])  # fmt: skip
 def test_safe_url_masks_every_secret_looking_parameter(name: str) -> None:
-    shown = store.safe_url(f"postgresql://u:{PASSWORD}@h/db?{name}=s3cr3t-value&sslmode=require")
+    shown = redaction.safe_url(f"postgresql://u:{PASSWORD}@h/db?{name}=s3cr3t-value&sslmode=require")
     assert "s3cr3t-value" not in shown and PASSWORD not in shown
     assert f"{name}=***" in shown and "sslmode=require" in shown
 
 
 def test_safe_url_never_shows_a_url_it_cannot_parse() -> None:
-    assert PASSWORD not in store.safe_url(f"postgresql://u:{PASSWORD}@h:port/db")
+    assert PASSWORD not in redaction.safe_url(f"postgresql://u:{PASSWORD}@h:port/db")
 
 
 # --- 2. unsupported state database drivers --------------------------------------------------
@@ -86,14 +87,14 @@ def test_safe_url_never_shows_a_url_it_cannot_parse() -> None:
         f"mssql+pyodbc://u:{PASSWORD}@dsn",
     ],
 )
-def test_an_unsupported_state_database_is_refused_when_the_config_loads(  # type: ignore[no-untyped-def]
-    cli, tmp_path: Path, url: str
+def test_an_unsupported_state_database_is_refused_when_the_config_loads(
+    cli: Cli, tmp_path: Path, url: str
 ) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f'[database]\nurl = "{url}"\n')
     line = one_line(cli("--config", str(path), "status"), "Config error: ")
     assert f"{path}: database.url:" in line
-    assert store.safe_url(url) in line and PASSWORD not in line
+    assert redaction.safe_url(url) in line and PASSWORD not in line
     assert "sqlite:///PATH" in line and "postgresql+psycopg://" in line
 
 
@@ -108,8 +109,8 @@ def test_supported_state_databases_and_any_source_url_load(tmp_path: Path) -> No
 # --- 3. a missing SQLite source file --------------------------------------------------------
 
 
-def test_a_missing_sqlite_source_file_is_refused_by_name_and_not_created(  # type: ignore[no-untyped-def]
-    project: Project, cli, tmp_path: Path
+def test_a_missing_sqlite_source_file_is_refused_by_name_and_not_created(
+    project: Project, cli: Cli, tmp_path: Path
 ) -> None:
     missing = tmp_path / "gone.db"
     project.source.url = f"sqlite:///{missing}"
@@ -124,7 +125,7 @@ def test_a_missing_sqlite_source_file_is_refused_by_name_and_not_created(  # typ
 
 @pytest.mark.filterwarnings("ignore:Selection of the SingletonThreadPool")  # SQLAlchemy's, for mode=memory
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_in_memory_sqlite_sources_still_work(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_in_memory_sqlite_sources_still_work(project: Project, cli: Cli) -> None:
     query = "SELECT 'u1' AS user_id, 'u1@example.com' AS email"
     for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:mem?mode=memory&uri=true"):
         project.source.url = url
@@ -137,43 +138,36 @@ def test_in_memory_sqlite_sources_still_work(project: Project, cli) -> None:  # 
 # --- 4. lease renewal -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def state(state_url: str) -> Iterator[Engine]:
-    engine = store.open_state(state_url)
-    yield engine
-    engine.dispose()
-
-
-def test_an_unexpected_renewal_error_marks_every_lease_lost(  # type: ignore[no-untyped-def]
-    state: Engine, monkeypatch: pytest.MonkeyPatch, logs
+def test_an_unexpected_renewal_error_marks_every_lease_lost(
+    state: Engine, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
 ) -> None:
-    assert lease.try_acquire(state, "a", "holder-1", 60)
+    assert leases.try_acquire(state, "a", "holder-1", 60)
 
     def broken(*_args: object) -> bool:
         raise RuntimeError("renewal bug\nsecond line")
 
-    monkeypatch.setattr(lease, "renew", broken)
-    with lease.LeaseKeeper(state, ["a", "b"], "holder-1", 0.3) as keeper:
+    monkeypatch.setattr(leases, "renew", broken)
+    with lease_keeper.LeaseKeeper(state, ["a", "b"], "holder-1", 0.3) as keeper:
         wait_for(lambda: keeper.lost == {"a", "b"}, timeout=5, what="leases marked lost")
     errors = [r.getMessage() for r in logs.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "RuntimeError: renewal bug" in errors[0], errors
     assert "second line" not in errors[0] and "'a'" in errors[0] and "'b'" in errors[0]
 
 
-def test_renewals_failing_until_the_lease_expires_mark_it_lost(  # type: ignore[no-untyped-def]
-    state: Engine, monkeypatch: pytest.MonkeyPatch, logs
+def test_renewals_failing_until_the_lease_expires_mark_it_lost(
+    state: Engine, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
 ) -> None:
     ttl = 0.3
-    assert lease.try_acquire(state, "a", "holder-1", ttl)
+    assert leases.try_acquire(state, "a", "holder-1", ttl)
     failures: list[float] = []
 
     def down(*_args: object) -> bool:
         failures.append(time.monotonic())
         raise operational_error("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(lease, "renew", down)
+    monkeypatch.setattr(leases, "renew", down)
     started = time.monotonic()
-    with lease.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
+    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
         wait_for(lambda: failures, timeout=5, what="a failed renewal")
         assert not keeper.lost  # one failure is transient: tried again next tick
         wait_for(lambda: keeper.lost, timeout=5, what="lease marked lost")
@@ -184,12 +178,12 @@ def test_renewals_failing_until_the_lease_expires_mark_it_lost(  # type: ignore[
     assert "lost the lease on audience 'a': not renewed for" in messages
 
 
-def test_transient_renewal_failures_within_the_lease_keep_it(  # type: ignore[no-untyped-def]
+def test_transient_renewal_failures_within_the_lease_keep_it(
     state: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ttl = 0.6
-    assert lease.try_acquire(state, "a", "holder-1", ttl)
-    real, calls = lease.renew, []
+    assert leases.try_acquire(state, "a", "holder-1", ttl)
+    real, calls = leases.renew, []
 
     def flaky(*args: object) -> bool:
         calls.append(1)
@@ -197,8 +191,8 @@ def test_transient_renewal_failures_within_the_lease_keep_it(  # type: ignore[no
             raise operational_error("could not connect")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lease, "renew", flaky)
-    with lease.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
+    monkeypatch.setattr(leases, "renew", flaky)
+    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
         time.sleep(ttl * 4)
         assert not keeper.lost and len(calls) >= 9
 
@@ -207,33 +201,33 @@ def test_transient_renewal_failures_within_the_lease_keep_it(  # type: ignore[no
 
 
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_a_failed_resync_check_rearms_the_job_soon_and_says_why(  # type: ignore[no-untyped-def]
-    project: Project, monkeypatch: pytest.MonkeyPatch, logs
+def test_a_failed_resync_check_rearms_the_job_soon_and_says_why(
+    project: Project, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
 ) -> None:
     project.write(extra=schedule("1h", "2h"))
     settings = load_settings(project.path)
-    engine = store.open_state(settings.database_url)
+    engine = database.open_state(settings.database_url)
     daemon = Daemon(settings, engine)
     daemon.scheduler.start(paused=True)  # jobs are armed, never run
     try:
-        drawn = store.utcnow() + timedelta(hours=2)
+        drawn = clock.utcnow() + timedelta(hours=2)
         for key in ("pro_plan", "buyers"):
-            daemon.cadence.plan(key, store.utcnow(), "never synced", None)
+            daemon.cadence.plan(key, clock.utcnow(), "never synced", None)
         assert daemon.cadence.take_group() == ["pro_plan", "buyers"]
 
         def unreadable(_connection: object) -> list[str]:
             raise operational_error("database is locked")
 
-        monkeypatch.setattr(store, "pending_resync_keys", unreadable)
-        retry = store.utcnow() + RETRY_AFTER_ERROR
-        daemon._after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
+        monkeypatch.setattr(resyncs, "pending_keys", unreadable)
+        retry = clock.utcnow() + RETRY_AFTER_ERROR
+        daemon.planner.after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
         assert daemon.next_run("pro_plan") == retry == daemon.next_run("buyers")
         warning = [r.getMessage() for r in logs.records if r.levelno == logging.WARNING]
         assert any("resync" in w and "OperationalError" in w for w in warning), warning
 
-        monkeypatch.setattr(store, "pending_resync_keys", lambda _connection: [])
+        monkeypatch.setattr(resyncs, "pending_keys", lambda _connection: [])
         assert daemon.cadence.take_group(retry) == ["pro_plan", "buyers"]
-        daemon._after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
+        daemon.planner.after_group({"pro_plan": (drawn, "drawn"), "buyers": (drawn, "drawn")}, retry)
         assert daemon.next_run("pro_plan") == drawn  # the check works again: the drawn time stands
     finally:
         daemon.scheduler.shutdown(wait=False)
@@ -261,7 +255,7 @@ def drop(url: str, table: str) -> None:
 
 
 @pytest.mark.parametrize("command", ["status", "history"])
-def test_a_broken_state_database_is_one_line_naming_it(project: Project, cli, command: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_broken_state_database_is_one_line_naming_it(project: Project, cli: Cli, command: str) -> None:
     url, password = with_password(project.state_url)
     project.state_url = url
     project.write()
@@ -269,14 +263,14 @@ def test_a_broken_state_database_is_one_line_naming_it(project: Project, cli, co
     assert cli("--config", "audience_sync.toml", "sync").code == 0
     drop(url, "runs")
     line = one_line(cli("--config", "audience_sync.toml", command), "State database error: ")
-    assert store.safe_url(url) in line and "runs" in line
+    assert redaction.safe_url(url) in line and "runs" in line
     assert password is None or password not in line
 
 
 @pytest.mark.parametrize("command", ["status", "history"])
 @pytest.mark.parametrize("broken", ["garbage", "down"])
-def test_an_unreadable_or_unreachable_state_database_is_one_line(  # type: ignore[no-untyped-def]
-    cli, tmp_path: Path, command: str, broken: str
+def test_an_unreadable_or_unreachable_state_database_is_one_line(
+    cli: Cli, tmp_path: Path, command: str, broken: str
 ) -> None:
     if broken == "garbage":
         (tmp_path / "state.db").write_bytes(b"this is not a database\n" * 200)
@@ -286,12 +280,12 @@ def test_an_unreadable_or_unreachable_state_database_is_one_line(  # type: ignor
     path = tmp_path / "config.toml"
     path.write_text(f'[database]\nurl = "{url}"\n')
     line = one_line(cli("--config", str(path), command), "State database error: ")
-    assert store.safe_url(url.replace("postgresql://", "postgresql+psycopg://")) in line
+    assert redaction.safe_url(url.replace("postgresql://", "postgresql+psycopg://")) in line
     assert PASSWORD not in line and SSL_PASSWORD not in line
 
 
-def test_a_database_error_no_command_translated_is_still_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    store.open_state(project.state_url).dispose()
+def test_a_database_error_no_command_translated_is_still_one_line(project: Project, cli: Cli) -> None:
+    database.open_state(project.state_url).dispose()
     drop(project.state_url, "resync_requests")
     line = one_line(cli("--config", "audience_sync.toml", "resync"), "State database error: ")
     assert "resync_requests" in line
@@ -300,6 +294,6 @@ def test_a_database_error_no_command_translated_is_still_one_line(project: Proje
 
 def test_translate_errors_turns_any_sqlalchemy_error_into_one_masked_line() -> None:
     url = f"postgresql://u:{PASSWORD}@h/db?sslpassword={SSL_PASSWORD}"
-    with pytest.raises(StateDatabaseError) as raised, store.translate_errors("cannot read", url):
+    with pytest.raises(StateDatabaseError) as raised, database.translate_errors("cannot read", url):
         raise sa.exc.NoSuchTableError("runs")
     assert str(raised.value) == "cannot read postgresql://u:***@h/db?sslpassword=***: runs"

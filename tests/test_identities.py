@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Project, query
+from tests.conftest import Cli, Project, query, sync
 
 TRANSPORTS = ["segment", "endusers"]
 KEY = "pro_plan"
@@ -17,10 +17,6 @@ SCORE = (
     '[[traits]]\nname = "Score"\nsource = "app"\n'
     'query = "SELECT id AS user_id, email, orders AS value FROM users"\n'
 )
-
-
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
 
 
 def sent(project: Project, key: str = KEY) -> list[tuple[Any, Any, Any]]:
@@ -44,7 +40,7 @@ def set_users(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_email_only_user_who_gains_a_user_id_is_resent_and_never_told_false(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -71,7 +67,7 @@ def test_an_email_only_user_who_gains_a_user_id_is_resent_and_never_told_false(
     assert fake.value("u1", KEY) is False
 
 
-def test_a_changed_email_resends_the_value_under_the_same_user_id(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_email_resends_the_value_under_the_same_user_id(project: Project, cli: Cli) -> None:
     project.write([{"name": "Pro Plan", "query": PRO}], extra=SCORE)
     set_users(project, [("u1", "ann@old.example")])
     assert sync(cli).code == 0
@@ -88,7 +84,7 @@ def test_a_changed_email_resends_the_value_under_the_same_user_id(project: Proje
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_changed_user_id_with_the_same_email_moves_the_value(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     project.write([{"name": "Pro Plan", "query": PRO}], transport=transport, extra=SCORE)
@@ -101,7 +97,7 @@ def test_a_changed_user_id_with_the_same_email_moves_the_value(
     assert sent(project, "score") == [("new-1", "ann@example.com", 3)]  # no null for old-1
 
 
-def test_an_old_identity_in_doubt_passes_its_doubt_to_the_new_one(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_old_identity_in_doubt_passes_its_doubt_to_the_new_one(project: Project, cli: Cli) -> None:
     fake = project.planhat
     one_shot = "max_attempts = 1\ntimeout_seconds = 0.3\nmax_requests_per_second = 150"
     project.write([{"name": "Pro Plan", "query": PRO}], planhat=one_shot)

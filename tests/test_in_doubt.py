@@ -8,41 +8,28 @@ client's timeout; u4 leaves before the next run. Planhat must end with u4 not `t
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from tests.conftest import Project, expire_leases, query, sync_killed, users
+from tests.conftest import (
+    Cli,
+    Project,
+    expire_leases,
+    last_run,
+    query,
+    status,
+    sync,
+    sync_killed,
+    users,
+    wait_for,
+)
 
 TRANSPORTS = ["segment", "endusers"]
 # One attempt, a short timeout: the fake's delayed answer arrives after the client gave up.
 ONE_SHOT = "max_attempts = 1\ntimeout_seconds = 0.3\nbatch_size = 5\nmax_requests_per_second = 150"
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-def last_run(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    result = cli("--config", "audience_sync.toml", "history", "--json", "--audience", key)
-    return json.loads(result.out)[0]
-
-
-def status(cli, key: str = "pro_plan") -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    result = cli("--config", "audience_sync.toml", "status", "--json")
-    return next(entry for entry in json.loads(result.out) if entry["key"] == key)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
-def first_sync_of_three(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def first_sync_of_three(project: Project, cli: Cli, transport: str) -> None:
     project.write(transport=transport, planhat=ONE_SHOT)
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0
@@ -51,7 +38,7 @@ def first_sync_of_three(project: Project, cli, transport: str) -> None:  # type:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_change_applied_after_the_timeout_is_taken_back_when_the_user_leaves(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -60,7 +47,7 @@ def test_a_change_applied_after_the_timeout_is_taken_back_when_the_user_leaves(
     project.source.set_users(users(range(1, 5), plan="pro"))  # u4 enters
     fake.delay_next(1, 1.0)  # Planhat writes u4 = true, but only after the client's timeout
     assert sync(cli, "--audience", "pro_plan").code != 0
-    run = last_run(cli)
+    run = last_run(cli, "pro_plan")
     assert (run["status"], run["sent"], run["failed"], run["in_doubt"]) == ("failed", 0, 1, 1)
     assert status(cli)["in_doubt"] == 1
     wait_for(lambda: fake.value("u4", "pro_plan") is True)  # it did land
@@ -77,7 +64,7 @@ def test_a_change_applied_after_the_timeout_is_taken_back_when_the_user_leaves(
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_in_doubt_value_is_resent_when_the_truth_comes_back_to_it(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -96,14 +83,14 @@ def test_an_in_doubt_value_is_resent_when_the_truth_comes_back_to_it(
 
 def test_a_refused_change_is_not_in_doubt_and_is_dropped_when_the_user_leaves(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
 ) -> None:
     fake = project.planhat
     first_sync_of_three(project, cli, "endusers")
     project.source.set_users(users(range(1, 5), plan="pro"))
     fake.fail_next(1, 429)  # a 429 is a definite refusal: Planhat wrote nothing
     assert sync(cli, "--audience", "pro_plan").code != 0
-    assert last_run(cli)["in_doubt"] == 0
+    assert last_run(cli, "pro_plan")["in_doubt"] == 0
 
     project.source.set_users(users(range(1, 4), plan="pro"))
     fake.requests.clear()
@@ -114,7 +101,7 @@ def test_a_refused_change_is_not_in_doubt_and_is_dropped_when_the_user_leaves(
 
 def test_a_full_resync_sends_false_to_every_user_planhat_may_have_as_true(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
 ) -> None:
     fake = project.planhat
     first_sync_of_three(project, cli, "endusers")
@@ -125,14 +112,14 @@ def test_a_full_resync_sends_false_to_every_user_planhat_may_have_as_true(
 
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert cli("--config", "audience_sync.toml", "resync", "--now", "--audience", "pro_plan").code == 0
-    assert last_run(cli)["kind"] == "full"
+    assert last_run(cli, "pro_plan")["kind"] == "full"
     assert [fake.value(f"u{n}", "pro_plan") for n in range(1, 6)] == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_kill_between_planhat_accepting_and_the_ack_leaves_the_chunk_in_doubt(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -155,7 +142,7 @@ def test_a_kill_between_planhat_accepting_and_the_ack_leaves_the_chunk_in_doubt(
 
 def test_a_401_mid_run_keeps_the_counts_of_what_was_delivered(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
 ) -> None:
     fake = project.planhat
     project.write(transport="endusers", planhat="batch_size = 5\nmax_requests_per_second = 150")
@@ -165,7 +152,7 @@ def test_a_401_mid_run_keeps_the_counts_of_what_was_delivered(
     result = sync(cli, "--audience", "pro_plan")
     assert result.code != 0
     assert "check planhat.api_token" in result.err and "Traceback" not in result.err
-    run = last_run(cli)
+    run = last_run(cli, "pro_plan")
     assert (run["status"], run["sent"], run["pending"]) == ("partial", 10, 2)
     delivered = query(project.state_url, "SELECT count(*) FROM changes WHERE outcome = 'delivered'")
     assert delivered == [(10,)]

@@ -1,6 +1,7 @@
 import pytest
 
-from audience_sync.keys import MAX_IDENTIFIER_LENGTH, clean_identifier, derive_key
+from audience_sync.config.keys import derive_key
+from audience_sync.snapshot.contract import MAX_IDENTIFIER_LENGTH, clean_identifier
 
 
 @pytest.mark.parametrize(

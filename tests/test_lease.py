@@ -6,56 +6,48 @@ import itertools
 import re
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.engine import Engine
 
-from audience_sync import lease, store
-from audience_sync import models as m
-from tests.conftest import Project, users
-from tests.test_daemon import POSTGRES, SLOW_PRO_QUERY, count, spawn  # noqa: F401  (spawn is a fixture)
-from tests.test_scheduler import finished, runs, schedule, wait_for
-
-
-@pytest.fixture
-def state(state_url: str) -> Iterator[Engine]:
-    engine = store.open_state(state_url)
-    yield engine
-    engine.dispose()
+from audience_sync.state import leases
+from audience_sync.state import models as m
+from audience_sync.sync import lease_keeper
+from tests.conftest import POSTGRES, Cli, Project, Spawn, finished, runs, schedule, users, wait_for
+from tests.test_daemon import SLOW_PRO_QUERY, count
 
 
 def test_one_holder_at_a_time_until_released(state: Engine) -> None:
-    assert lease.try_acquire(state, "a", "holder-1", 60)
-    assert not lease.try_acquire(state, "a", "holder-2", 60)
-    assert lease.current_holder(state, "a") == "holder-1"
-    assert lease.try_acquire(state, "b", "holder-2", 60)  # other audiences are independent
-    assert lease.try_acquire(state, "a", "holder-1", 60)  # our own: renewed
-    lease.release(state, "a", "holder-2")  # not ours: nothing happens
-    assert lease.current_holder(state, "a") == "holder-1"
-    lease.release(state, "a", "holder-1")
-    assert lease.current_holder(state, "a") is None
-    assert lease.try_acquire(state, "a", "holder-2", 60)
+    assert leases.try_acquire(state, "a", "holder-1", 60)
+    assert not leases.try_acquire(state, "a", "holder-2", 60)
+    assert leases.current_holder(state, "a") == "holder-1"
+    assert leases.try_acquire(state, "b", "holder-2", 60)  # other audiences are independent
+    assert leases.try_acquire(state, "a", "holder-1", 60)  # our own: renewed
+    leases.release(state, "a", "holder-2")  # not ours: nothing happens
+    assert leases.current_holder(state, "a") == "holder-1"
+    leases.release(state, "a", "holder-1")
+    assert leases.current_holder(state, "a") is None
+    assert leases.try_acquire(state, "a", "holder-2", 60)
 
 
 def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it(state: Engine) -> None:
-    assert lease.try_acquire(state, "a", "holder-1", 0.2)
-    assert not lease.try_acquire(state, "a", "holder-2", 60)
+    assert leases.try_acquire(state, "a", "holder-1", 0.2)
+    assert not leases.try_acquire(state, "a", "holder-2", 60)
     time.sleep(0.3)
-    assert lease.current_holder(state, "a") is None
-    assert lease.try_acquire(state, "a", "holder-2", 60)
-    assert not lease.renew(state, "a", "holder-1", 60)  # it lost the lease
-    assert lease.renew(state, "a", "holder-2", 60)
+    assert leases.current_holder(state, "a") is None
+    assert leases.try_acquire(state, "a", "holder-2", 60)
+    assert not leases.renew(state, "a", "holder-1", 60)  # it lost the lease
+    assert leases.renew(state, "a", "holder-2", 60)
 
 
 def test_the_keeper_renews_a_lease_for_as_long_as_the_run_lives(state: Engine) -> None:
-    assert lease.try_acquire(state, "a", "holder-1", 0.2)
-    with lease.LeaseKeeper(state, ["a"], "holder-1", 0.2) as keeper:
+    assert leases.try_acquire(state, "a", "holder-1", 0.2)
+    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", 0.2) as keeper:
         time.sleep(0.6)  # three times the lease
-        assert not lease.try_acquire(state, "a", "holder-2", 0.2)
+        assert not leases.try_acquire(state, "a", "holder-2", 0.2)
         assert not keeper.lost
     time.sleep(0.3)
-    assert lease.try_acquire(state, "a", "holder-2", 0.2)  # no longer renewed: it expired
+    assert leases.try_acquire(state, "a", "holder-2", 0.2)  # no longer renewed: it expired
 
 
 # --- across processes ---------------------------------------------------------------------
@@ -63,7 +55,7 @@ def test_the_keeper_renews_a_lease_for_as_long_as_the_run_lives(state: Engine) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", [POSTGRES], indirect=True)
-def test_two_daemons_on_one_database_never_run_one_audience_at_once(project: Project, spawn) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_two_daemons_on_one_database_never_run_one_audience_at_once(project: Project, spawn: Spawn) -> None:
     slow = SLOW_PRO_QUERY.replace("4000000", "2000000")  # about 0.3 s
     project.write(
         [
@@ -97,7 +89,9 @@ def test_two_daemons_on_one_database_never_run_one_audience_at_once(project: Pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_sync_while_the_daemon_runs_the_audience_says_already_running(project: Project, spawn, cli) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_sync_while_the_daemon_runs_the_audience_says_already_running(
+    project: Project, spawn: Spawn, cli: Cli
+) -> None:
     project.write([{"name": "Pro Plan", "query": SLOW_PRO_QUERY.replace("4000000", "8000000")}],
                   extra=schedule("1h", "2h"))  # fmt: skip
     project.source.set_users(users(range(1, 4), plan="pro"))

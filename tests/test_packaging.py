@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import Cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,12 +32,12 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     versions = {Path(v).name for v in (ROOT / "migrations" / "versions").glob("*.py")}
     assert {f"audience_sync/migrations/versions/{v}" for v in versions} <= names
     # The status page's templates and stylesheet: nothing is fetched at run time.
-    page_files = {p.name for p in (ROOT / "audience_sync" / "templates").iterdir()}
+    page_files = {p.name for p in (ROOT / "audience_sync" / "http" / "templates").iterdir()}
     assert {"status.html", "status.css"} <= page_files
-    assert {f"audience_sync/templates/{name}" for name in page_files} <= names
+    assert {f"audience_sync/http/templates/{name}" for name in page_files} <= names
 
 
-def test_migrations_upgrade_from_empty_to_head_on_every_backend(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_migrations_upgrade_from_empty_to_head_on_every_backend(state_url: str, cli: Cli) -> None:
     config = Path("audience_sync.toml")
     config.write_text(f'[database]\nurl = "{state_url}"\n')
     first = cli("--config", str(config), "db", "upgrade")
@@ -45,7 +47,7 @@ def test_migrations_upgrade_from_empty_to_head_on_every_backend(state_url: str, 
     assert again.code == 0 and "up to date" in again.out
 
 
-def upgraded_config(state_url: str, cli) -> Path:  # type: ignore[no-untyped-def]
+def upgraded_config(state_url: str, cli: Cli) -> Path:
     """A config naming only the state database, upgraded to head."""
     config = Path("audience_sync.toml")
     config.write_text(f'[database]\nurl = "{state_url}"\n')
@@ -53,16 +55,16 @@ def upgraded_config(state_url: str, cli) -> Path:  # type: ignore[no-untyped-def
     return config
 
 
-def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli: Cli) -> None:
     import sqlalchemy as sa
     from alembic import command
 
-    from audience_sync import store
+    from audience_sync.state import migrations
 
     config = upgraded_config(state_url, cli)
     engine = sa.create_engine(state_url)
     with engine.begin() as connection:
-        command.downgrade(store._alembic_config(connection), "base")
+        command.downgrade(migrations.alembic_config(connection), "base")
     engine.dispose()
     result = cli("--config", str(config), "status")
     assert result.code != 0
@@ -75,13 +77,13 @@ def test_a_schema_that_is_behind_is_refused_with_the_fix(state_url: str, cli) ->
 def state_at(state_url: str, revision: str, *statements: str) -> Iterator[tuple[Path, Any]]:
     """A config naming the state database, which is left at `revision` with `statements` run
     on it; yields the config's path and an engine on the database."""
-    from audience_sync import store
+    from audience_sync.state import database, migrations
 
     config = Path("audience_sync.toml")
     config.write_text(f'[database]\nurl = "{state_url}"\n')
-    engine = store.create_state_engine(state_url)
+    engine = database.create_state_engine(state_url)
     try:
-        store.upgrade(engine, revision)
+        migrations.upgrade(engine, revision)
         with engine.begin() as connection:
             for statement in statements:
                 connection.exec_driver_sql(statement)
@@ -90,7 +92,7 @@ def state_at(state_url: str, revision: str, *statements: str) -> Iterator[tuple[
         engine.dispose()
 
 
-def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: str, cli: Cli) -> None:
     """A state database in use before in-doubt tracking keeps its outbox, none of it in doubt,
     and its runs read with zero in doubt."""
     import sqlalchemy as sa
@@ -112,7 +114,7 @@ def test_an_outbox_from_revision_0001_upgrades_with_nothing_in_doubt(state_url: 
             assert connection.execute(sa.text("SELECT count(*) FROM in_flight")).scalar_one() == 0
 
 
-def test_baselines_from_revision_0005_upgrade_with_their_counts_kept(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_baselines_from_revision_0005_upgrade_with_their_counts_kept(state_url: str, cli: Cli) -> None:
     """0006 fills audiences.baseline_count, so `status` shows the right "in Planhat" at once."""
     import json
 
@@ -139,46 +141,47 @@ def test_the_schema_revision_constant_is_alembics_head() -> None:
     asking Alembic for the head (which costs every command ~0.3 s): a new migration must bump it."""
     from alembic.script import ScriptDirectory
 
-    from audience_sync import models, store
+    from audience_sync.state import migrations, models
 
-    script = ScriptDirectory(str(store.migrations_dir()))
+    script = ScriptDirectory(str(migrations.migrations_dir()))
     assert script.get_heads() == [models.SCHEMA_REVISION]
-    assert store.head_revision() == models.SCHEMA_REVISION
+    assert migrations.head_revision() == models.SCHEMA_REVISION
 
 
 def test_the_current_revision_is_read_as_alembic_reads_it(state_url: str) -> None:
-    """store.current_revision (a plain SELECT) agrees with Alembic's MigrationContext with no
+    """migrations.current_revision (a plain SELECT) agrees with Alembic's MigrationContext with no
     version table, at each revision, and with the table left empty by a downgrade to base."""
     import sqlalchemy as sa
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from audience_sync import store
+    from audience_sync.state import database, migrations
 
     def both(engine: sa.Engine) -> tuple[str | None, str | None]:
         with engine.connect() as connection:
-            ours = store.current_revision(connection)
+            ours = migrations.current_revision(connection)
             return ours, MigrationContext.configure(connection).get_current_revision()
 
-    engine = store.create_state_engine(state_url)
+    engine = database.create_state_engine(state_url)
     try:
         assert both(engine) == (None, None)
-        revisions = [s.revision for s in ScriptDirectory(str(store.migrations_dir())).walk_revisions()]
+        revisions = [s.revision for s in ScriptDirectory(str(migrations.migrations_dir())).walk_revisions()]
         for revision in reversed(revisions):
-            store.upgrade(engine, revision)
+            migrations.upgrade(engine, revision)
             assert both(engine) == (revision, revision)
         with engine.begin() as connection:
-            command.downgrade(store._alembic_config(connection), "base")
+            command.downgrade(migrations.alembic_config(connection), "base")
         assert both(engine) == (None, None)
     finally:
         engine.dispose()
 
 
-def test_a_schema_from_a_newer_version_is_refused_with_one_line(state_url: str, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_schema_from_a_newer_version_is_refused_with_one_line(state_url: str, cli: Cli) -> None:
     import sqlalchemy as sa
 
-    from audience_sync import store
+    from audience_sync.state import migrations
+    from audience_sync.support import redaction
 
     config = upgraded_config(state_url, cli)
     engine = sa.create_engine(state_url)
@@ -189,6 +192,6 @@ def test_a_schema_from_a_newer_version_is_refused_with_one_line(state_url: str, 
         result = cli("--config", str(config), command)
         assert result.code == 1 and result.out == ""
         assert result.err.strip().splitlines() == [
-            f"State database error: state database {store.safe_url(state_url)} is at revision 0099, "
-            f"this version needs {store.head_revision()}: run `audience-sync db upgrade`"
+            f"State database error: state database {redaction.safe_url(state_url)} is at revision 0099, "
+            f"this version needs {migrations.head_revision()}: run `audience-sync db upgrade`"
         ]

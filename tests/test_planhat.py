@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,13 @@ import pytest
 
 from audience_sync.config import PlanhatSettings, Secret
 from audience_sync.errors import PlanhatAuthError
-from audience_sync.planhat import (
-    Contact,
-    Outcome,
-    PlanhatClient,
-    build_enduser,
-    build_identify,
-    parse_retry_after,
-)
+from audience_sync.planhat import Contact, Outcome, PlanhatClient
+from audience_sync.planhat.limits import parse_retry_after
+from audience_sync.planhat.payloads import build_enduser, build_identify
+from tests.conftest import API_TOKEN, TENANT_TOKEN
 from tests.fake_planhat import FakePlanhat
 
-TENANT = "tenant-secret"
-API = "api-secret"
+TENANT, API = TENANT_TOKEN, API_TOKEN
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 TRANSPORTS = ("segment", "endusers")
@@ -64,12 +58,6 @@ class FakeTime:
     def retry_waits(self) -> list[float]:
         """Waits other than the rate limiter's (tests run it at 1e6 req/s: 1 µs slots)."""
         return [w for w in self.waits if w > 1e-5]
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePlanhat]:
-    with FakePlanhat(tenant_token=TENANT, api_token=API) as server:
-        yield server
 
 
 def settings(fake: FakePlanhat, transport: str = "endusers", **overrides: Any) -> PlanhatSettings:
@@ -186,20 +174,22 @@ def test_enduser_item_omits_unknown_fields() -> None:
     }
 
 
-def test_segment_sends_one_identify_per_contact(fake: FakePlanhat) -> None:
-    with client(fake, "segment", source_marker="audience-sync") as planhat:
+def test_segment_sends_one_identify_per_contact(fake_planhat: FakePlanhat) -> None:
+    with client(fake_planhat, "segment", source_marker="audience-sync") as planhat:
         outcome = planhat.send([FULL, contact("u2")])
     assert outcome == Outcome(accepted=["u1", "u2"], failed={})
-    assert [(r.method, r.path, r.status) for r in fake.requests] == [("POST", "/dock/segment", 200)] * 2
-    body = next(b for b in sent_bodies(fake) if b["userId"] == "u1")
+    assert [(r.method, r.path, r.status) for r in fake_planhat.requests] == [
+        ("POST", "/dock/segment", 200)
+    ] * 2
+    body = next(b for b in sent_bodies(fake_planhat) if b["userId"] == "u1")
     assert body["traits"]["alpha_buyers"] is True and body["traits"]["zeta_fans"] is False
     assert body["context"]["personas"]["computation_keys"] == ["alpha_buyers", "zeta_fans"]
     assert body["source"] == "audience-sync"
     assert TIMESTAMP.match(body["timestamp"])
-    assert all(UUID4.match(m) for m in fake.message_ids)
-    assert len(set(fake.message_ids)) == 2
+    assert all(UUID4.match(m) for m in fake_planhat.message_ids)
+    assert len(set(fake_planhat.message_ids)) == 2
     # The coalesced contact carries both audiences in one call; Planhat holds both.
-    assert fake.contact("u1") == {
+    assert fake_planhat.contact("u1") == {
         "externalId": "u1",
         "email": "ada@example.com",
         "name": "Ada Lovelace",
@@ -209,16 +199,16 @@ def test_segment_sends_one_identify_per_contact(fake: FakePlanhat) -> None:
     }
 
 
-def test_endusers_sends_one_bulk_upsert(fake: FakePlanhat) -> None:
-    with client(fake, "endusers") as planhat:
+def test_endusers_sends_one_bulk_upsert(fake_planhat: FakePlanhat) -> None:
+    with client(fake_planhat, "endusers") as planhat:
         outcome = planhat.send([FULL, contact("u2", vip=False)])
     assert outcome == Outcome(accepted=["u1", "u2"], failed={})
-    assert [(r.method, r.path, r.status) for r in fake.requests] == [("PUT", "/endusers", 200)]
-    assert sent_bodies(fake)[0] == [build_enduser(FULL), build_enduser(contact("u2", vip=False))]
-    assert fake.value("u1", "alpha_buyers") is True
-    assert fake.value("u1", "zeta_fans") is False
-    assert fake.value("u2", "vip") is False
-    assert fake.contact("u1")["companyExternalId"] == "acme"  # type: ignore[index]
+    assert [(r.method, r.path, r.status) for r in fake_planhat.requests] == [("PUT", "/endusers", 200)]
+    assert sent_bodies(fake_planhat)[0] == [build_enduser(FULL), build_enduser(contact("u2", vip=False))]
+    assert fake_planhat.value("u1", "alpha_buyers") is True
+    assert fake_planhat.value("u1", "zeta_fans") is False
+    assert fake_planhat.value("u2", "vip") is False
+    assert fake_planhat.contact("u1")["companyExternalId"] == "acme"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -227,7 +217,7 @@ def test_email_only_contact_is_delivered(transport: str) -> None:
         outcome = planhat.send([contact("ann@example.com", vip=True)])
         assert outcome.accepted == ["ann@example.com"]
         assert fake.value("ann@example.com", "vip") is True
-        assert "externalId" not in fake.contact("ann@example.com")  # type: ignore[operator]
+        assert "externalId" not in fake.contact("ann@example.com")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -354,7 +344,7 @@ def test_retries_are_logged_without_the_token(caplog: pytest.LogCaptureFixture) 
     with FakePlanhat() as fake, client(fake, "segment") as planhat:
         fake.fail_next(1, status=503)
         planhat.send([contact("u1")])
-    retries = [r for r in caplog.records if r.name == "audience_sync.planhat"]
+    retries = [r for r in caplog.records if r.name.startswith("audience_sync.planhat")]
     assert len(retries) == 1 and retries[0].levelno == logging.WARNING
     assert "503 Service Unavailable" in retries[0].getMessage()
     assert re.search(r"in \d+\.\d\ds", retries[0].getMessage())
@@ -571,10 +561,10 @@ def test_tokens_stay_out_of_repr_and_failure_texts() -> None:
 # --- the fake itself ----------------------------------------------------------------------
 
 
-def test_fake_checks_basic_auth_exactly(fake: FakePlanhat) -> None:
+def test_fake_checks_basic_auth_exactly(fake_planhat: FakePlanhat) -> None:
     wrong = base64.b64encode(b"tenant-secret:x").decode()
     request = urllib.request.Request(
-        f"{fake.url}/dock/segment",
+        f"{fake_planhat.url}/dock/segment",
         data=json.dumps({"type": "identify", "userId": "u1", "traits": {"a": True}}).encode(),
         headers={"Authorization": f"Basic {wrong}"},
         method="POST",
@@ -582,7 +572,7 @@ def test_fake_checks_basic_auth_exactly(fake: FakePlanhat) -> None:
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(request, timeout=5)
     assert raised.value.code == 401
-    assert fake.contacts == {}
+    assert fake_planhat.contacts == {}
 
 
 def test_fake_runs_as_a_script_and_reports_state() -> None:

@@ -11,24 +11,31 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, query, users
-from tests.test_scheduler import finished, schedule, wait_for
+from tests.conftest import (
+    API_TOKEN,
+    TENANT_TOKEN,
+    Cli,
+    Project,
+    StartDaemon,
+    finished,
+    query,
+    run,
+    schedule,
+    users,
+    wait_for,
+)
 
 TRANSPORTS = ["segment", "endusers"]
 FAST = "max_requests_per_second = 150\nbatch_size = 5"
 FAST_READS = "\n[reconcile]\nmax_requests_per_second = 150\n"
 
 
-def run(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", *args)
-
-
-def reconcile(cli, *args: str) -> tuple[int, dict[str, dict[str, Any]]]:  # type: ignore[no-untyped-def]
+def reconcile(cli: Cli, *args: str) -> tuple[int, dict[str, dict[str, Any]]]:
     result = run(cli, "reconcile", "--json", *args)
     return result.code, {r["key"]: r for r in json.loads(result.out)}
 
 
-def synced(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def synced(project: Project, cli: Cli, transport: str) -> None:
     """u1..u6 are pro members, synced; u7 and u8 exist in the source but are not members."""
     project.write(transport=transport, planhat=FAST, extra=FAST_READS)
     project.source.set_users(users(range(1, 7), plan="pro") + users(range(7, 9), plan="free"))
@@ -44,7 +51,7 @@ def drift(project: Project) -> None:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_reconcile_reports_drift_and_changes_nothing(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_reports_drift_and_changes_nothing(project: Project, cli: Cli, transport: str) -> None:
     synced(project, cli, transport)
     code, reports = reconcile(cli)
     assert code == 0
@@ -74,7 +81,9 @@ def test_reconcile_reports_drift_and_changes_nothing(project: Project, cli, tran
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_reconcile_fix_repairs_planhat_and_records_the_run(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_fix_repairs_planhat_and_records_the_run(
+    project: Project, cli: Cli, transport: str
+) -> None:
     fake = project.planhat
     synced(project, cli, transport)
     drift(project)
@@ -102,10 +111,10 @@ def test_reconcile_fix_repairs_planhat_and_records_the_run(project: Project, cli
     assert code == 0 and all(r["status"] == "agree" for r in reports.values())
 
 
-def test_reconcile_pages_until_an_empty_page(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_pages_until_an_empty_page(project: Project, cli: Cli) -> None:
     fake = project.planhat
-    reads = "\n[reconcile]\npage_size = 10\nmax_requests_per_second = 150\n"
-    project.write(transport="endusers", planhat=FAST, extra=reads)
+    paging = "\n[reconcile]\npage_size = 10\nmax_requests_per_second = 150\n"
+    project.write(transport="endusers", planhat=FAST, extra=paging)
     project.source.set_users(users(range(1, 24), plan="pro"))
     assert run(cli, "sync").code == 0
     fake.page_cap = 7  # Planhat answers fewer than asked: 7, 7, 7, 2, then an empty page
@@ -117,7 +126,7 @@ def test_reconcile_pages_until_an_empty_page(project: Project, cli) -> None:  # 
     assert reads == [f"limit=10&offset={offset}" for offset in (0, 7, 14, 21, 23)]
 
 
-def test_reconcile_resolves_in_doubt_changes_from_what_planhat_holds(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_resolves_in_doubt_changes_from_what_planhat_holds(project: Project, cli: Cli) -> None:
     fake = project.planhat
     synced(project, cli, "endusers")
     one_shot = FAST + "\nmax_attempts = 1\ntimeout_seconds = 0.3"
@@ -140,7 +149,7 @@ def test_reconcile_resolves_in_doubt_changes_from_what_planhat_holds(project: Pr
     assert [r.method for r in fake.requests] == ["GET", "GET"]  # read back; nothing left to send
 
 
-def test_reconcile_without_the_api_token_says_so_in_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_without_the_api_token_says_so_in_one_line(project: Project, cli: Cli) -> None:
     project.write(transport="segment", tokens=False, planhat=f'tenant_token = "{TENANT_TOKEN}"')
     result = run(cli, "reconcile")
     assert result.code == 1
@@ -151,7 +160,7 @@ def test_reconcile_without_the_api_token_says_so_in_one_line(project: Project, c
     assert TENANT_TOKEN not in result.err
 
 
-def test_reconcile_with_a_rejected_token_fails_in_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_with_a_rejected_token_fails_in_one_line(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", tokens=False, planhat='api_token = "wrong-token-987"')
     result = run(cli, "reconcile")
     assert result.code == 1
@@ -161,7 +170,7 @@ def test_reconcile_with_a_rejected_token_fails_in_one_line(project: Project, cli
     assert "wrong-token-987" not in result.err + result.out and API_TOKEN not in result.err
 
 
-def test_the_daemon_reconciles_on_its_own_cadence(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_reconciles_on_its_own_cadence(project: Project, start_daemon: StartDaemon) -> None:
     fake = project.planhat
     project.write(
         transport="endusers",
@@ -185,7 +194,7 @@ def test_the_daemon_reconciles_on_its_own_cadence(project: Project, start_daemon
     assert repaired[0]["trigger"] == "schedule" and repaired[0]["status"] == "success"
 
 
-def test_the_daemon_with_a_reconcile_interval_needs_the_api_token(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_with_a_reconcile_interval_needs_the_api_token(project: Project, cli: Cli) -> None:
     tenant_only = f'tenant_token = "{TENANT_TOKEN}"'
     project.write(tokens=False, planhat=tenant_only, extra='[reconcile]\ninterval = "1h"\n')
     result = run(cli, "run")
@@ -196,7 +205,7 @@ def test_the_daemon_with_a_reconcile_interval_needs_the_api_token(project: Proje
     )
 
 
-def test_a_read_page_that_is_not_json_stops_the_reconcile_in_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_read_page_that_is_not_json_stops_the_reconcile_in_one_line(project: Project, cli: Cli) -> None:
     synced(project, cli, "endusers")
     project.planhat.html_next(1)
     result = run(cli, "reconcile")

@@ -12,10 +12,22 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from audience_sync import models as m
-from audience_sync import store
-from tests.conftest import BUYERS_QUERY, PRO_QUERY, Project, query, users
-from tests.test_scheduler import finished, schedule, wait_for
+from audience_sync.state import database, migrations
+from audience_sync.state import models as m
+from audience_sync.support import clock
+from tests.conftest import (
+    BUYERS_QUERY,
+    PRO_QUERY,
+    Cli,
+    Project,
+    StartDaemon,
+    finished,
+    query,
+    run,
+    schedule,
+    users,
+    wait_for,
+)
 
 PRO = {"name": "Pro Plan", "query": PRO_QUERY}
 BUYERS = {"name": "Buyers", "query": BUYERS_QUERY}
@@ -23,11 +35,7 @@ BUYERS = {"name": "Buyers", "query": BUYERS_QUERY}
 ONE_SHOT = "max_attempts = 1\ntimeout_seconds = 0.3\nbatch_size = 2\nmax_requests_per_second = 150"
 
 
-def run(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", *args)
-
-
-def status_of(cli, key: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def status_of(cli: Cli, key: str) -> dict[str, Any]:
     result = run(cli, "status", "--json")
     assert result.code == 0, result.err
     return next(entry for entry in json.loads(result.out) if entry["key"] == key)
@@ -37,7 +45,7 @@ def true_for(project: Project, key: str) -> int:
     return project.planhat.state()["true"].get(key, 0)
 
 
-def synced_then_removed(project: Project, cli, planhat: str = "", transport: str = "segment",  # type: ignore[no-untyped-def]
+def synced_then_removed(project: Project, cli: Cli, planhat: str = "", transport: str = "segment",
                         extra: str = "") -> None:  # fmt: skip
     """u1..u5 are `pro_plan` members in Planhat; u1, u2 also buyers. Then Pro Plan leaves the config."""
     project.write([PRO, BUYERS], transport=transport, planhat=planhat, extra=extra)
@@ -48,7 +56,9 @@ def synced_then_removed(project: Project, cli, planhat: str = "", transport: str
 
 
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
-def test_a_retired_audience_leaves_planhat_with_no_true_for_it(project: Project, cli, transport: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_retired_audience_leaves_planhat_with_no_true_for_it(
+    project: Project, cli: Cli, transport: str
+) -> None:
     fake = project.planhat
     synced_then_removed(project, cli, transport=transport)
 
@@ -101,7 +111,7 @@ def test_a_retired_audience_leaves_planhat_with_no_true_for_it(project: Project,
     assert len(finished(project.state_url, "pro_plan")) == 2
 
 
-def test_a_configured_audience_is_not_retired(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_configured_audience_is_not_retired(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert run(cli, "sync").code == 0
     requests = len(project.planhat.requests)
@@ -114,7 +124,9 @@ def test_a_configured_audience_is_not_retired(project: Project, cli) -> None:  #
     assert len(project.planhat.requests) == requests and true_for(project, "pro_plan") == 3
 
 
-def test_a_removed_trait_or_account_level_audience_is_refused_not_told_false(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_removed_trait_or_account_level_audience_is_refused_not_told_false(
+    project: Project, cli: Cli
+) -> None:
     from tests.test_traits import TRAIT, set_scores
 
     project.source.set_users(users(range(1, 4), plan="pro", company_id="acme"))
@@ -133,14 +145,14 @@ def test_a_removed_trait_or_account_level_audience_is_refused_not_told_false(pro
     assert len(project.planhat.requests) == requests  # nothing sent: no wrong `false`
 
 
-def test_an_unknown_key_is_named_with_the_keys_that_can_be_retired(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_key_is_named_with_the_keys_that_can_be_retired(project: Project, cli: Cli) -> None:
     synced_then_removed(project, cli)
     result = run(cli, "retire", "pro_plna", "--yes")
     assert result.code == 1 and result.err.count("\n") == 1
     assert "no audience 'pro_plna' in the state database" in result.err and "pro_plan" in result.err
 
 
-def test_sending_needs_the_token_the_dry_run_does_not(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_sending_needs_the_token_the_dry_run_does_not(project: Project, cli: Cli) -> None:
     synced_then_removed(project, cli)
     project.write([BUYERS], tokens=False)
     dry = run(cli, "retire", "pro_plan")
@@ -152,7 +164,7 @@ def test_sending_needs_the_token_the_dry_run_does_not(project: Project, cli) -> 
     assert status_of(cli, "pro_plan")["retired_at"] is None
 
 
-def test_a_fault_mid_retire_leaves_it_not_retired_and_a_rerun_finishes(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_fault_mid_retire_leaves_it_not_retired_and_a_rerun_finishes(project: Project, cli: Cli) -> None:
     fake = project.planhat
     synced_then_removed(project, cli, planhat=ONE_SHOT, transport="endusers")
     # Chunks of two: u1-u2 time out after Planhat applied them (in doubt), u3-u4 are refused
@@ -181,7 +193,7 @@ def test_a_fault_mid_retire_leaves_it_not_retired_and_a_rerun_finishes(project: 
     assert status_of(cli, "pro_plan")["retired_at"] is not None
 
 
-def test_a_refused_change_keeps_the_user_until_planhat_takes_the_false(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_refused_change_keeps_the_user_until_planhat_takes_the_false(project: Project, cli: Cli) -> None:
     """A definite refusal is not in doubt, but the user is still `true` in Planhat."""
     synced_then_removed(project, cli, transport="endusers")
     project.planhat.partial_fail(["u2"])
@@ -193,7 +205,7 @@ def test_a_refused_change_keeps_the_user_until_planhat_takes_the_false(project: 
     assert true_for(project, "pro_plan") == 0
 
 
-def test_the_mass_exit_guard_does_not_block_a_confirmed_retire(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_mass_exit_guard_does_not_block_a_confirmed_retire(project: Project, cli: Cli) -> None:
     guard = "[safety]\nmax_exit_fraction = 0.1\nmin_members = 1\n"
     synced_then_removed(project, cli, extra=guard)
     project.write([PRO, BUYERS], extra=guard)
@@ -207,7 +219,7 @@ def test_the_mass_exit_guard_does_not_block_a_confirmed_retire(project: Project,
     assert true_for(project, "pro_plan") == 0
 
 
-def test_users_planhat_may_have_as_true_are_told_false(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_users_planhat_may_have_as_true_are_told_false(project: Project, cli: Cli) -> None:
     """Beyond the baseline: a change in doubt (written by Planhat after the client gave up),
     and a chunk a killed run left on the wire. A change refused outright is not sent."""
     fake = project.planhat
@@ -245,7 +257,7 @@ def test_users_planhat_may_have_as_true_are_told_false(project: Project, cli) ->
     assert (retired["kind"], retired["exited"], retired["sent"]) == ("retire", 5, 5)  # as the dry run said
 
 
-def test_a_retired_audience_back_in_the_config_gets_an_initial_full_sync(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_retired_audience_back_in_the_config_gets_an_initial_full_sync(project: Project, cli: Cli) -> None:
     synced_then_removed(project, cli)
     assert run(cli, "retire", "pro_plan", "--yes").code == 0
     project.write([PRO, BUYERS])
@@ -258,7 +270,9 @@ def test_a_retired_audience_back_in_the_config_gets_an_initial_full_sync(project
     assert entry["retired_at"] is None and entry["configured"] is True and entry["hint"] is None
 
 
-def test_the_daemon_syncs_a_retired_audience_back_in_its_config(project: Project, cli, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_syncs_a_retired_audience_back_in_its_config(
+    project: Project, cli: Cli, start_daemon: StartDaemon
+) -> None:
     synced_then_removed(project, cli)
     assert run(cli, "retire", "pro_plan", "--yes").code == 0
     project.write([PRO, BUYERS], extra=schedule("1h", "2h"))
@@ -269,7 +283,7 @@ def test_the_daemon_syncs_a_retired_audience_back_in_its_config(project: Project
     assert runs == [("full", "cli"), ("retire", "cli"), ("full", "schedule")]
 
 
-def test_a_daemon_that_may_still_sync_the_audience_is_warned_about(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_daemon_that_may_still_sync_the_audience_is_warned_about(project: Project, cli: Cli) -> None:
     synced_then_removed(project, cli)
     planned = "UPDATE audiences SET next_run_at = '2030-01-01 00:00:00' WHERE key = 'pro_plan'"
     query(project.state_url, planned)
@@ -281,7 +295,7 @@ def test_a_daemon_that_may_still_sync_the_audience_is_warned_about(project: Proj
     assert status_of(cli, "pro_plan")["next_run_at"] is None
 
 
-def test_a_retire_waits_for_the_audience_s_lease(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_retire_waits_for_the_audience_s_lease(project: Project, cli: Cli) -> None:
     synced_then_removed(project, cli)
     query(
         project.state_url,
@@ -295,12 +309,12 @@ def test_a_retire_waits_for_the_audience_s_lease(project: Project, cli) -> None:
 
 
 def test_the_migrated_schema_matches_the_models(state_url: str) -> None:
-    engine = store.create_state_engine(state_url)
+    engine = database.create_state_engine(state_url)
     try:
-        store.upgrade(engine, "0002")
+        migrations.upgrade(engine, "0002")
         with engine.begin() as connection:
-            connection.execute(m.audiences.insert().values(key="vip", name="VIP", created_at=store.utcnow()))
-        store.upgrade(engine)
+            connection.execute(m.audiences.insert().values(key="vip", name="VIP", created_at=clock.utcnow()))
+        migrations.upgrade(engine)
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, m.metadata) == []

@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,20 +18,27 @@ import pytest
 import sqlalchemy as sa
 from freezegun import freeze_time
 
-from audience_sync import models as m
-from audience_sync import store
 from audience_sync.config import ScheduleSettings
-from audience_sync.metrics import Metrics, MetricsServer
+from audience_sync.daemon.cadence import draw_interval, first_run_at, next_run_at
+from audience_sync.daemon.planner import WAKE_JOB
+from audience_sync.daemon.turns import Turns, TurnTakingSender
+from audience_sync.http.metrics import Metrics
+from audience_sync.http.server import MetricsServer
 from audience_sync.planhat import Outcome
-from audience_sync.scheduler import (
-    WAKE_JOB,
-    Turns,
-    TurnTakingSender,
-    draw_interval,
-    first_run_at,
-    next_run_at,
+from audience_sync.state import changes, database, resyncs
+from audience_sync.state import models as m
+from audience_sync.support import clock
+from tests.conftest import (
+    Cli,
+    Project,
+    StartDaemon,
+    finished,
+    next_runs,
+    runs,
+    schedule,
+    users,
+    wait_for,
 )
-from tests.conftest import Project, users
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
@@ -79,7 +85,7 @@ def test_after_every_run_the_next_is_drawn_afresh_within_the_bounds() -> None:
         gaps = []
         for _ in range(200):
             at = next_run_at(ENGAGE, rng)
-            gaps.append(at - store.utcnow())
+            gaps.append(at - clock.utcnow())
             frozen.tick(timedelta(hours=2, minutes=17))
     assert all(timedelta(hours=2) <= gap <= timedelta(hours=3) for gap in gaps)
     assert len({round(gap.total_seconds()) for gap in gaps}) > 150  # fresh, not one fixed interval
@@ -96,43 +102,6 @@ def test_equal_bounds_give_a_fixed_interval_and_seconds_work() -> None:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
-
-
-def runs(url: str, key: str | None = None) -> list[dict[str, Any]]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            query = sa.select(m.runs).order_by(m.runs.c.id)
-            if key:
-                query = query.where(m.runs.c.audience_key == key)
-            return [dict(row._mapping) for row in connection.execute(query)]
-    finally:
-        engine.dispose()
-
-
-def finished(url: str, key: str | None = None) -> list[dict[str, Any]]:
-    return [run for run in runs(url, key) if run["finished_at"]]
-
-
-def next_runs(url: str) -> dict[str, datetime | None]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(sa.select(m.audiences.c.key, m.audiences.c.next_run_at))
-            return dict(rows.all())  # type: ignore[arg-type]
-    finally:
-        engine.dispose()
-
-
 def execute(url: str, statement: Any) -> None:
     engine = sa.create_engine(url)
     try:
@@ -142,11 +111,7 @@ def execute(url: str, statement: Any) -> None:
         engine.dispose()
 
 
-def schedule(low: str, high: str, extra: str = "") -> str:
-    return f'[schedule]\nmin_interval = "{low}"\nmax_interval = "{high}"\n{extra}'
-
-
-def cli_json(cli, *args: str) -> Any:  # type: ignore[no-untyped-def]
+def cli_json(cli: Cli, *args: str) -> Any:
     result = cli("--config", "audience_sync.toml", *args, "--json")
     assert result.code == 0, result.err
     return json.loads(result.out)
@@ -155,8 +120,8 @@ def cli_json(cli, *args: str) -> Any:  # type: ignore[no-untyped-def]
 # --- the daemon in-process ----------------------------------------------------------------
 
 
-def test_initial_full_sync_then_incremental_runs_on_the_drawn_cadence(  # type: ignore[no-untyped-def]
-    project: Project, start_daemon, cli
+def test_initial_full_sync_then_incremental_runs_on_the_drawn_cadence(
+    project: Project, start_daemon: StartDaemon, cli: Cli
 ) -> None:
     project.write(PRO_ONLY,
                   extra=schedule("0.5s", "0.8s") + "[metrics]\nport = 0\n")  # fmt: skip
@@ -193,6 +158,7 @@ def test_initial_full_sync_then_incremental_runs_on_the_drawn_cadence(  # type: 
     # The next run is published in the state database and shown by `status`.
     assert daemon.stop(timeout=5)
     planned = next_runs(project.state_url)["pro_plan"]
+    assert planned is not None
     # The run the plan was drawn after. A run may have started at `planned` just before the
     # stop: it finishes, and a stopping daemon draws nothing after it.
     last = [run for run in finished(project.state_url) if run["finished_at"] <= planned][-1]
@@ -203,7 +169,9 @@ def test_initial_full_sync_then_incremental_runs_on_the_drawn_cadence(  # type: 
     assert planned.strftime("%Y-%m-%d %H:%M:%S UTC") in table.out
 
 
-def test_a_restart_does_not_resend_and_waits_for_the_drawn_time(project: Project, start_daemon, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_restart_does_not_resend_and_waits_for_the_drawn_time(
+    project: Project, start_daemon: StartDaemon, cli: Cli
+) -> None:
     project.source.set_users(users(range(1, 4), plan="pro", orders=1))
     assert cli("--config", "audience_sync.toml", "sync").code == 0
     sent = len(project.planhat.requests)
@@ -213,17 +181,19 @@ def test_a_restart_does_not_resend_and_waits_for_the_drawn_time(project: Project
     daemon = start_daemon()
     time.sleep(0.5)
     assert len(runs(project.state_url)) == 2 and len(project.planhat.requests) == sent  # nothing ran
-    planned = next_runs(project.state_url)
+    planned = {key: at for key, at in next_runs(project.state_url).items() if at is not None}
     for key in ("pro_plan", "buyers"):
         assert daemon.next_run(key) == planned[key]
         assert finished[key] + timedelta(hours=1) <= planned[key] <= finished[key] + timedelta(hours=2)
     assert daemon.scheduler.get_job(WAKE_JOB).next_run_time == min(planned.values())
 
 
-def test_an_overdue_audience_runs_at_once_incrementally(project: Project, start_daemon, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_overdue_audience_runs_at_once_incrementally(
+    project: Project, start_daemon: StartDaemon, cli: Cli
+) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert cli("--config", "audience_sync.toml", "sync", "--audience", "pro_plan").code == 0
-    long_ago = store.utcnow() - timedelta(hours=5)
+    long_ago = clock.utcnow() - timedelta(hours=5)
     execute(project.state_url, m.runs.update().values(started_at=long_ago, finished_at=long_ago))
     project.write(PRO_ONLY,
                   extra=schedule("2h", "3h"))  # fmt: skip
@@ -244,8 +214,8 @@ def test_an_overdue_audience_runs_at_once_incrementally(project: Project, start_
     assert timedelta(hours=2) <= drawn <= timedelta(hours=3, seconds=1)
 
 
-def test_an_added_audience_gets_its_initial_sync_and_a_removed_one_keeps_its_history(  # type: ignore[no-untyped-def]
-    project: Project, start_daemon, cli
+def test_an_added_audience_gets_its_initial_sync_and_a_removed_one_keeps_its_history(
+    project: Project, start_daemon: StartDaemon, cli: Cli
 ) -> None:
     project.source.set_users(users(range(1, 4), plan="pro", orders=1))
     assert cli("--config", "audience_sync.toml", "sync").code == 0  # pro_plan and buyers
@@ -253,7 +223,7 @@ def test_an_added_audience_gets_its_initial_sync_and_a_removed_one_keeps_its_his
         {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
         {"name": "Everyone", "query": "SELECT id AS user_id FROM users"},
     ], extra=schedule("1h", "2h"))  # fmt: skip
-    execute(project.state_url, m.audiences.update().values(next_run_at=store.utcnow() + timedelta(hours=1)))
+    execute(project.state_url, m.audiences.update().values(next_run_at=clock.utcnow() + timedelta(hours=1)))
 
     start_daemon()
     added = wait_for(lambda: finished(project.state_url, "everyone"), what="added audience's run")
@@ -268,14 +238,16 @@ def test_an_added_audience_gets_its_initial_sync_and_a_removed_one_keeps_its_his
     assert entries["buyers"]["configured"] is False and entries["buyers"]["baseline"] == 3
 
 
-def test_a_resync_requested_mid_run_runs_right_after_it(project: Project, start_daemon, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_resync_requested_mid_run_runs_right_after_it(
+    project: Project, start_daemon: StartDaemon, cli: Cli
+) -> None:
     fake = project.planhat
     project.write(PRO_ONLY)
     project.source.set_users(users(range(1, 4), plan="pro"))
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     try:
         assert cli("--config", "audience_sync.toml", "sync").code == 0
-        long_ago = store.utcnow() - timedelta(hours=5)
+        long_ago = clock.utcnow() - timedelta(hours=5)
         execute(project.state_url, m.runs.update().values(started_at=long_ago, finished_at=long_ago))
         project.source.set_users(users(range(1, 34), plan="pro"))  # 30 enter: a run of ~1 s
         fake.delay_next(30, 0.3)
@@ -284,7 +256,7 @@ def test_a_resync_requested_mid_run_runs_right_after_it(project: Project, start_
         start_daemon()
         wait_for(lambda: any(r["status"] == "running" for r in runs(project.state_url)), what="run in flight")
         with engine.begin() as connection:
-            [request_id] = store.request_resync(connection, ["pro_plan"], requested_by="test")
+            [request_id] = resyncs.request(connection, ["pro_plan"], requested_by="test")
         resync = wait_for(
             lambda: [r for r in runs(project.state_url) if r["trigger"] == "resync" and r["finished_at"]],
             what="resync run",
@@ -313,11 +285,13 @@ def runs_request(url: str, request_id: int) -> dict[str, Any]:
         engine.dispose()
 
 
-def test_history_older_than_the_retention_is_pruned_and_runs_are_kept(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_history_older_than_the_retention_is_pruned_and_runs_are_kept(
+    project: Project, start_daemon: StartDaemon
+) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     project.write(extra=schedule("1h", "2h", "[history]\nretention_days = 7\n"))
-    store.open_state(project.state_url).dispose()  # the schema
-    now = store.utcnow()
+    database.open_state(project.state_url).dispose()  # the schema
+    now = clock.utcnow()
     old = [{"run_id": 1, "audience_key": "pro_plan", "user_ref": f"old{n}", "value": True,
             "outcome": "delivered", "at": now - timedelta(days=8, minutes=n)} for n in range(5)]  # fmt: skip
     young = [{"run_id": 1, "audience_key": "pro_plan", "user_ref": "young", "value": True,
@@ -342,19 +316,19 @@ def test_history_older_than_the_retention_is_pruned_and_runs_are_kept(project: P
 
 
 def test_prune_changes_deletes_in_batches(state_url: str) -> None:
-    engine = store.open_state(state_url)
+    engine = database.open_state(state_url)
     try:
-        now = store.utcnow()
+        now = clock.utcnow()
         rows = [{"run_id": 1, "audience_key": "a", "user_ref": f"u{n}", "value": True,
                  "outcome": "delivered", "at": now - timedelta(days=n)} for n in range(10)]  # fmt: skip
         with engine.begin() as connection:
             connection.execute(m.changes.insert(), rows)
         cutoff = now - timedelta(days=4, hours=12)  # u5..u9 are older
         with engine.begin() as connection:
-            assert store.prune_changes(connection, cutoff, limit=3) == 3
+            assert changes.prune(connection, cutoff, limit=3) == 3
         with engine.begin() as connection:
-            assert store.prune_changes(connection, cutoff, limit=3) == 2
-            assert store.prune_changes(connection, cutoff) == 0
+            assert changes.prune(connection, cutoff, limit=3) == 2
+            assert changes.prune(connection, cutoff) == 0
             left = sorted(connection.execute(sa.select(m.changes.c.user_ref)).scalars())
         assert left == ["u0", "u1", "u2", "u3", "u4"]
     finally:
@@ -364,7 +338,7 @@ def test_prune_changes_deletes_in_batches(state_url: str) -> None:
 # --- refusing to start --------------------------------------------------------------------
 
 
-def test_the_daemon_refuses_to_start_without_a_token(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_refuses_to_start_without_a_token(project: Project, cli: Cli) -> None:
     project.write(tokens=False)
     result = cli("--config", "audience_sync.toml", "run")
     assert result.code == 1
@@ -379,8 +353,8 @@ def test_the_daemon_refuses_to_start_without_a_token(project: Project, cli) -> N
 
 
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_the_daemon_refuses_a_schema_that_is_behind(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    engine = store.open_state(project.state_url)
+def test_the_daemon_refuses_a_schema_that_is_behind(project: Project, cli: Cli) -> None:
+    engine = database.open_state(project.state_url)
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE alembic_version SET version_num = '0000_older'")
     engine.dispose()
@@ -482,7 +456,7 @@ def test_delivery_chunks_of_parallel_runs_take_turns() -> None:
     assert len(overlaps) == 40 and max(overlaps) == 1
 
 
-def test_a_metrics_port_in_use_stops_the_start_with_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_metrics_port_in_use_stops_the_start_with_one_line(project: Project, cli: Cli) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -43,6 +43,7 @@ try:  # the walks run without it; only the state machine needs it (the `test` ex
 except ImportError:  # pragma: no cover
     settings = None  # type: ignore[assignment,misc]
 
+from tests.conftest import API_TOKEN
 from tests.fake_planhat import FakePlanhat
 from tests.sim_walk import (
     ATTRIBUTES,
@@ -56,6 +57,7 @@ from tests.sim_walk import (
     DeleteRow,
     Drift,
     Fault,
+    Op,
     Reconcile,
     RestoreRow,
     SetAttr,
@@ -132,13 +134,19 @@ MACHINE_EMAIL_ONLY = frozenset({4, 5})
 
 # u0 ends in no audience and out of the baseline; then enters pro_plan alone: one change, one
 # request, so that a fault or crash scripted at request 0 hits exactly that change.
-_QUIET_U0 = [Sync(), SetAttr(0, "plan", "free"), SetAttr(0, "orders", 0), SetAttr(0, "beta", 0), Sync()]
-_TROUBLE = {
+_QUIET_U0: list[Op] = [
+    Sync(),
+    SetAttr(0, "plan", "free"),
+    SetAttr(0, "orders", 0),
+    SetAttr(0, "beta", 0),
+    Sync(),
+]
+_TROUBLE: dict[str, Op] = {
     "timeout_after": Sync("plain", (Fault(0, "timeout_after"),)),
     "reset_after": Sync("plain", (Fault(0, "reset_after"),)),
     "crash_after": Sync("plain", (), Crash("http_after", 0)),
 }
-PINNED = {
+PINNED: dict[str, list[Op]] = {
     # Planhat applied u0 = true, audience-sync never learnt it; u0 leaves before the next run:
     # the stale pending `true` is dropped and, u0 never having been in the baseline, no false
     # is queued. Planhat keeps u0 = true.
@@ -362,14 +370,8 @@ def test_hypothesis_state_machine_converges(transport: str, tmp_path: Path) -> N
 # --- the fake's read endpoint, drift helpers and faults ----------------------------------
 
 
-@pytest.fixture
-def fake() -> Any:
-    with FakePlanhat(tenant_token="t", api_token="a") as server:
-        yield server
-
-
 def _client(fake: FakePlanhat, timeout: float = 5.0) -> httpx.Client:
-    return httpx.Client(base_url=fake.url, headers={"Authorization": "Bearer a"}, timeout=timeout)
+    return httpx.Client(base_url=fake.url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=timeout)
 
 
 def _put(fake: FakePlanhat, items: list[dict[str, Any]], timeout: float = 5.0) -> httpx.Response:
@@ -386,13 +388,13 @@ def _read_all(client: httpx.Client, limit: int) -> tuple[list[dict[str, Any]], i
     return found, pages
 
 
-def test_get_endusers_pages_in_creation_order_with_ids(fake: FakePlanhat) -> None:
+def test_get_endusers_pages_in_creation_order_with_ids(fake_planhat: FakePlanhat) -> None:
     items = [
         {"externalId": f"u{n}", "email": f"u{n}@x.com", "custom": {"vip": n % 2 == 0}} for n in range(12)
     ]
-    assert _put(fake, items).status_code == 200
-    fake.add_contact(email="solo@x.com", custom={"vip": True})
-    with _client(fake) as client:
+    assert _put(fake_planhat, items).status_code == 200
+    fake_planhat.add_contact(email="solo@x.com", custom={"vip": True})
+    with _client(fake_planhat) as client:
         found, pages = _read_all(client, 5)
         assert pages == 3
         assert [c["externalId"] for c in found] == [f"u{n}" for n in range(12)] + [None]
@@ -403,19 +405,19 @@ def test_get_endusers_pages_in_creation_order_with_ids(fake: FakePlanhat) -> Non
         default = client.get("/endusers").json()
         assert len(default) == 13
         assert client.get("/endusers", params={"offset": 13}).json() == []
-        fake.page_cap = 4  # Planhat may answer fewer than asked
+        fake_planhat.page_cap = 4  # Planhat may answer fewer than asked
         capped, pages = _read_all(client, 10)
         assert pages == 4 and [c["_id"] for c in capped] == [c["_id"] for c in found]
         assert client.get("/endusers", params={"limit": "x"}).status_code == 400
-    with httpx.Client(base_url=fake.url) as anonymous:
+    with httpx.Client(base_url=fake_planhat.url) as anonymous:
         assert anonymous.get("/endusers").status_code == 401
-    assert [(r.method, r.query) for r in fake.requests if r.method == "GET"][:1] == [
+    assert [(r.method, r.query) for r in fake_planhat.requests if r.method == "GET"][:1] == [
         ("GET", "limit=5&offset=0")
     ]
 
 
 def test_get_endusers_answers_at_most_5000_and_stays_fast_at_scale() -> None:
-    with FakePlanhat(api_token="a", keep_bodies=False) as fake:
+    with FakePlanhat(keep_bodies=False) as fake:
         for n in range(100_000):
             fake.add_contact(f"u{n}", None, {"a": True})
         started = time.monotonic()
@@ -428,79 +430,84 @@ def test_get_endusers_answers_at_most_5000_and_stays_fast_at_scale() -> None:
         assert time.monotonic() - started < 2.0
 
 
-def test_drift_helpers_keep_the_email_index_and_the_order(fake: FakePlanhat) -> None:
-    assert _put(fake, [{"externalId": "u1", "email": "a@x.com", "custom": {"k": True}}]).status_code == 200
-    fake.set_value("a@x.com", "k", False)
-    assert fake.value("u1", "k") is False
-    fake.set_value("u1", "k", None)
-    assert "k" not in fake.contact("u1")["custom"]  # type: ignore[index]
-    fake.set_value("u2", "k", True)  # a contact that does not exist yet
-    key = fake.add_contact("u3", "c@x.com", {"k": True})
-    assert key == "u3" and fake.value("c@x.com", "k") is True
-    assert fake.delete_contact("a@x.com") and not fake.delete_contact("u1")
-    assert fake.contact("a@x.com") is None and fake.value("u1", "k") is None
-    with _client(fake) as client:
+def test_drift_helpers_keep_the_email_index_and_the_order(fake_planhat: FakePlanhat) -> None:
+    assert (
+        _put(fake_planhat, [{"externalId": "u1", "email": "a@x.com", "custom": {"k": True}}]).status_code
+        == 200
+    )
+    fake_planhat.set_value("a@x.com", "k", False)
+    assert fake_planhat.value("u1", "k") is False
+    fake_planhat.set_value("u1", "k", None)
+    assert "k" not in fake_planhat.contact("u1")["custom"]
+    fake_planhat.set_value("u2", "k", True)  # a contact that does not exist yet
+    key = fake_planhat.add_contact("u3", "c@x.com", {"k": True})
+    assert key == "u3" and fake_planhat.value("c@x.com", "k") is True
+    assert fake_planhat.delete_contact("a@x.com") and not fake_planhat.delete_contact("u1")
+    assert fake_planhat.find("a@x.com") is None and fake_planhat.value("u1", "k") is None
+    with _client(fake_planhat) as client:
         assert [c["externalId"] for c in client.get("/endusers").json()] == ["u2", "u3"]
-    del fake.contacts["u2"]  # a test may edit the contacts directly
-    fake.contacts["u9"] = {"externalId": "u9", "custom": {}}
-    with _client(fake) as client:
+    del fake_planhat.contacts["u2"]  # a test may edit the contacts directly
+    fake_planhat.contacts["u9"] = {"externalId": "u9", "custom": {}}
+    with _client(fake_planhat) as client:
         assert [c["externalId"] for c in client.get("/endusers").json()] == ["u3", "u9"]
-    assert fake.applied_items == 1  # drift is not a write the client made
+    assert fake_planhat.applied_items == 1  # drift is not a write the client made
 
 
 @pytest.mark.parametrize("applied", [True, False])
-def test_timeout_next_holds_then_writes_only_when_applied(fake: FakePlanhat, applied: bool) -> None:
-    fake.timeout_next(1, applied=applied, seconds=0.4)
+def test_timeout_next_holds_then_writes_only_when_applied(fake_planhat: FakePlanhat, applied: bool) -> None:
+    fake_planhat.timeout_next(1, applied=applied, seconds=0.4)
     with pytest.raises(httpx.ReadTimeout):
-        _put(fake, [{"externalId": "u1", "custom": {"k": True}}], timeout=0.1)
-    assert fake.wait_idle(5)
-    assert fake.value("u1", "k") is (True if applied else None)
-    assert fake.applied_items == (1 if applied else 0)
-    assert fake.requests[-1].fault == ("timeout after apply" if applied else "timeout before apply")
-    assert _put(fake, [{"externalId": "u2", "custom": {"k": True}}]).status_code == 200  # one request only
+        _put(fake_planhat, [{"externalId": "u1", "custom": {"k": True}}], timeout=0.1)
+    assert fake_planhat.wait_idle(5)
+    assert fake_planhat.value("u1", "k") is (True if applied else None)
+    assert fake_planhat.applied_items == (1 if applied else 0)
+    assert fake_planhat.requests[-1].fault == ("timeout after apply" if applied else "timeout before apply")
+    assert (
+        _put(fake_planhat, [{"externalId": "u2", "custom": {"k": True}}]).status_code == 200
+    )  # one request only
 
 
 @pytest.mark.parametrize("applied", [True, False])
-def test_reset_next_closes_without_an_answer(fake: FakePlanhat, applied: bool) -> None:
-    fake.reset_next(1, applied=applied)
+def test_reset_next_closes_without_an_answer(fake_planhat: FakePlanhat, applied: bool) -> None:
+    fake_planhat.reset_next(1, applied=applied)
     with pytest.raises(httpx.TransportError):
-        _put(fake, [{"externalId": "u1", "custom": {"k": True}}])
-    assert fake.value("u1", "k") is (True if applied else None)
-    assert fake.state()["applied_items"] == (1 if applied else 0)
-    with _client(fake) as client:  # faults apply to reads too
-        fake.reset_next(1)
+        _put(fake_planhat, [{"externalId": "u1", "custom": {"k": True}}])
+    assert fake_planhat.value("u1", "k") is (True if applied else None)
+    assert fake_planhat.state()["applied_items"] == (1 if applied else 0)
+    with _client(fake_planhat) as client:  # faults apply to reads too
+        fake_planhat.reset_next(1)
         with pytest.raises(httpx.TransportError):
             client.get("/endusers")
         assert client.get("/endusers").status_code == 200
 
 
-def test_html_and_empty_answers_write_nothing(fake: FakePlanhat) -> None:
-    fake.html_next(1)
-    fake.html_next(1, status=503, body="<html>maintenance</html>")
-    fake.empty_next(1)
+def test_html_and_empty_answers_write_nothing(fake_planhat: FakePlanhat) -> None:
+    fake_planhat.html_next(1)
+    fake_planhat.html_next(1, status=503, body="<html>maintenance</html>")
+    fake_planhat.empty_next(1)
     item = [{"externalId": "u1", "custom": {"k": True}}]
-    first, second, third = (_put(fake, item) for _ in range(3))
+    first, second, third = (_put(fake_planhat, item) for _ in range(3))
     assert first.status_code == 200 and first.headers["content-type"] == "text/html"
     assert "nginx" in first.text
     assert (second.status_code, second.text) == (503, "<html>maintenance</html>")
     assert (third.status_code, third.content) == (200, b"")
-    assert fake.contacts == {} and fake.applied_items == 0
-    assert [r.fault for r in fake.requests] == ["html 200", "html 503", "empty 200"]
-    assert _put(fake, item).status_code == 200 and fake.value("u1", "k") is True
+    assert fake_planhat.contacts == {} and fake_planhat.applied_items == 0
+    assert [r.fault for r in fake_planhat.requests] == ["html 200", "html 503", "empty 200"]
+    assert _put(fake_planhat, item).status_code == 200 and fake_planhat.value("u1", "k") is True
 
 
-def test_applied_counts_every_written_value_and_state_reports_them(fake: FakePlanhat) -> None:
-    fake.partial_fail({"u2"})
+def test_applied_counts_every_written_value_and_state_reports_them(fake_planhat: FakePlanhat) -> None:
+    fake_planhat.partial_fail({"u2"})
     items = [
         {"externalId": "u1", "custom": {"a": True, "b": False}},
         {"externalId": "u2", "custom": {"a": True}},
     ]
-    assert _put(fake, items).status_code == 206
-    assert _put(fake, items[:1]).status_code == 200
-    assert fake.applied_items == 2 and fake.applied_values == 4
-    assert fake.applied[("u1", "a", True)] == 2 and fake.applied[("u2", "a", True)] == 0
-    with urllib.request.urlopen(f"{fake.url}/_state?applied=1", timeout=5) as response:
+    assert _put(fake_planhat, items).status_code == 206
+    assert _put(fake_planhat, items[:1]).status_code == 200
+    assert fake_planhat.applied_items == 2 and fake_planhat.applied_values == 4
+    assert fake_planhat.applied[("u1", "a", True)] == 2 and fake_planhat.applied[("u2", "a", True)] == 0
+    with urllib.request.urlopen(f"{fake_planhat.url}/_state?applied=1", timeout=5) as response:
         state = json.load(response)
     assert state["applied_items"] == 2 and state["applied_values"] == 4
-    with urllib.request.urlopen(f"{fake.url}/_state", timeout=5) as response:
+    with urllib.request.urlopen(f"{fake_planhat.url}/_state", timeout=5) as response:
         assert "applied_items" not in json.load(response)  # the plain answer is unchanged

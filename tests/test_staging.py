@@ -11,20 +11,15 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from audience_sync import diff, store
-from audience_sync.delivery import coalesce
-from audience_sync.models import UTCDateTime
-from audience_sync.sources import Member, ReadStats, _member, _members, frozen_gc
+from audience_sync.snapshot import diff, staging
+from audience_sync.snapshot.contract import Member, ReadStats, _member, members
+from audience_sync.state.models import UTCDateTime
+from audience_sync.support import threads
+from audience_sync.support.collector import frozen_gc
+from audience_sync.sync.delivery import coalesce
 
 COLUMNS = {"user_id": 0, "email": 1, "name": 2, "title": 3, "company_id": 4}
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
-
-
-@pytest.fixture
-def state(state_url: str) -> Iterator[sa.Engine]:
-    engine = store.open_state(state_url)
-    yield engine
-    engine.dispose()
 
 
 def test_the_fast_path_reads_rows_exactly_as_the_full_contract() -> None:
@@ -42,7 +37,7 @@ def test_the_fast_path_reads_rows_exactly_as_the_full_contract() -> None:
         ("u4", None, "N" * 2000, None, "C" * 300),  # traits cut to their limits
     ]
     fast_stats, slow_stats = ReadStats(), ReadStats()
-    fast = _members(rows, COLUMNS, fast_stats)
+    fast = members(rows, COLUMNS, fast_stats)
     slow = [m for row in rows if (m := _member(row, COLUMNS, slow_stats)) is not None]
     assert fast == slow
     assert (fast_stats.skipped, fast_stats.samples) == (slow_stats.skipped, slow_stats.samples)
@@ -52,17 +47,17 @@ def test_the_fast_path_reads_rows_exactly_as_the_full_contract() -> None:
 
 
 def test_staging_keeps_the_first_row_of_a_user_listed_twice(state: sa.Engine) -> None:
-    chunks = [
+    chunks: list[list[Member]] = [
         [("u2", "two@x.com", "First", None, None), ("u1", None, "One", None, None)],
         [(None, "mail@x.com", "Mail", None, None), ("u2", "again@x.com", "Second", None, None)],
     ]
     with state.connect() as connection:
-        diff.create_stage(connection)
-        assert diff.load_stage(connection, iter(chunks)) == 4
+        staging.create_stage(connection)
+        assert staging.load_stage(connection, iter(chunks)) == 4
         staged = connection.exec_driver_sql(
-            f"SELECT user_ref, email, name FROM {diff.STAGE} ORDER BY user_ref"
+            f"SELECT user_ref, email, name FROM {staging.STAGE} ORDER BY user_ref"
         ).all()
-        diff.drop_stage(connection)
+        staging.drop_stage(connection)
         connection.commit()
     assert [tuple(row) for row in staged] == [
         ("mail@x.com", "mail@x.com", "Mail"),
@@ -72,8 +67,9 @@ def test_staging_keeps_the_first_row_of_a_user_listed_twice(state: sa.Engine) ->
 
 
 def _stage(connection: sa.Connection, refs: list[str]) -> None:
-    diff.create_stage(connection)
-    diff.load_stage(connection, iter([[(ref, None, None, None, None) for ref in refs]]))
+    staging.create_stage(connection)
+    chunk: list[Member] = [(ref, None, None, None, None) for ref in refs]
+    staging.load_stage(connection, iter([chunk]))
 
 
 def _pending(connection: sa.Connection, key: str) -> list[tuple[str, bool]]:
@@ -103,7 +99,7 @@ def test_measure_then_queue_matches_the_plain_diff_and_never_crosses_audiences(s
         expected = [("u1", False), ("u3", True)]
         assert _pending(connection, "a") == expected and _pending(connection, "b") == expected
         connection.rollback()
-        diff.drop_stage(connection)
+        staging.drop_stage(connection)
         connection.commit()
 
 
@@ -113,7 +109,7 @@ def test_read_ahead_hands_over_errors_and_stops_the_source_when_left_early() -> 
         raise RuntimeError("source went away")
 
     with pytest.raises(RuntimeError, match="source went away"):
-        list(diff.read_ahead(failing()))
+        list(threads.read_ahead(failing()))
 
     closed = threading.Event()
 
@@ -124,7 +120,7 @@ def test_read_ahead_hands_over_errors_and_stops_the_source_when_left_early() -> 
         finally:
             closed.set()
 
-    ahead = diff.read_ahead(endless())
+    ahead = threads.read_ahead(endless())
     assert next(ahead) == [("u1", None, None, None, None)]
     ahead.close()
     assert closed.wait(5)

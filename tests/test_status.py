@@ -13,8 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.conftest import Project, expire_leases, query, sync_killed, users
-from tests.test_in_doubt import status, sync
+from tests.conftest import Cli, Project, expire_leases, query, status, sync_killed, users
+from tests.test_in_doubt import sync
 
 FAST = "batch_size = 5\nmax_requests_per_second = 150"
 
@@ -23,11 +23,11 @@ def kept_count(project: Project, key: str = "pro_plan") -> int | None:
     return query(project.state_url, f"SELECT baseline_count FROM audiences WHERE key = '{key}'")[0][0]
 
 
-def in_planhat(cli) -> int:  # type: ignore[no-untyped-def]
+def in_planhat(cli: Cli) -> int:
     return int(status(cli)["baseline"])
 
 
-def test_in_planhat_follows_every_delivery_and_is_kept(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_in_planhat_follows_every_delivery_and_is_kept(project: Project, cli: Cli) -> None:
     project.write(transport="endusers", planhat=FAST)
     project.source.set_users(users(range(1, 13), plan="pro"))
     assert sync(cli).code == 0
@@ -41,7 +41,7 @@ def test_in_planhat_follows_every_delivery_and_is_kept(project: Project, cli) ->
     ]
 
 
-def test_status_answers_from_the_kept_count_without_counting_the_baseline(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_status_answers_from_the_kept_count_without_counting_the_baseline(project: Project, cli: Cli) -> None:
     """The count is what `status` shows: it does not walk the baseline (200 ms at a million
     rows on PostgreSQL, per call). Set by hand here to tell the two apart."""
     project.write(transport="endusers", planhat=FAST)
@@ -55,7 +55,7 @@ def test_status_answers_from_the_kept_count_without_counting_the_baseline(projec
     assert "1000000" in cli("--config", "audience_sync.toml", "status").out
 
 
-def test_a_killed_delivery_leaves_the_count_to_be_counted_live(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_delivery_leaves_the_count_to_be_counted_live(project: Project, cli: Cli) -> None:
     """Killed after its first chunk was acknowledged and while the second was on the wire:
     `status` shows the users Planhat accepted, not the count from before the run."""
     project.write(transport="endusers", planhat=FAST)
@@ -74,7 +74,7 @@ def test_a_killed_delivery_leaves_the_count_to_be_counted_live(project: Project,
     assert (in_planhat(cli), kept_count(project)) == (13, 13)
 
 
-def test_status_prints_one_line_per_audience_that_greps(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_status_prints_one_line_per_audience_that_greps(project: Project, cli: Cli) -> None:
     """Plain columns, one line per audience, however long its error: `status | grep KEY` works."""
     project.write(transport="endusers", planhat=FAST)
     project.source.set_users(users(range(1, 7), plan="pro"))
@@ -96,7 +96,7 @@ def test_status_prints_one_line_per_audience_that_greps(project: Project, cli) -
     assert len(rows) == len(query(project.state_url, "SELECT key FROM audiences"))
 
 
-def test_a_reconcile_fix_with_nothing_to_send_shows_the_repaired_count(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_reconcile_fix_with_nothing_to_send_shows_the_repaired_count(project: Project, cli: Cli) -> None:
     """u1 left the source and someone unticked it in Planhat by hand before the next run: the
     repair takes u1 out of the baseline and there is nothing left to send."""
     project.write(transport="endusers", planhat=FAST, extra="\n[reconcile]\nmax_requests_per_second = 150\n")

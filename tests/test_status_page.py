@@ -1,4 +1,4 @@
-"""The status page (`audience_sync.web`), on SQLite and PostgreSQL: what it shows, that
+"""The status page (`audience_sync.http.status_page`), on SQLite and PostgreSQL: what it shows, that
 untrusted text stays text, the access token, `audience-sync serve`, and a real headless
 Chromium (Playwright) for what a browser renders.
 
@@ -28,13 +28,15 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from audience_sync import charts, store
-from audience_sync import models as m
 from audience_sync.cli import main
 from audience_sync.config import load_settings
 from audience_sync.errors import ConfigError
-from audience_sync.metrics import Metrics, MetricsServer
-from audience_sync.web import StatusPage
+from audience_sync.http import charts
+from audience_sync.http.metrics import Metrics
+from audience_sync.http.server import MetricsServer
+from audience_sync.http.status_page import StatusPage
+from audience_sync.state import database, history, migrations, runs
+from audience_sync.state import models as m
 from tests.conftest import (
     API_TOKEN,
     BUYERS_QUERY,
@@ -163,7 +165,7 @@ def page_server(
 ) -> Iterator[MetricsServer]:
     """The HTTP server the daemon runs (`metrics` given) or `serve` runs (None), on a free port."""
     settings = load_settings(config)
-    engine = store.create_state_engine(settings.database_url)
+    engine = database.create_state_engine(settings.database_url)
     server = MetricsServer(metrics, host, 0, page=StatusPage(engine, lambda: settings))
     try:
         yield server.start()
@@ -196,7 +198,7 @@ def test_the_page_shows_every_audience_its_charts_and_the_recent_runs(
 ) -> None:
     engine = sa.create_engine(shared.project.state_url)
     with engine.connect() as connection:
-        entries = {e.key: e for e in store.status(connection, {})}
+        entries = {e.key: e for e in history.status(connection, {})}
         newest = connection.execute(sa.select(sa.func.max(m.runs.c.id))).scalar_one()
         buyers_last = connection.execute(
             sa.select(sa.func.max(m.runs.c.id)).where(m.runs.c.audience_key == shared.keys["Buyers"])
@@ -297,15 +299,15 @@ def test_a_schema_that_is_behind_shows_a_banner(project: Project, cli: Callable[
     assert cli("--config", str(project.path), "sync").code == 0
     engine = sa.create_engine(project.state_url)
     with engine.begin() as connection:
-        command.downgrade(store._alembic_config(connection), "-1")
-        behind = store.current_revision(connection)
+        command.downgrade(migrations.alembic_config(connection), "-1")
+        behind = migrations.current_revision(connection)
     engine.dispose()
     with page_server(project.path) as server:
         answer = httpx.get(local(server) + "/")
     assert answer.status_code == 200
     banner = " ".join(answer.text[answer.text.index('id="schema-banner"') :].split("</p>", 1)[0].split())
     assert "The schema is behind" in banner and "audience-sync db upgrade" in banner
-    assert f"at revision {behind}" in banner and store.head_revision() in banner
+    assert f"at revision {behind}" in banner and migrations.head_revision() in banner
     assert 'id="audiences"' in answer.text and "<table" not in answer.text
 
 
@@ -313,7 +315,7 @@ def test_an_empty_state_database_says_to_upgrade(tmp_path: Path) -> None:
     config = tmp_path / "audience_sync.toml"
     config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "empty.db"}"\n')
     settings = load_settings(config)
-    engine = store.create_state_engine(settings.database_url)
+    engine = database.create_state_engine(settings.database_url)
     server = MetricsServer(None, "127.0.0.1", 0, page=StatusPage(engine, lambda: settings)).start()
     try:
         html = httpx.get(local(server) + "/").text
@@ -340,7 +342,7 @@ def test_the_daemon_serves_the_page_next_to_metrics_and_health(
     try:
         while time.monotonic() < deadline:
             with engine.connect() as connection:
-                if [r for r in store.recent_runs(connection) if r["status"] == "success"]:
+                if [r for r in runs.recent(connection) if r["status"] == "success"]:
                     break
             time.sleep(0.1)
     finally:
@@ -370,7 +372,7 @@ def test_off_loopback_without_a_token_is_refused(project: Project, cli: Callable
     assert result.err.count("\n") == 1 and "Traceback" not in result.err
     assert "--host is 0.0.0.0, not loopback" in result.err and "metrics.token" in result.err
     settings = load_settings(project.path)
-    engine = store.create_state_engine(settings.database_url)
+    engine = database.create_state_engine(settings.database_url)
     try:
         with pytest.raises(ConfigError, match="not loopback"):
             MetricsServer(None, "0.0.0.0", 0, page=StatusPage(engine, lambda: settings)).start()
@@ -523,7 +525,12 @@ def test_in_a_browser_the_page_loads_charts_render_and_a_run_opens(
     dialogs: list[str] = []
     problems: list[str] = []
     requested: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def refuse(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", refuse)
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on("request", lambda req: requested.append(req.url))

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import sqlalchemy as sa
 
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, users
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, sync, users
 
 
-def history(cli, *args: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def history(cli: Cli, *args: str) -> list[dict]:
     result = cli("--config", "audience_sync.toml", "history", "--json", *args)
     assert result.code == 0, result.err
     return json.loads(result.out)
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-def test_first_run_sends_every_member_then_only_changes(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_first_run_sends_every_member_then_only_changes(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 11), plan="pro"))
 
@@ -46,7 +43,7 @@ def test_first_run_sends_every_member_then_only_changes(project: Project, cli) -
     assert third.code == 0 and len(fake.requests) - before == 4  # nothing changed, nothing sent
 
 
-def test_identify_payload_is_engage_shaped(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_identify_payload_is_engage_shaped(project: Project, cli: Cli) -> None:
     project.source.set_users([{"id": "u1", "email": "a@x.com", "name": "Ann", "title": "CTO",
                                "company_id": "c9", "plan": "pro"}])  # fmt: skip
     assert sync(cli).code == 0
@@ -60,7 +57,7 @@ def test_identify_payload_is_engage_shaped(project: Project, cli) -> None:  # ty
     assert body["source"] == "Segment" and body["messageId"] and body["timestamp"]
 
 
-def test_history_json_has_the_documented_fields(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_history_json_has_the_documented_fields(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro", orders=1))
     assert sync(cli).code == 0
     runs = history(cli)
@@ -71,7 +68,7 @@ def test_history_json_has_the_documented_fields(project: Project, cli) -> None: 
     assert runs[0]["started_at"].endswith("+00:00") and runs[0]["finished_at"].endswith("+00:00")
 
 
-def test_a_users_audiences_coalesce_into_one_identify(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_users_audiences_coalesce_into_one_identify(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro", orders=2))
     assert sync(cli).code == 0
     assert len(project.planhat.requests) == 3
@@ -79,7 +76,7 @@ def test_a_users_audiences_coalesce_into_one_identify(project: Project, cli) -> 
     assert traits["pro_plan"] is True and traits["buyers"] is True
 
 
-def test_dry_run_changes_nothing(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_changes_nothing(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 6), plan="pro"))
     result = sync(cli, "--dry-run")
     assert result.code == 0, result.err
@@ -90,7 +87,7 @@ def test_dry_run_changes_nothing(project: Project, cli) -> None:  # type: ignore
     assert history(cli, "--audience", "pro_plan")[0]["kind"] == "full"
 
 
-def test_no_token_means_dry_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_no_token_means_dry_run(project: Project, cli: Cli) -> None:
     project.write(tokens=False)
     project.source.set_users(users(range(1, 3), plan="pro"))
     result = sync(cli)
@@ -99,7 +96,7 @@ def test_no_token_means_dry_run(project: Project, cli) -> None:  # type: ignore[
     assert project.planhat.requests == []
 
 
-def test_full_flag_resends_everyone_and_false_for_leavers(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_full_flag_resends_everyone_and_false_for_leavers(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 6), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0
@@ -111,7 +108,7 @@ def test_full_flag_resends_everyone_and_false_for_leavers(project: Project, cli)
     assert history(cli, "--audience", "pro_plan")[0]["kind"] == "full"
 
 
-def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 6), plan="pro"))
     fake.always(503)
@@ -131,7 +128,7 @@ def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli)
     assert history(cli)[0]["pending"] == 0
 
 
-def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 6), plan="pro"))
     project.path.write_text(project.path.read_text().replace(TENANT_TOKEN, "wrong-token"))
     project.planhat.delay_next(1, 0.3)  # the refusal takes a while: the other workers wait for it
@@ -144,7 +141,7 @@ def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Proje
     assert history(cli)[0]["pending"] == 5
 
 
-def test_a_failing_query_fails_its_audience_only(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_query_fails_its_audience_only(project: Project, cli: Cli) -> None:
     project.write([
         {"name": "Broken", "query": "SELECT id AS user_id FROM no_such_table"},
         {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
@@ -159,7 +156,7 @@ def test_a_failing_query_fails_its_audience_only(project: Project, cli) -> None:
     assert statuses == {"broken": "failed", "pro_plan": "success"}
 
 
-def test_a_query_without_identifiers_is_refused(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_without_identifiers_is_refused(project: Project, cli: Cli) -> None:
     project.write([{"name": "Names", "query": "SELECT name FROM users"}])
     project.source.set_users(users(range(1, 3)))
     result = sync(cli)
@@ -167,7 +164,7 @@ def test_a_query_without_identifiers_is_refused(project: Project, cli) -> None: 
     assert "names" in result.err and "neither user_id nor email" in result.err
 
 
-def test_bad_rows_are_skipped_and_counted(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_bad_rows_are_skipped_and_counted(project: Project, cli: Cli) -> None:
     rows = [
         *users(range(1, 4), plan="pro"),
         {"id": None, "email": None, "plan": "pro"},  # no identifier
@@ -184,7 +181,7 @@ def test_bad_rows_are_skipped_and_counted(project: Project, cli) -> None:  # typ
     assert project.planhat.value("only-email@example.com", "pro_plan") is True
 
 
-def test_tokens_never_reach_the_state_database(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_tokens_never_reach_the_state_database(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     project.planhat.fail_next(1, status=500)
     sync(cli)
@@ -198,7 +195,7 @@ def test_tokens_never_reach_the_state_database(project: Project, cli) -> None:  
     assert TENANT_TOKEN not in dump and API_TOKEN not in dump
 
 
-def test_status_reports_members_pending_and_last_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_status_reports_members_pending_and_last_run(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     project.planhat.always(503)
     sync(cli, "--audience", "pro_plan")
@@ -212,7 +209,7 @@ def test_status_reports_members_pending_and_last_run(project: Project, cli) -> N
     assert "pro_plan" in table.out and "failed" in table.out
 
 
-def test_an_unreachable_source_is_one_line_and_others_still_sync(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_source_is_one_line_and_others_still_sync(project: Project, cli: Cli) -> None:
     text = project.path.read_text().replace(
         "[sources.app]",
         '[sources.down]\nurl = "postgresql://nobody:hunter2@127.0.0.1:1/app"\n\n[sources.app]',
@@ -228,7 +225,7 @@ def test_an_unreachable_source_is_one_line_and_others_still_sync(project: Projec
     assert project.planhat.value("u1", "pro_plan") is True
 
 
-def test_an_unreachable_state_database_is_one_line(tmp_path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_state_database_is_one_line(tmp_path: Path, cli: Cli) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[database]\nurl = "postgresql://nobody:hunter2@127.0.0.1:1/state"\n')
     result = cli("--config", str(config), "status")
@@ -237,7 +234,7 @@ def test_an_unreachable_state_database_is_one_line(tmp_path, cli) -> None:  # ty
     assert "hunter2" not in result.err and "***" in result.err
 
 
-def test_resync_request_makes_the_next_run_full_and_is_marked_done(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_resync_request_makes_the_next_run_full_and_is_marked_done(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0
     requested = cli("--config", "audience_sync.toml", "resync", "--audience", "pro_plan")
@@ -257,7 +254,7 @@ def test_resync_request_makes_the_next_run_full_and_is_marked_done(project: Proj
     assert [tuple(r) for r in rows] == [("done", run["id"])]
 
 
-def test_resync_now_runs_a_full_sync_here(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_resync_now_runs_a_full_sync_here(project: Project, cli: Cli) -> None:
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0
     project.planhat.requests.clear()
@@ -268,12 +265,12 @@ def test_resync_now_runs_a_full_sync_here(project: Project, cli) -> None:  # typ
     assert (run["kind"], run["status"]) == ("full", "success")
 
 
-def test_sync_of_an_audience_another_process_runs_says_already_running(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    from audience_sync import lease, store
+def test_sync_of_an_audience_another_process_runs_says_already_running(project: Project, cli: Cli) -> None:
+    from audience_sync.state import database, leases
 
     project.source.set_users(users(range(1, 4), plan="pro"))
-    engine = store.open_state(project.state_url)
-    assert lease.try_acquire(engine, "pro_plan", "otherhost:1:abc", 60)
+    engine = database.open_state(project.state_url)
+    assert leases.try_acquire(engine, "pro_plan", "otherhost:1:abc", 60)
     try:
         result = sync(cli, "--audience", "pro_plan")
     finally:
@@ -283,15 +280,15 @@ def test_sync_of_an_audience_another_process_runs_says_already_running(project: 
     assert project.planhat.requests == []
 
 
-def test_a_resync_requested_during_a_full_run_gets_its_own_run(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
-    from audience_sync import store
+def test_a_resync_requested_during_a_full_run_gets_its_own_run(project: Project, cli: Cli) -> None:
     from audience_sync.config import load_settings
-    from audience_sync.engine import SyncOptions
-    from audience_sync.engine import sync as run_sync
+    from audience_sync.state import database, resyncs
+    from audience_sync.sync.reports import SyncOptions
+    from audience_sync.sync.run import sync as run_sync
 
     project.source.set_users(users(range(1, 4), plan="pro"))
     settings = load_settings(project.path)
-    engine = store.open_state(project.state_url)
+    engine = database.open_state(project.state_url)
     requested: list[int] = []
     calls = []
 
@@ -300,7 +297,7 @@ def test_a_resync_requested_during_a_full_run_gets_its_own_run(project: Project,
         calls.append(1)
         if len(calls) == 2:
             with engine.begin() as connection:
-                requested.extend(store.request_resync(connection, ["pro_plan"], "test"))
+                requested.extend(resyncs.request(connection, ["pro_plan"], "test"))
         return False
 
     try:
@@ -308,6 +305,6 @@ def test_a_resync_requested_during_a_full_run_gets_its_own_run(project: Project,
                              should_stop=request_mid_run)  # fmt: skip
         assert report.status == "success" and requested
         with engine.connect() as connection:
-            assert store.pending_resync_keys(connection) == ["pro_plan"]
+            assert resyncs.pending_keys(connection) == ["pro_plan"]
     finally:
         engine.dispose()

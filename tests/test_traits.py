@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from audience_sync.values import MAX_TEXT, UnusableValue, canonical
-from tests.conftest import Project, query, users
+from audience_sync.snapshot.values import MAX_TEXT, UnusableValue, canonical
+from tests.conftest import Cli, Project, StartDaemon, query, sync, users
 
 TRANSPORTS = ["segment", "endusers"]
 REVENUE = "SELECT id AS user_id, email, value FROM scores"
@@ -42,11 +42,7 @@ def write(
     project.write(audiences if audiences is not None else [], transport=transport, extra=trait, **kw)
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-def runs(cli, key: str = KEY) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def runs(cli: Cli, key: str = KEY) -> list[dict[str, Any]]:
     return json.loads(cli("--config", "audience_sync.toml", "history", "--json", "--audience", key).out)
 
 
@@ -93,7 +89,7 @@ def test_values_a_trait_cannot_carry_are_refused(value: Any) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_trait_sends_its_values_then_only_changes_and_null_on_exit(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -130,7 +126,7 @@ def test_a_trait_sends_its_values_then_only_changes_and_null_on_exit(
 
 def test_the_identify_is_engage_shaped_and_carries_audiences_and_traits_together(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
 ) -> None:
     write(project, audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users"}])
     project.source.set_users(users([1]))
@@ -149,7 +145,7 @@ def test_the_identify_is_engage_shaped_and_carries_audiences_and_traits_together
     assert personas["computation_class"] == "trait" and personas["computation_key"] == KEY
 
 
-def test_a_users_trait_and_audience_are_one_bulk_item(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_users_trait_and_audience_are_one_bulk_item(project: Project, cli: Cli) -> None:
     write(
         project,
         "endusers",
@@ -165,7 +161,7 @@ def test_a_users_trait_and_audience_are_one_bulk_item(project: Project, cli) -> 
     ]
 
 
-def test_unusable_values_are_skipped_and_counted_with_samples(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_unusable_values_are_skipped_and_counted_with_samples(project: Project, cli: Cli) -> None:
     write(project)
     set_scores(project, [("u1", 5), ("u2", b"\x00\x01"), ("u3", "x" * (MAX_TEXT + 5)), ("u4", None)])
     result = sync(cli)
@@ -174,10 +170,10 @@ def test_unusable_values_are_skipped_and_counted_with_samples(project: Project, 
     assert (run["members"], run["skipped"], run["sent"]) == (1, 2, 1)  # u4: no value, not skipped
     assert "unusable value for 'u2': binary data" in result.err
     assert "unusable value for 'u3': text of 1029 characters (at most 1024)" in result.err
-    assert project.planhat.contact("u2") is None and project.planhat.contact("u4") is None
+    assert project.planhat.find("u2") is None and project.planhat.find("u4") is None
 
 
-def test_a_query_without_a_value_column_is_one_line(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_without_a_value_column_is_one_line(project: Project, cli: Cli) -> None:
     write(project, trait=TRAIT.replace(", value FROM", " FROM"))
     set_scores(project, [("u1", 5)])
     result = sync(cli)
@@ -185,7 +181,7 @@ def test_a_query_without_a_value_column_is_one_line(project: Project, cli) -> No
     assert "must return a value column" in result.err and "Traceback" not in result.err
 
 
-def test_on_exit_keep_leaves_the_last_value(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_on_exit_keep_leaves_the_last_value(project: Project, cli: Cli) -> None:
     write(project, trait=TRAIT + 'on_exit = "keep"\n')
     set_scores(project, [("u1", 5), ("u2", 6)])
     assert sync(cli).code == 0
@@ -199,7 +195,7 @@ def test_on_exit_keep_leaves_the_last_value(project: Project, cli) -> None:  # t
     assert sync(cli).code == 0 and sent_values(project) == {"u2": 7}
 
 
-def test_the_mass_exit_guard_covers_traits(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_the_mass_exit_guard_covers_traits(project: Project, cli: Cli) -> None:
     write(project, trait=TRAIT + "\n[safety]\nmin_members = 2\n")
     set_scores(project, [(f"u{n}", n) for n in range(1, 5)])
     assert sync(cli).code == 0
@@ -212,7 +208,7 @@ def test_the_mass_exit_guard_covers_traits(project: Project, cli) -> None:  # ty
     assert all(project.planhat.value(f"u{n}", KEY) is None for n in range(1, 5))
 
 
-def test_dry_run_resync_and_status_cover_traits(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_resync_and_status_cover_traits(project: Project, cli: Cli) -> None:
     write(project)
     set_scores(project, [("u1", 5), ("u2", 6)])
     dry = sync(cli, "--dry-run")
@@ -236,7 +232,7 @@ def test_dry_run_resync_and_status_cover_traits(project: Project, cli) -> None: 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_value_in_doubt_is_resent_when_the_truth_comes_back_to_the_baseline(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     transport: str,
 ) -> None:
     fake = project.planhat
@@ -262,14 +258,14 @@ def test_a_value_in_doubt_is_resent_when_the_truth_comes_back_to_the_baseline(
     ]
 
 
-def test_keys_are_unique_across_audiences_and_traits(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_keys_are_unique_across_audiences_and_traits(project: Project, cli: Cli) -> None:
     write(project, audiences=[{"name": "Total Revenue 180 Days", "query": "SELECT id AS user_id FROM users"}])
     result = sync(cli)
     assert result.code != 0
     assert "traits[0].key" in result.err and "already the key of audience" in result.err
 
 
-def test_the_daemon_syncs_a_trait(project: Project, start_daemon) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_syncs_a_trait(project: Project, start_daemon: StartDaemon) -> None:
     write(project, trait=TRAIT + '\n[schedule]\nmin_interval = "1s"\nmax_interval = "1s"\n')
     set_scores(project, [("u1", 5)])
     start_daemon()
@@ -283,7 +279,7 @@ def test_the_daemon_syncs_a_trait(project: Project, start_daemon) -> None:  # ty
         time.sleep(0.05)
 
 
-def test_reconcile_finds_and_repairs_a_traits_drift(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_reconcile_finds_and_repairs_a_traits_drift(project: Project, cli: Cli) -> None:
     fake = project.planhat
     write(project, "endusers", trait=TRAIT + "\n[reconcile]\nmax_requests_per_second = 150\n",
           planhat="max_requests_per_second = 150")  # fmt: skip
@@ -318,7 +314,9 @@ def test_reconcile_finds_and_repairs_a_traits_drift(project: Project, cli) -> No
         ('level = "account"\nsend_as = "events"', "traits[0].send_as"),
     ],
 )
-def test_a_bad_trait_setting_is_one_line_naming_it(project: Project, cli, entry: str, where: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_trait_setting_is_one_line_naming_it(
+    project: Project, cli: Cli, entry: str, where: str
+) -> None:
     write(project, trait=TRAIT + entry + "\n")
     result = sync(cli)
     assert result.code != 0

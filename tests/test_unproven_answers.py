@@ -3,29 +3,30 @@ shape, counters that fall short), and redirects are never followed with credenti
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Project, query, users
+from tests.conftest import (
+    API_TOKEN,
+    TENANT_TOKEN,
+    Cli,
+    CliResult,
+    Project,
+    last_run,
+    query,
+    sync,
+    users,
+)
+from tests.fake_planhat import FakePlanhat
 
 BULK = "batch_size = 5\nmax_requests_per_second = 150"
 SEGMENT = "max_requests_per_second = 150\nconcurrency = 2"
 
 
-def sync(cli, *args: str):  # type: ignore[no-untyped-def]
-    return cli("--config", "audience_sync.toml", "sync", *args)
-
-
-def last_run(cli) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    return json.loads(cli("--config", "audience_sync.toml", "history", "--json").out)[0]
-
-
-def assert_failed_and_nothing_recorded(project: Project, cli, result, shown: str) -> None:  # type: ignore[no-untyped-def]
+def assert_failed_and_nothing_recorded(project: Project, cli: Cli, result: CliResult, shown: str) -> None:
     assert result.code != 0
     lines = [line for line in result.err.splitlines() if line.startswith("pro_plan:")]
     assert len(lines) == 1 and "Traceback" not in result.err
@@ -38,7 +39,7 @@ def assert_failed_and_nothing_recorded(project: Project, cli, result, shown: str
     assert query(project.state_url, "SELECT count(*) FROM changes WHERE outcome = 'delivered'") == [(0,)]
 
 
-def deliver_everything_next(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def deliver_everything_next(project: Project, cli: Cli) -> None:
     project.planhat.clear_faults()
     assert sync(cli, "--audience", "pro_plan").code == 0
     assert all(project.planhat.value(f"u{n}", "pro_plan") is True for n in range(1, 8))
@@ -56,7 +57,7 @@ def deliver_everything_next(project: Project, cli) -> None:  # type: ignore[no-u
 )
 def test_a_bulk_200_that_proves_nothing_fails_the_run_and_is_resent(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     fault: str,
     shown: str,
 ) -> None:
@@ -86,8 +87,8 @@ def test_a_bulk_200_that_proves_nothing_fails_the_run_and_is_resent(
     ],
 )
 def test_a_segment_2xx_without_json_fails_the_run_and_is_resent(
-    project: Project, cli, fault: str, shown: str
-) -> None:  # type: ignore[no-untyped-def]
+    project: Project, cli: Cli, fault: str, shown: str
+) -> None:
     fake = project.planhat
     project.write(transport="segment", planhat=SEGMENT)
     project.source.set_users(users(range(1, 8), plan="pro"))
@@ -98,7 +99,7 @@ def test_a_segment_2xx_without_json_fails_the_run_and_is_resent(
     deliver_everything_next(project, cli)
 
 
-def test_counters_that_fall_short_leave_the_unaccounted_items_in_doubt(project: Project, cli) -> None:  # type: ignore[no-untyped-def]
+def test_counters_that_fall_short_leave_the_unaccounted_items_in_doubt(project: Project, cli: Cli) -> None:
     fake = project.planhat
     project.write(transport="endusers", planhat=BULK)
     project.source.set_users(users(range(1, 6), plan="pro"))
@@ -132,7 +133,7 @@ class _Redirect(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def redirecting(fake_planhat) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def redirecting(fake_planhat: FakePlanhat) -> Iterator[str]:
     handler = type("Handler", (_Redirect,), {"target": fake_planhat.url, "seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -147,7 +148,7 @@ def redirecting(fake_planhat) -> Iterator[str]:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
 def test_redirects_are_never_followed_with_credentials(
     project: Project,
-    cli,  # type: ignore[no-untyped-def]
+    cli: Cli,
     redirecting: str,
     transport: str,
 ) -> None:

@@ -1,0 +1,156 @@
+"""The `source NAME` and `audience KEY` lines: each source answers; each audience's query runs,
+wrapped with a row limit and under a time limit, returns the contract's columns, and its first
+rows are read as a sync reads them. The sources are only read."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..config import AudienceSettings, Settings
+from ..errors import SourceError
+
+# The query contract's own validation, shared with the sync's reads (not a second copy).
+from ..snapshot.contract import ReadStats, row_reader
+from ..snapshot.sources import SourcePool, missing_sqlite_file
+from ..state.database import driver_message, error_message
+from ..support.redaction import safe_url
+from ..support.text import first_line
+from .results import CheckResult, fail, ok, skip
+from .state import with_connect_timeout
+from .timebox import timeboxed
+
+
+def check_sources(settings: Settings, timeout: float, sample_rows: int) -> list[CheckResult]:
+    """One line per source, then one per audience (a SKIP when its source is not reachable)."""
+    timed = {
+        name: replace(s, url=with_connect_timeout(s.url, timeout)) for name, s in settings.sources.items()
+    }
+    results: list[CheckResult] = []
+    reachable: set[str] = set()
+    with SourcePool(timed) as pool:
+        for name, source in settings.sources.items():
+            result = timeboxed(f"source {name}", timeout, partial(_check_source, pool, name, source.url))
+            results.append(result)
+            if result.status == "OK":
+                reachable.add(name)
+        for index, audience in enumerate(settings.audiences):
+            item = f"audience {audience.key}"
+            if audience.source not in reachable:
+                results.append(skip(item, f"source {audience.source!r} is not reachable (above)"))
+                continue
+            query = partial(_check_query, pool, audience, index, timeout, sample_rows)
+            results.append(timeboxed(item, timeout, query))
+    return results
+
+
+def _check_source(pool: SourcePool, name: str, url: str) -> CheckResult:
+    item, shown = f"source {name}", safe_url(url)
+    fix = f"check sources.{name}.url and that the database accepts connections from here"
+    try:
+        engine = pool.engine(name)
+    except SourceError as exc:  # an unparsable URL, or its driver is not installed
+        return fail(item, str(exc), f"correct sources.{name}.url, or install the SQLAlchemy driver it names")
+    missing = missing_sqlite_file(engine.url)
+    if missing is not None:
+        return fail(
+            item,
+            f"{shown}: the SQLite file {missing} does not exist",
+            f"correct sources.{name}.url (a relative path starts in {Path.cwd()})",
+        )
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.select(sa.literal(1)))
+    except sa.exc.SQLAlchemyError as exc:
+        return fail(item, f"cannot connect to {shown}: {error_message(exc)}", fix)
+    return ok(item, f"{shown} answers ({engine.dialect.name})")
+
+
+def _check_query(
+    pool: SourcePool, audience: AudienceSettings, index: int, timeout: float, sample_rows: int
+) -> CheckResult:
+    item = f"audience {audience.key}"
+    where = f"audience {audience.key!r} (source {audience.source!r})"
+    deadline = time.monotonic() + timeout
+    try:
+        with pool.engine(audience.source).connect() as connection, _statement_timeout(connection, deadline):
+            keys, rows = _first_rows(connection, audience.query, sample_rows)
+    except (sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
+        if time.monotonic() >= deadline:
+            return fail(
+                item,
+                f"{where}: no rows within {timeout:g}s (limit {sample_rows} rows; stopped)",
+                "a sync runs the query in full: check its plan (EXPLAIN; an ORDER BY, DISTINCT or "
+                "GROUP BY over a large table reads it all first), or allow longer with --timeout",
+            )
+        message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else first_line(exc)
+        return fail(
+            item,
+            f"{where}: the query failed: {message}",
+            f"run audiences[{index}].query by hand on source {audience.source!r} and correct it",
+        )
+    try:
+        read = row_reader(keys, audience, where)
+    except SourceError as exc:
+        return fail(item, str(exc), _contract_fix(audience))
+    stats = ReadStats()
+    usable = len(read(rows, stats))
+    found = f"columns {', '.join(keys)}"
+    if not rows:
+        return ok(item, f"{found}; no rows: the audience is empty")
+    skipped = f" ({stats.skipped} skipped, e.g. {stats.samples[0]})" if stats.skipped else ""
+    return ok(item, f"{found}; {usable} of the first {len(rows)} rows usable{skipped}")
+
+
+def _contract_fix(audience: AudienceSettings) -> str:
+    if audience.level == "account":
+        return "return the company's externalId as a column named company_id (docs: the query contract)"
+    if audience.trait:
+        return "return the trait's value as a column named value (docs: the query contract)"
+    return (
+        "return a column named user_id or email, e.g. `SELECT id AS user_id, "
+        "email ...` (docs: the query contract)"
+    )
+
+
+def _first_rows(connection: Connection, query: str, limit: int) -> tuple[list[str], list[Any]]:
+    """The query's columns and at most `limit` rows, the database told so: the query wrapped as
+    a subquery under LIMIT (or the dialect's TOP / FETCH FIRST), so it stops early where it can."""
+    inner = sa.text(query.strip().rstrip(";")).columns().subquery("audience_sync_check")
+    result: sa.CursorResult[Any] = connection.execute(
+        sa.select(sa.literal_column("*")).select_from(inner).limit(limit)
+    )
+    return list(result.keys()), list(result.fetchmany(limit))
+
+
+@contextmanager
+def _statement_timeout(connection: Connection, deadline: float) -> Iterator[None]:
+    """Stop the query at `deadline` inside the database, where the driver allows it: PostgreSQL's
+    statement_timeout (for this transaction only), SQLite's progress handler. Elsewhere only the
+    time box applies (the query then runs on in the background until the process ends)."""
+    left = max(0.001, deadline - time.monotonic())
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {math.ceil(left * 1000)}")
+        yield
+    elif connection.dialect.driver == "pysqlite":
+        raw = connection.connection.driver_connection
+        assert raw is not None
+        # Every million VM steps (some milliseconds): each call needs the GIL, and asking more
+        # often starves the daemon's runs, which share the process, while a slow query runs.
+        raw.set_progress_handler(lambda: int(time.monotonic() >= deadline), 1_000_000)
+        try:
+            yield
+        finally:
+            raw.set_progress_handler(None, 0)
+    else:
+        yield

@@ -1,0 +1,65 @@
+"""Configuration: the settings (`settings`), loading and validating the TOML file (`loading`),
+and audience keys (`keys`). The names other modules use are re-exported here."""
+
+from __future__ import annotations
+
+from .keys import RESERVED_KEYS, derive_key
+from .loading import (
+    load_settings,
+    normalize_database_url,
+    parse_duration,
+    parse_settings,
+    resolve_config_path,
+)
+from .settings import (
+    API_TOKEN_ENV,
+    BASE_URL_ENV,
+    CONFIG_ENV,
+    DATABASE_URL_ENV,
+    DEFAULT_CONFIG_NAME,
+    MAX_BULK_BATCH,
+    STATUS_TOKEN_ENV,
+    SUBDOMAINS,
+    TENANT_TOKEN_ENV,
+    AudienceSettings,
+    DaemonSettings,
+    HistorySettings,
+    MetricsSettings,
+    PlanhatSettings,
+    ReconcileSettings,
+    SafetySettings,
+    ScheduleSettings,
+    Secret,
+    Settings,
+    SourceSettings,
+)
+
+__all__ = [
+    "API_TOKEN_ENV",
+    "BASE_URL_ENV",
+    "CONFIG_ENV",
+    "DATABASE_URL_ENV",
+    "DEFAULT_CONFIG_NAME",
+    "MAX_BULK_BATCH",
+    "RESERVED_KEYS",
+    "STATUS_TOKEN_ENV",
+    "SUBDOMAINS",
+    "TENANT_TOKEN_ENV",
+    "AudienceSettings",
+    "DaemonSettings",
+    "HistorySettings",
+    "MetricsSettings",
+    "PlanhatSettings",
+    "ReconcileSettings",
+    "SafetySettings",
+    "ScheduleSettings",
+    "Secret",
+    "Settings",
+    "SourceSettings",
+    "derive_key",
+    "load_settings",
+    "normalize_database_url",
+    "parse_duration",
+    "parse_settings",
+    "resolve_config_path",
+]

@@ -1,0 +1,99 @@
+"""The diff of an audience, set-based, in the state database: its staged snapshot (`staging`)
+against the baseline (what Planhat was told).
+
+One transaction, under the audience's lease:
+
+* `measure` counts members, entered (staged but not in the baseline) and exited (in the
+  baseline but not staged); the entered rows are kept aside (`stage_entered`) for the next step;
+* `queue_changes` rewrites the audience's outbox (`state.outbox`) so that it holds exactly what
+  Planhat still has to be told: stale entries dropped (a pending `true` whose user left again,
+  a pending `false` whose user came back), entries `true` upserted for entered users (every
+  member on a full sync), entries `false` upserted for exited users.
+
+An entry in doubt (sent, no definite answer: Planhat may hold its value) is never dropped as
+stale: Planhat may hold the very value the truth has moved away from. It is set to the truth
+instead (`true` for a member, `false` otherwise) and sent again, even when the truth moved
+back to the value sent: Planhat may not have it.
+
+Computed traits diff values instead of membership (`traits`); a user known under new
+identifiers is carried over by `identities`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..state import baseline, outbox
+from .staging import ENTERED, MEASURED_FOR, STAGE
+
+
+@dataclass(frozen=True)
+class DiffCounts:
+    members: int  # distinct users staged
+    previous: int  # users Planhat has as `true` (the baseline)
+    entered: int
+    exited: int
+    resent: int = 0  # users whose value goes out again because they have a new identifier
+
+    @property
+    def exit_fraction(self) -> float:
+        return self.exited / self.previous if self.previous else 0.0
+
+
+def staged_count(connection: Connection) -> int:
+    return int(connection.exec_driver_sql(f"SELECT count(*) FROM {STAGE}").scalar_one())
+
+
+def measure(connection: Connection, key: str) -> DiffCounts:
+    """Count members, entered and exited. The entered rows are kept aside (ENTERED), so that
+    queue_changes() does not walk the whole stage against the baseline a second time."""
+    members = staged_count(connection)
+    previous = baseline.count(connection, key)
+    connection.info.pop(MEASURED_FOR, None)
+    connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+    if previous == 0:  # a first sync: everyone enters, and a full sync queues the stage itself
+        return DiffCounts(members=members, previous=0, entered=members, exited=0)
+    # Kept aside: the users not in the baseline, and those in it under other identifiers
+    # (a new email, say), whose `true` is sent again.
+    entered = connection.execute(
+        sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_MEMBER}"),
+        {"key": key},
+    ).rowcount
+    connection.info[MEASURED_FOR] = key
+    resent = count_in_baseline(connection, key)
+    # Members also in the baseline are members - entered; the rest of the baseline exited.
+    exited = previous - (members - (entered - resent))
+    return DiffCounts(members, previous, entered - resent, exited, resent)
+
+
+def count_in_baseline(connection: Connection, key: str) -> int:
+    """Of the rows kept aside in ENTERED, those whose user is in the baseline (few)."""
+    return int(
+        connection.execute(
+            sa.text(f"SELECT count(*) FROM {ENTERED} s WHERE {baseline.HAS_USER}"), {"key": key}
+        ).scalar_one()
+    )
+
+
+def queue_changes(connection: Connection, key: str, run_id: int | None, now: datetime, *, full: bool) -> None:
+    """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction)."""
+    outbox.drop_stale(connection, key, STAGE)
+    outbox.doubts_follow_membership(connection, key, run_id, now, STAGE)
+    if full:
+        source, condition = STAGE, "TRUE"
+    elif connection.info.get(MEASURED_FOR) == key:
+        source, condition = ENTERED, "TRUE"  # measured just before, in this transaction
+    else:
+        source, condition = STAGE, f"NOT {baseline.HAS_MEMBER}"
+    # An outbox with nothing left for the audience (the usual case: the last run delivered
+    # everything) takes plain inserts: entries (staged users) and exits (users not staged) are
+    # disjoint, and the lease keeps every other writer out. An upsert per row costs a third
+    # more on PostgreSQL (a speculative insertion, its lock and one more WAL record each).
+    upsert = outbox.has_rows(connection, key)
+    queued = outbox.queue_entries(connection, key, run_id, now, source, condition, upsert=upsert)
+    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert)
+    outbox.analyze_after_queueing(connection, queued)

@@ -1,0 +1,73 @@
+"""What a run is asked to do and what it reports: options, the report per audience, progress."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger("audience_sync.sync")
+
+OK_STATUSES = ("success", "dry-run")
+
+
+class Progress(Protocol):
+    """Told how many changes a run delivers and how far it got (a bar, or log lines)."""
+
+    def start(self, total: int) -> None: ...
+    def advance(self, count: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    full: bool = False
+    dry_run: bool = False
+    force: bool = False  # let a mass exit through the guard
+    trigger: str = "cli"  # cli | schedule | resync
+    reconcile: bool = False  # the repairing run of a reconcile (kind `reconcile`, a diff of changes)
+
+
+@dataclass
+class RunReport:
+    key: str
+    name: str
+    kind: str = "incremental"
+    status: str = "running"
+    run_id: int | None = None
+    members: int = 0
+    entered: int = 0
+    exited: int = 0
+    skipped: int = 0
+    sent: int = 0
+    failed: int = 0
+    pending: int = 0
+    in_doubt: int = 0  # of `pending`: Planhat may hold these values; resent next run
+    error: str | None = None
+    duration: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+
+def log_run(report: RunReport) -> None:
+    """The one log line per audience per run."""
+    log.info(
+        "run audience=%s kind=%s status=%s members=%d entered=%d exited=%d sent=%d failed=%d "
+        "skipped=%d pending=%d in_doubt=%d duration=%.2fs%s",
+        report.key,
+        report.kind,
+        report.status,
+        report.members,
+        report.entered,
+        report.exited,
+        report.sent,
+        report.failed,
+        report.skipped,
+        report.pending,
+        report.in_doubt,
+        report.duration,
+        f" error={report.error!r}" if report.error else "",
+    )
