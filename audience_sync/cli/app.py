@@ -46,6 +46,7 @@ AudienceOption = Annotated[
     list[str] | None,
     typer.Option("--audience", "-a", help="Audience key; repeat for several (default: all)."),
 ]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 CHECK_TIMEOUT = 30.0  # check.DEFAULT_TIMEOUT (a test holds them equal): `check` loads httpx and Alembic
 
@@ -84,6 +85,9 @@ def main_options(
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "",
 ) -> None:
+    if log_level and log_level.lower() not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise typer.BadParameter(f"{log_level!r} is not one of {choices}", param_hint="--log-level")
     ctx.obj = CliContext(config=config, log_level=log_level)
 
 

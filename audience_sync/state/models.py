@@ -1,4 +1,4 @@
-"""The state database's tables (documented for operators in docs/reference.md, "State database").
+"""The state database's tables (documented for operators in docs/design.md, "The state database").
 
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
@@ -96,7 +96,7 @@ audiences = Table(
     Column("kind", String(16), nullable=True),  # audience | trait
     Column("level", String(16), nullable=True),  # user | account
     # Rows in `baseline` for this key, so that `status` and the metrics need not count them;
-    # NULL while a delivery may be changing them (readers count those live; store.py).
+    # NULL while a delivery may be changing them (readers count those live; baseline.counts).
     Column("baseline_count", Integer, nullable=True),
 )
 
