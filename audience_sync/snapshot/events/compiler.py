@@ -552,7 +552,8 @@ def _reduce(
         return count
     column = rows.c[layout.column_name(aggregate.property_name or "")]
     if aggregate.function == "unique":
-        return _sql.unique_list(column)
+        # NULL, not an empty list, when there is no value (some dialects aggregate to `[]`).
+        return sa.case((sa.func.count(column) > 0, _sql.unique_list(column)))
     if aggregate.function == "unique_count":
         return sa.func.count(sa.distinct(column))
     reduced: ColumnElement[Any] = getattr(sa.func, aggregate.function)(column)  # sum avg min max

@@ -86,18 +86,27 @@ def read_catalog(
     """The layout schema's table names (all of them, for suggestions), each with its columns
     when it is one of `tables`; names lowercased as the layout spells them."""
     inspector = sa.inspect(connection)
-    catalog: dict[str, set[str]] = {}
-    wanted = {table.lower() for table in tables}
-    for name in inspector.get_table_names(schema=layout.schema) + inspector.get_view_names(
-        schema=layout.schema
-    ):
-        columns: set[str] = set()
-        if name.lower() in wanted:
-            columns = {
-                str(column["name"]).lower() for column in inspector.get_columns(name, schema=layout.schema)
-            }
-        catalog[name.lower()] = columns
+    schema = layout.schema
+    names = inspector.get_table_names(schema=schema) + inspector.get_view_names(schema=schema)
+    catalog: dict[str, set[str]] = {name.lower(): set() for name in names}
+    wanted = [name for name in names if name.lower() in {table.lower() for table in tables}]
+    if connection.dialect.name == "duckdb":
+        # duckdb-engine reflects columns through pg_catalog.pg_collation, which DuckDB lacks.
+        for table, column in connection.execute(_DUCKDB_COLUMNS, {"schema": schema}):
+            if table in wanted:
+                catalog[table.lower()].add(str(column).lower())
+        return catalog
+    for name in wanted:
+        catalog[name.lower()] = {
+            str(column["name"]).lower() for column in inspector.get_columns(name, schema=schema)
+        }
     return catalog
+
+
+_DUCKDB_COLUMNS = sa.text(
+    "SELECT table_name, column_name FROM information_schema.columns "
+    "WHERE table_schema = coalesce(:schema, current_schema())"
+)
 
 
 def missing(wanted: Collection[Need], catalog: Catalog, layout: WarehouseLayout) -> list[str]:

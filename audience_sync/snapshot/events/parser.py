@@ -75,6 +75,9 @@ COMPARATORS: dict[str, CompareOp] = {
 SYMBOLS: dict[str, CompareOp] = {"=": "=", "==": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 EXTRACTORS = ("event", "trait", "property", "audience", "literal")
 KNOWN = EXTRACTORS + STREAM_FUNCTIONS + AGGREGATES + tuple(COMPARATORS)
+_TEXT_TESTS = ("contains", "omits", "starts_with", "ends_with")
+_NUMBERS = ("count", "unique_count", "sum", "avg")  # aggregates that are always numbers
+_OP_NAMES = {op: name for name, op in COMPARATORS.items()}
 FLIPPED: dict[CompareOp, CompareOp] = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 # How lark's terminal names read in an error, in the order they are listed.
@@ -164,7 +167,9 @@ def _syntax_error(text: str, exc: UnexpectedInput, what: str) -> NoReturn:
 
 def _expected(names: set[str]) -> str:
     words = [_TERMINALS[name] for name in _TERMINALS if name in names]
-    if names & _VALUE_STARTS:
+    if names == {"LPAR"}:  # after a function's name
+        words.append("'('")
+    elif names & _VALUE_STARTS:
         words.append("a value")
     words += sorted(name for name in names if name not in _TERMINALS and name not in _VALUE_STARTS)
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
@@ -186,7 +191,7 @@ def _fail(text: str, at: Position, what: str, message: str) -> NoReturn:
     before, after = source[: column - 1], source[column - 1 :]
     before = ("..." + before[-EXCERPT:]) if len(before) > EXCERPT else before
     after = (after[:EXCERPT] + "...") if len(after) > EXCERPT else after
-    excerpt = re.sub(r"\s+", " ", f"{before}^{after}")
+    excerpt = re.sub(r"\s+", " ", f"{before}^{after}").strip()
     raise ConfigError(f'{what}: {message} at {where}: "{excerpt}"')
 
 
@@ -342,7 +347,18 @@ class _Builder(Transformer[Token, Any]):
         subject = self.scalar(left, f"'{token}'", at)
         if not isinstance(right, Literal):
             self.fail(at, f"compare {_describe(subject)} with a literal (text, a number, true or false)")
+        self.operands(subject, op, (right,), at)
         return Compare(subject, op, (right,), at=_position_of(subject))
+
+    def operands(self, subject: Scalar, op: CompareOp, literals: tuple[Literal, ...], at: Position) -> None:
+        """Literals a comparison can take: a count or a sum is a number; text tests take text."""
+        if op in _TEXT_TESTS and any(not literal.value for literal in literals):
+            self.fail(at, f"{_OP_NAMES.get(op, op)}(...) takes non-empty text")
+        if isinstance(subject, Aggregate) and subject.function in _NUMBERS:
+            if op in _TEXT_TESTS:
+                self.fail(at, f"{_describe(subject)} is a number: {op}(...) tests text")
+            if any(literal.kind != "number" for literal in literals):
+                self.fail(at, f"{_describe(subject)} is a number: compare it with a number")
 
     def scalar(self, node: Any, before: str, at: Position) -> Scalar:
         """The value a comparison applies to; `before` names the comparison in errors."""
@@ -533,7 +549,8 @@ class _Builder(Transformer[Token, Any]):
         for argument in arguments:
             if not isinstance(argument, Literal):
                 self.fail(call.at, f"{call.name}(...) takes literals (text, numbers, true or false)")
-            if op in ("contains", "omits", "starts_with", "ends_with") and argument.kind != "text":
+            if op in _TEXT_TESTS and argument.kind != "text":
                 self.fail(call.at, f"{call.name}(...) takes quoted text")
             literals.append(argument)
+        self.operands(subject, op, tuple(literals), call.at)
         return Compare(subject, op, tuple(literals), at=_position_of(subject))
