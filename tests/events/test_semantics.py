@@ -9,17 +9,20 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from audience_sync.snapshot.events import (
     EventAudience,
     LayoutKind,
     SqlAudience,
+    WarehouseLayout,
     compile_audience,
     compile_trait,
     parse_condition,
     parse_value,
 )
 from audience_sync.values import canonical
+from tests.conftest import postgres_schema
 from tests.events.conftest import Warehouse
 from tests.events.oracle import Oracle
 from tests.events.warehouse import AS_OF, Dataset
@@ -249,3 +252,28 @@ def test_window_edges(warehouse: Warehouse, window: str, members: list[int]) -> 
     )
     rows = warehouse.rows(compile_audience(condition, warehouse.layout(), key="k"))
     assert sorted(user for user, _ in rows) == [f"u{n:04d}" for n in members]
+
+
+@pytest.mark.postgres
+def test_mode_ties_go_by_code_point_under_any_collation() -> None:
+    """Under en-US, 'a' sorts before 'B'; Engage's "alphabetically first" here is by code point,
+    the same on every warehouse, so 'B' wins the tie."""
+    with postgres_schema() as url:
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql("CREATE TABLE users (id text, email text)")
+                connection.exec_driver_sql(
+                    'CREATE TABLE order_completed (id text, user_id text, sku text COLLATE "en-US-x-icu")'
+                )
+                connection.exec_driver_sql("INSERT INTO users VALUES ('u1', 'a@x')")
+                connection.exec_driver_sql(
+                    "INSERT INTO order_completed VALUES ('1', 'u1', 'a'), ('2', 'u1', 'B')"
+                )
+                assert connection.exec_driver_sql("SELECT min(sku) FROM order_completed").scalar() == "a"
+                query = compile_trait(
+                    parse_value("event('Order Completed').mode(property('sku'))"), WarehouseLayout()
+                )
+                assert [tuple(row) for row in connection.execute(query.select)] == [("u1", "a@x", "B")]
+        finally:
+            engine.dispose()
