@@ -119,7 +119,8 @@ def cases(schema: str) -> list[Case]:
             {
                 "group by id, then user": f"{head} (SELECT d.user_id, sum(d.revenue) AS value FROM "
                 f"(SELECT o.user_id, o.id, min(o.revenue) AS revenue FROM {schema}.order_completed o "
-                f"WHERE {window} AND o.user_id IS NOT NULL GROUP BY o.user_id, o.id) d GROUP BY d.user_id) {tail}",
+                f"WHERE {window} AND o.user_id IS NOT NULL GROUP BY o.user_id, o.id) d "
+                f"GROUP BY d.user_id) {tail}",
                 "distinct, then sum": f"{head} (SELECT d.user_id, sum(d.revenue) AS value FROM "
                 f"(SELECT DISTINCT o.user_id, o.id, o.revenue FROM {schema}.order_completed o "
                 f"WHERE {window}) d GROUP BY d.user_id) {tail}",
