@@ -121,7 +121,7 @@ class EventQuery:
     def render(self, dialect: Dialect) -> str:
         """The SQL for `dialect`, literals inline and the window edges as named parameters."""
         compiled = self.select.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-        return str(compiled)
+        return "\n".join(line.rstrip() for line in str(compiled).splitlines())
 
 
 def bound_name(delta: timedelta) -> str:
