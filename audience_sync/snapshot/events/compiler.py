@@ -338,6 +338,8 @@ class _Compiler:
     # 2. the CTEs
 
     def build(self) -> None:
+        """The users (all traits collected by now) and one CTE per relation, numbered in order
+        of first use so that the SQL reads in the order of the definition."""
         self.users: sa.FromClause
         self.user_id: ColumnElement[Any]
         if self.layout.has_users_table:
@@ -349,8 +351,6 @@ class _Compiler:
             self.users = known.cte("known_users").alias("u")
             self.user_id = self.users.c[USER_ID]
         for number, relation in enumerate(self.relations.values(), start=1):
-            if relation.cte is not None:
-                continue
             name = f"{relation.kind}_{number}"
             if relation.kind == "events":
                 for index, aggregate in enumerate(relation.labels, start=1):
