@@ -17,7 +17,7 @@ layout, which every dialect renders in its own SQL:
 
     ast.py       the parsed form          parser.py + grammar.lark   text -> ast (lark, LALR)
     layout.py    tables and names         compiler.py                ast -> Select
-    needs.py     what the SQL reads       _sql.py                    per-dialect SQL pieces
+    needs.py     what the SQL reads       dialects.py                per-dialect SQL pieces
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from audience_sync.errors import ConfigError
 
-from . import _sql
+from . import dialects
 from .ast import (
     Aggregate,
     And,
@@ -126,10 +126,10 @@ class EventQuery:
 
 def bound_name(delta: timedelta) -> str:
     if not delta:
-        return _sql.AS_OF
+        return dialects.AS_OF
     if delta % timedelta(days=1):
-        return f"{_sql.AS_OF}_minus_{delta // timedelta(hours=1)}_hours"
-    return f"{_sql.AS_OF}_minus_{delta.days}_days"
+        return f"{dialects.AS_OF}_minus_{delta // timedelta(hours=1)}_hours"
+    return f"{dialects.AS_OF}_minus_{delta.days}_days"
 
 
 def compile_audience(
@@ -418,7 +418,7 @@ class _Compiler:
             if aggregate.min_frequency is not None and aggregate.min_frequency > 1:
                 counted = counted.having(frequency >= aggregate.min_frequency)
             values = counted.subquery("c")
-            order = [values.c.frequency.desc(), _sql.binary_order(values.c.value).asc()]
+            order = [values.c.frequency.desc(), dialects.binary_order(values.c.value).asc()]
             rank = sa.func.row_number().over(partition_by=values.c[USER_ID], order_by=order)
             ranked = sa.select(values.c[USER_ID], values.c.value, rank.label(_RANK)).subquery("r")
         else:
@@ -540,8 +540,8 @@ def _properties(where: Condition | None) -> list[Property]:
 
 def _window(timestamp: ColumnElement[Any], window: Window) -> list[ColumnElement[bool]]:
     return [
-        timestamp >= _sql.window_bound(bound_name(window.far)),
-        timestamp < _sql.window_bound(bound_name(window.near)),
+        timestamp >= dialects.window_bound(bound_name(window.far)),
+        timestamp < dialects.window_bound(bound_name(window.near)),
     ]
 
 
@@ -553,7 +553,7 @@ def _reduce(
     column = rows.c[layout.column_name(aggregate.property_name or "")]
     if aggregate.function == "unique":
         # NULL, not an empty list, when there is no value (some dialects aggregate to `[]`).
-        return sa.case((sa.func.count(column) > 0, _sql.unique_list(column)))
+        return sa.case((sa.func.count(column) > 0, dialects.unique_list(column)))
     if aggregate.function == "unique_count":
         return sa.func.count(sa.distinct(column))
     reduced: ColumnElement[Any] = getattr(sa.func, aggregate.function)(column)  # sum avg min max
@@ -587,11 +587,11 @@ def _compare(
     if op == "one_of":
         test = value.in_(literals)
     elif op == "contains":
-        test = sa.or_(*(_sql.text_contains(value, literal) for literal in literals))
+        test = sa.or_(*(dialects.text_contains(value, literal) for literal in literals))
     elif op == "starts_with":
-        test = _sql.text_starts_with(value, literals[0])
+        test = dialects.text_starts_with(value, literals[0])
     elif op == "ends_with":
-        test = _sql.text_ends_with(value, literals[0])
+        test = dialects.text_ends_with(value, literals[0])
     else:
         test = {
             "=": value.__eq__,
