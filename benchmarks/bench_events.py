@@ -10,7 +10,7 @@ server-side with generate_series:
                       rows loaded twice (the same id), as warehouses keep them
 
 with the same indexes for every query (users.id unique, order_completed.timestamp), then
-VACUUM ANALYZE. Each case runs the compiled query (audience_sync.snapshot.events, executed as
+VACUUM ANALYZE. Each case runs the compiled query (audience_sync.events, executed as
 the sync would: `connection.execute(select, params)`, every row fetched) and each hand-written
 variant, after one warm-up, `--runs` times in turn; it prints the median wall time, the server
 time of one more run (EXPLAIN ANALYZE's execution time) and compiled / best hand-written.
@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     EventQuery,
     WarehouseLayout,
     compile_audience,

@@ -237,7 +237,7 @@ class Project:
     planhat: FakePlanhat
 
     def write(self, audiences: list[dict[str, str]] | None = None, transport: str = "segment",
-              extra: str = "", tokens: bool = True, planhat: str = "") -> Path:  # fmt: skip
+              extra: str = "", tokens: bool = True, planhat: str = "", source: str = "") -> Path:  # fmt: skip
         audiences = audiences if audiences is not None else [
             {"name": "Pro Plan", "query": PRO_QUERY},
             {"name": "Buyers", "query": BUYERS_QUERY},
@@ -253,7 +253,7 @@ class Project:
         given = {line.split("=", 1)[0].strip() for line in overrides if "=" in line}
         lines = ["[database]", f'url = "{self.state_url}"', "", "[planhat]"]
         lines += [line for line in defaults if line.split("=", 1)[0].strip() not in given] + overrides
-        lines += ["", "[sources.app]", f'url = "{self.source.url}"', ""]
+        lines += ["", "[sources.app]", f'url = "{self.source.url}"', *source.splitlines(), ""]
         for audience in audiences:
             lines.append("[[audiences]]")
             lines += [f"{key} = {_toml_string(value)}" for key, value in audience.items()]

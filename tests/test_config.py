@@ -88,7 +88,8 @@ def test_a_named_missing_file_is_an_error(tmp_path: Path) -> None:
 def test_no_file_at_all_means_the_embedded_demo(tmp_path: Path) -> None:
     settings = load_settings(None, {})
     assert settings.path is None
-    assert [a.key for a in settings.audiences] == ["enterprise_plan", "order_completed_last_30days"]
+    keys = [a.key for a in settings.audiences]
+    assert keys == ["enterprise_plan", "order_completed_last_30days", "total_revenue_180_days"]
 
 
 def test_env_references_in_urls_are_expanded(tmp_path: Path) -> None:

@@ -12,23 +12,28 @@ from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..config import AudienceSettings, Settings
 from ..errors import SourceError
+from ..events import WarehouseLayout, missing, needs, parse_condition, parse_value, read_catalog
 
 # The query contract's own validation, shared with the sync's reads (not a second copy).
 from ..snapshot.contract import ReadStats, row_reader
 from ..snapshot.sources import SourcePool, missing_sqlite_file
 from ..state.database import driver_message, error_message
+from ..support.clock import utcnow
 from ..support.redaction import safe_url
 from ..support.text import first_line
 from .results import CheckResult, fail, ok, skip
 from .state import with_connect_timeout
 from .timebox import timeboxed
+
+if TYPE_CHECKING:
+    from ..events import LayoutKind
 
 
 def check_sources(settings: Settings, timeout: float, sample_rows: int) -> list[CheckResult]:
@@ -44,7 +49,8 @@ def check_sources(settings: Settings, timeout: float, sample_rows: int) -> list[
             results.append(result)
             if result.status == "OK":
                 reachable.add(name)
-        for index, audience in enumerate(settings.audiences):
+        for audience in settings.audiences:
+            index = [a for a in settings.audiences if a.kind == audience.kind].index(audience)
             item = f"audience {audience.key}"
             if audience.source not in reachable:
                 results.append(skip(item, f"source {audience.source!r} is not reachable (above)"))
@@ -82,9 +88,19 @@ def _check_query(
     item = f"audience {audience.key}"
     where = f"audience {audience.key!r} (source {audience.source!r})"
     deadline = time.monotonic() + timeout
+    field_name = "query" if audience.compiled is None else "condition" if not audience.trait else "value"
     try:
         with pool.engine(audience.source).connect() as connection, _statement_timeout(connection, deadline):
-            keys, rows = _first_rows(connection, audience.query, sample_rows)
+            if audience.compiled is not None:
+                absent = _missing_in_warehouse(connection, audience, pool)
+                if absent:
+                    return fail(
+                        item,
+                        f"{where}: " + "; ".join(absent),
+                        f"correct the names in its {field_name}: an event's table and a property's "
+                        "column are their snake_cased names (docs/events.md)",
+                    )
+            keys, rows = _first_rows(connection, audience, sample_rows)
     except (sa.exc.SQLAlchemyError, sqlite3.Error) as exc:
         if time.monotonic() >= deadline:
             return fail(
@@ -97,7 +113,12 @@ def _check_query(
         return fail(
             item,
             f"{where}: the query failed: {message}",
-            f"run audiences[{index}].query by hand on source {audience.source!r} and correct it",
+            f"run {_entry(audience, index)}.{field_name} by hand on source {audience.source!r} and correct it"
+            + (
+                f" (`audience-sync preview {audience.key}` shows its SQL)"
+                if audience.compiled is not None
+                else ""
+            ),
         )
     try:
         read = row_reader(keys, audience, where)
@@ -123,10 +144,33 @@ def _contract_fix(audience: AudienceSettings) -> str:
     )
 
 
-def _first_rows(connection: Connection, query: str, limit: int) -> tuple[list[str], list[Any]]:
+def _entry(audience: AudienceSettings, index: int) -> str:
+    """`audiences[i]` or `traits[i]`, as the config file numbers it (`index` counts both)."""
+    return f"{'traits' if audience.trait else 'audiences'}[{index}]"
+
+
+def _missing_in_warehouse(connection: Connection, audience: AudienceSettings, pool: SourcePool) -> list[str]:
+    """What a definition on events reads and the warehouse lacks: one line per table or column."""
+    source = pool.settings(audience.source)
+    layout = WarehouseLayout(cast("LayoutKind", source.events), source.schema)
+    parse = parse_value if audience.trait else parse_condition
+    wanted = needs(parse(audience.definition or ""), layout)
+    catalog = read_catalog(connection, layout, {need.table for need in wanted})
+    return missing(wanted, catalog, layout)
+
+
+def _first_rows(
+    connection: Connection, audience: AudienceSettings, limit: int
+) -> tuple[list[str], list[Any]]:
     """The query's columns and at most `limit` rows, the database told so: the query wrapped as
-    a subquery under LIMIT (or the dialect's TOP / FETCH FIRST), so it stops early where it can."""
-    inner = sa.text(query.strip().rstrip(";")).columns().subquery("audience_sync_check")
+    a subquery under LIMIT (or the dialect's TOP / FETCH FIRST), so it stops early where it can.
+    A definition on events is evaluated as of now."""
+    if audience.compiled is not None:
+        compiled = audience.compiled.select.subquery("audience_sync_check")
+        first: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(compiled).limit(limit)
+        rows = connection.execute(first, audience.compiled.params(utcnow()))
+        return list(rows.keys()), list(rows.fetchmany(limit))
+    inner = sa.text(audience.query.strip().rstrip(";")).columns().subquery("audience_sync_check")
     result: sa.CursorResult[Any] = connection.execute(
         sa.select(sa.literal_column("*")).select_from(inner).limit(limit)
     )

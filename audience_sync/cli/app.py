@@ -295,6 +295,51 @@ def _print_reconcile(reports: list[Any], fix: bool) -> None:
         err("Planhat has drifted; run `audience-sync reconcile --fix` to repair it.")
 
 
+# --- preview ------------------------------------------------------------------------------
+
+
+@app.command()
+def preview(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="The key of an audience or trait.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show an audience or trait as its source sees it now: the SQL it runs (for one defined on
+    events, compiled for the source's database), its members and a few of them. Changes nothing."""
+    from ..snapshot.preview import preview as previewing
+    from ..snapshot.sources import SourcePool
+    from ..support.clock import utcnow
+
+    cli = _context(ctx)
+    settings = cli.settings()
+    configure_logging(cli.log_level or "warning", settings.daemon.log_format)
+    with SourcePool(settings.sources) as pool:
+        found = previewing(pool, settings.audience(key), utcnow())
+    if as_json:
+        typer.echo(json.dumps(asdict(found), indent=2, default=json_default))
+        return
+    what = f"{found.kind} {found.name!r}, source {found.source} ({found.dialect})"
+    typer.echo(f"{found.key}: {what}, as of {format_utc(found.as_of)}")
+    typer.echo(f"{'users with a value' if found.kind == 'trait' else 'members'}: {found.members}")
+    typer.echo("SQL:")
+    typer.echo("\n".join("  " + line for line in found.sql.strip().splitlines()))
+    for name, at in found.parameters.items():
+        typer.echo(f"  -- :{name} = {format_utc(at)}")
+    if found.values:
+        typer.echo("most frequent values:")
+        print_columns(
+            ("value", "users"),
+            [(value, str(n)) for value, n in found.values],
+            right=("users",),
+        )
+    if found.samples:
+        typer.echo("sample:")
+        columns = tuple(found.samples[0])
+        print_columns(
+            columns, [tuple("" if s[c] is None else str(s[c]) for c in columns) for s in found.samples]
+        )
+
+
 # --- retire -------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError
 from ..support.redaction import Secret, safe_http_url, safe_url
+from .definitions import DEFINITION_FIELDS, EVENT_LAYOUTS, compile_definitions
 from .keys import RESERVED_KEYS, derive_key
 from .settings import (
     API_TOKEN_ENV,
@@ -337,8 +338,14 @@ def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSe
     for name in list(table.data):
         source = table.table(name)
         url = _expand_env(source.take_str("url", required=True), source, "url", environ)
+        events = source.take_choice("events", "segment", EVENT_LAYOUTS) if "events" in source.data else None
+        schema = source.take_str("schema")
+        if schema is not None and not events:
+            raise source.error("schema", "is the schema of the source's events: set events as well")
         source.finish()
-        sources[name] = SourceSettings(name=name, url=normalize_database_url(url))
+        sources[name] = SourceSettings(
+            name=name, url=normalize_database_url(url), events=events, schema=schema or None
+        )
     return sources
 
 
@@ -359,7 +366,7 @@ def _parse_audiences(
                 raise table.error("key", f"{entry.key!r} is already the key of {seen[entry.key]}")
             seen[entry.key] = f"{kind} {entry.name!r}"
             entries.append(entry)
-    return tuple(entries)
+    return tuple(compile_definitions(entries, sources, root.origin))
 
 
 def _parse_entry(
@@ -379,8 +386,12 @@ def _parse_entry(
     if source not in sources:
         known = ", ".join(sources) or "none"
         raise table.error("source", f"unknown source {source!r} (configured: {known})")
-    query = table.take_str("query", required=True)
+    query, definition = _query_or_definition(table, kind, sources[source], name)
     level = table.take_choice("level", "user", LEVELS)
+    if definition is not None and level == "account":
+        raise table.error(
+            "level", "an account-level key is defined by a SQL query (event definitions are per user)"
+        )
     send_as = table.take_choice("send_as", "property", SEND_AS)
     if send_as != "property" and planhat.transport != "segment":
         raise table.error(
@@ -399,4 +410,38 @@ def _parse_entry(
         level=level,
         send_as=send_as,
         on_exit=on_exit,
+        definition=definition,
     )
+
+
+def _query_or_definition(
+    table: _Table, kind: str, source: SourceSettings, name: str
+) -> tuple[str, str | None]:
+    """The entry's SQL `query`, or its definition on events (`condition` for an audience,
+    `value` for a trait), parsed here so a syntax error stops the load with its position."""
+    field_name = DEFINITION_FIELDS[kind]
+    query = table.take_str("query")
+    definition = table.take_str(field_name)
+    if not query and not definition:
+        raise table.error("query", f"is required (or a {field_name}, defined on the events of its source)")
+    if query and definition:
+        raise table.error("query", f"give either a SQL query or a {field_name} (the events it is defined on)")
+    if not definition:
+        return query, None
+    if source.events is None:
+        raise table.error(
+            field_name,
+            f"{field_name} is read from the events of source {source.name!r}: set "
+            f'sources.{source.name}.events = "segment" (or "rudderstack", the layout of its tables)',
+        )
+    from ..events import parse_condition, parse_value
+
+    try:
+        (parse_condition if kind == "audience" else parse_value)(definition)
+    except ConfigError as exc:
+        raise table.error(field_name, f"{name!r}: {_without_prefix(str(exc), field_name)}") from None
+    return "", definition
+
+
+def _without_prefix(message: str, field_name: str) -> str:
+    return message.removeprefix(f"{field_name}: ")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..support.redaction import Secret, masked, masked_repr, safe_http_url, safe_url
@@ -126,6 +126,10 @@ class SourceSettings:
 
     name: str
     url: str = field(metadata=masked(safe_url))
+    # The warehouse layout its events are in (segment | rudderstack), for audiences and traits
+    # defined by `condition` / `value`; and the schema they live in (None: the default one).
+    events: str | None = None
+    schema: str | None = None
 
 
 LEVELS = ("user", "account")
@@ -140,11 +144,15 @@ class AudienceSettings:
     name: str
     key: str
     source: str
-    query: str
+    query: str  # the SQL; "" for one defined on events (`definition`)
     kind: str = "audience"  # audience | trait (a computed trait: the query returns `value`)
     level: str = "user"  # user (contacts) | account (Planhat companies, keyed on company_id)
     send_as: str = "property"  # property | events | both
     on_exit: str = "clear"  # traits: clear (send null) | keep (the last value stays)
+    # Defined on events instead of SQL: the `condition` (audience) or `value` (trait) as written,
+    # and its compiled form (events.EventQuery), made when the config loads.
+    definition: str | None = None
+    compiled: Any = field(default=None, compare=False, repr=False)
 
     @property
     def trait(self) -> bool:

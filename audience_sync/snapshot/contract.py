@@ -59,7 +59,16 @@ def row_reader(keys: list[str], audience: AudienceSettings, where: str) -> RowRe
         company_at, name_at = company_position(keys, where), position(keys, "name")
         return lambda rows, stats: companies(rows, company_at, name_at, value_at, stats)
     columns = column_positions(keys, where)
-    return lambda rows, stats: members(rows, columns, stats, value_at)
+    decode = getattr(audience.compiled, "decode_value", None) if audience.trait else None
+    if decode is None or audience.compiled.value_kind != "list":
+        return lambda rows, stats: members(rows, columns, stats, value_at)
+
+    def decoded(rows: Any, stats: ReadStats) -> list[Member]:
+        """A `unique(...)` trait's value comes as a list or JSON text by driver: made a list first."""
+        fixed = [(*row[:value_at], decode(row[value_at]), *row[value_at + 1 :]) for row in rows]
+        return members(fixed, columns, stats, value_at)
+
+    return decoded
 
 
 def clean_identifier(value: object) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 from ..config import AudienceSettings, SourceSettings
 from ..errors import SourceError
 from ..state.database import driver_message
+from ..support.clock import utcnow
 from ..support.redaction import safe_url
 from ..support.text import first_line
 from .contract import Member, ReadStats, row_reader
@@ -27,6 +29,13 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 10_000
 
 
+# connection.info: the audience whose rows a connection is streaming. DuckDB runs one query per
+# connection, and a second one on it ends the first's stream early, with no error: to a sync
+# that would look like a mass exit. Each audience query has a connection of its own, and a
+# statement on a connection that is streaming is refused (`_refuse_while_streaming`).
+STREAMING = "audience_sync.streaming"
+
+
 class SourcePool:
     """One engine per configured source for the life of a process; disposed on close."""
 
@@ -34,13 +43,18 @@ class SourcePool:
         self._sources = sources
         self._engines: dict[str, Engine] = {}
 
+    def settings(self, name: str) -> SourceSettings:
+        return self._sources[name]
+
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
             url = self._sources[name].url
             try:
-                self._engines[name] = sa.create_engine(url, pool_pre_ping=True)
+                engine = sa.create_engine(url, pool_pre_ping=True, **_engine_options(sa.make_url(url)))
             except (sa.exc.ArgumentError, ImportError) as exc:
                 raise SourceError(f"source {name!r} ({safe_url(url)}): {exc}") from None
+            sa.event.listen(engine, "before_cursor_execute", _refuse_while_streaming)
+            self._engines[name] = engine
         return self._engines[name]
 
     def close(self) -> None:
@@ -55,10 +69,34 @@ class SourcePool:
         self.close()
 
 
+def _engine_options(url: sa.URL) -> dict[str, Any]:
+    """A DuckDB file is opened read-only: one process may open it read-write, several may read
+    it (the daemon and a `sync` at once, or the pipeline that writes it between runs)."""
+    database = url.database or ""
+    if url.get_backend_name() == "duckdb" and database not in ("", ":memory:") and Path(database).exists():
+        return {"connect_args": {"read_only": True}}
+    return {}
+
+
+def _refuse_while_streaming(connection: sa.Connection, *_args: Any) -> None:
+    streaming = connection.info.get(STREAMING)
+    if streaming is not None:
+        raise SourceError(
+            f"{streaming}: another statement on the connection streaming its rows would end the "
+            "stream early (DuckDB runs one query per connection); not run"
+        )
+
+
 def read_members(
-    pool: SourcePool, audience: AudienceSettings, stats: ReadStats, chunk_rows: int = CHUNK_ROWS
+    pool: SourcePool,
+    audience: AudienceSettings,
+    stats: ReadStats,
+    chunk_rows: int = CHUNK_ROWS,
+    *,
+    as_of: datetime | None = None,
 ) -> Iterator[list[Member]]:
-    """Yield the audience's valid members in chunks; bad rows are counted in `stats`."""
+    """Yield the audience's valid members in chunks; bad rows are counted in `stats`. An
+    audience defined on events is evaluated at `as_of` (the run's start; now by default)."""
     engine = pool.engine(audience.source)
     where = f"audience {audience.key!r} (source {audience.source!r})"
     missing = missing_sqlite_file(engine.url)
@@ -71,11 +109,18 @@ def read_members(
         raise SourceError(f"{where}: cannot connect to {url}: {driver_message(exc)}") from exc
     try:
         with connection:
-            keys, chunks = _query(connection, audience.query, chunk_rows)
+            if audience.compiled is not None:
+                keys, chunks = _query_compiled(connection, audience.compiled, as_of or utcnow(), chunk_rows)
+            else:
+                keys, chunks = _query(connection, audience.query, chunk_rows)
             read = row_reader(keys, audience, where)
-            for rows in chunks:
-                stats.rows += len(rows)
-                yield read(rows, stats)
+            connection.info[STREAMING] = where  # no other statement on it until the end
+            try:
+                for rows in chunks:
+                    stats.rows += len(rows)
+                    yield read(rows, stats)
+            finally:
+                connection.info.pop(STREAMING, None)
     except sa.exc.DBAPIError as exc:
         raise SourceError(f"{where}: query failed: {driver_message(exc)}") from exc
     except sa.exc.SQLAlchemyError as exc:
@@ -123,4 +168,15 @@ def _query(connection: sa.Connection, query: str, chunk_rows: int) -> tuple[list
 
         return [column[0] for column in cursor.description or ()], chunks()
     result = connection.execution_options(stream_results=True, yield_per=chunk_rows).execute(sa.text(query))
+    return list(result.keys()), result.partitions(chunk_rows)
+
+
+def _query_compiled(
+    connection: sa.Connection, compiled: Any, as_of: datetime, chunk_rows: int
+) -> tuple[list[str], Iterator[Any]]:
+    """An audience or trait defined on events: its compiled query (events.EventQuery), its
+    windows measured back from `as_of`, streamed through SQLAlchemy on every dialect (its
+    parameters need SQLAlchemy's binding: a SQLite cursor takes no datetime)."""
+    streaming = connection.execution_options(stream_results=True, yield_per=chunk_rows)
+    result = streaming.execute(compiled.select, compiled.params(as_of))
     return list(result.keys()), result.partitions(chunk_rows)

@@ -15,11 +15,18 @@ from . import models as m
 STALE_ERROR = "the process ended before the run finished; its changes stay pending"
 
 
-def start(connection: Connection, key: str, kind: str, trigger: str, holder: str) -> int:
+def start(
+    connection: Connection, key: str, kind: str, trigger: str, holder: str, started_at: datetime | None = None
+) -> int:
     """Open a run record (status `running`); returns its id."""
     result = connection.execute(
         m.runs.insert().values(
-            audience_key=key, kind=kind, trigger=trigger, status="running", started_at=utcnow(), holder=holder
+            audience_key=key,
+            kind=kind,
+            trigger=trigger,
+            status="running",
+            started_at=started_at or utcnow(),
+            holder=holder,
         )
     )
     inserted = result.inserted_primary_key

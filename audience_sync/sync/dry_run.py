@@ -33,7 +33,7 @@ def dry_run(
     with engine.connect() as connection:
         try:
             report.kind, _trigger = run_kind(connection, audience.key, options)
-            counts, report.skipped = stage_and_measure(connection, pool, audience, write=False)
+            counts, report.skipped = stage_and_measure(connection, pool, audience, utcnow(), write=False)
             report.members, report.entered, report.exited = counts.members, counts.entered, counts.exited
             reason = blocked(counts, settings.safety, audience.key, force=options.force)
             if reason:

@@ -77,14 +77,14 @@ def queue_one(
     holder: str,
 ) -> RunReport:
     """Stage, diff and queue one audience; the report stays 'running' when there is more to do."""
-    started = time.monotonic()
+    started, started_at = time.monotonic(), utcnow()
     with engine.begin() as connection:
         runs.abort_stale(connection, audience.key)
         kind, trigger = run_kind(connection, audience.key, options)
-        run_id = runs.start(connection, audience.key, kind, trigger, holder)
+        run_id = runs.start(connection, audience.key, kind, trigger, holder, started_at)
     report = RunReport(key=audience.key, name=audience.name, kind=kind, run_id=run_id)
     try:
-        counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety)
+        counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety, started_at)
     except AudienceSyncError as exc:
         return fail(engine, report, "failed", str(exc), started)
     except sa.exc.SQLAlchemyError as exc:
@@ -118,10 +118,11 @@ def _stage_and_queue(
     report: RunReport,
     options: SyncOptions,
     safety: SafetySettings,
+    as_of: datetime,
 ) -> tuple[diff.DiffCounts, int]:
     with engine.connect() as connection:
         try:
-            counts, skipped = stage_and_measure(connection, pool, audience, write=True)
+            counts, skipped = stage_and_measure(connection, pool, audience, as_of, write=True)
             reason = blocked(counts, safety, audience.key, force=options.force)
             if reason:
                 report.status, report.error = "blocked", reason
@@ -146,14 +147,16 @@ def _stage_and_queue(
 
 
 def stage_and_measure(
-    connection: Connection, pool: SourcePool, audience: AudienceSettings, *, write: bool
+    connection: Connection, pool: SourcePool, audience: AudienceSettings, as_of: datetime, *, write: bool
 ) -> tuple[diff.DiffCounts, int]:
-    """Stream the audience's members into the stage and diff them against its baseline; with
-    `write`, in a transaction that holds the write lock (the caller commits or rolls back).
-    Returns the counts and the rows skipped (unusable rows and duplicates)."""
+    """Stream the audience's members (as of `as_of`, the run's start, for one defined on events)
+    into the stage and diff them against its baseline; with `write`, in a transaction that
+    holds the write lock (the caller commits or rolls back). Returns the counts and the rows
+    skipped (unusable rows and duplicates)."""
     stats = ReadStats()
     staging.create_stage(connection)
-    given = staging.load_stage(connection, read_members(pool, audience, stats), with_value=audience.trait)
+    members = read_members(pool, audience, stats, as_of=as_of)
+    given = staging.load_stage(connection, members, with_value=audience.trait)
     if write:
         begin_write(connection)
     outbox.settle_in_flight(connection, audience.key)

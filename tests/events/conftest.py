@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audience_sync.snapshot.events import EventQuery, LayoutKind, WarehouseLayout
+from audience_sync.events import EventQuery, LayoutKind, WarehouseLayout
 from tests.conftest import postgres_schema
 from tests.events.warehouse import AS_OF, Dataset, generate, load
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from audience_sync.snapshot.events.ast import (
+from audience_sync.events.ast import (
     Aggregate,
     And,
     AudienceRef,
@@ -27,7 +27,7 @@ from audience_sync.snapshot.events.ast import (
     Trait,
     Value,
 )
-from audience_sync.snapshot.events.layout import warehouse_name as _warehouse_name
+from audience_sync.events.layout import warehouse_name as _warehouse_name
 from tests.events.warehouse import Dataset, Row
 
 NULL = object()  # "no value", distinct from every value a row can hold

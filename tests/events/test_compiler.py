@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from audience_sync.errors import ConfigError
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     EventAudience,
     EventQuery,
     SqlAudience,

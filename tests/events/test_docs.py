@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.dialects import postgresql
 
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     EventAudience,
     Referenced,
     SqlAudience,

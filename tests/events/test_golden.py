@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy_bigquery import BigQueryDialect  # type: ignore[import-untyped]  # ships no types
 
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     EventAudience,
     EventQuery,
     Referenced,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     Need,
     WarehouseLayout,
     missing,

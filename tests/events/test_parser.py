@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 
 from audience_sync.errors import ConfigError
-from audience_sync.snapshot.events import parse_condition, parse_value, referenced_audiences
-from audience_sync.snapshot.events.ast import (
+from audience_sync.events import parse_condition, parse_value, referenced_audiences
+from audience_sync.events.ast import (
     Aggregate,
     And,
     AudienceRef,

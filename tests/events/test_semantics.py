@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from audience_sync.snapshot.events import (
+from audience_sync.events import (
     EventAudience,
     LayoutKind,
     SqlAudience,

@@ -38,6 +38,7 @@ Semantics, and why:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -119,7 +120,11 @@ class EventQuery:
         return values or None
 
     def render(self, dialect: Dialect) -> str:
-        """The SQL for `dialect`, literals inline and the window edges as named parameters."""
+        """The SQL for `dialect`, literals inline and the window edges as named parameters
+        (`:as_of` where the driver's own are positional, as SQLite's `?`)."""
+        if dialect.positional:
+            dialect = copy.copy(dialect)
+            dialect.paramstyle, dialect.positional = "named", False
         compiled = self.select.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
         return "\n".join(line.rstrip() for line in str(compiled).splitlines())
 
