@@ -18,6 +18,17 @@ time of one more run (EXPLAIN ANALYZE's execution time) and compiled / best hand
     python benchmarks/bench_events.py                          # 1M users, 20M events
     python benchmarks/bench_events.py --users 10000 --events 200000 --runs 3
 
+With `--sync`, the same warehouse then serves an audience defined on events through the CLI,
+as `bench_sync.py` runs an audience written in SQL: `audience-sync sync` (a full sync of
+"performed Order Completed in the last 30 days"), 1% churn in the warehouse (0.5% of the members'
+recent orders deleted, as many other users given one yesterday), and an incremental sync, each
+in its own process against the fake Planhat, with the state database on `--state`; each is
+checked (Planhat holds every member true and every leaver false) and reported with its CPU time
+and peak RSS, beside the floor: the best hand-written query's rows read and their keys inserted
+into an indexed SQLite table. The events are then generated over the year before now.
+
+    python benchmarks/bench_events.py --sync --users 1000000 --events 20000000 --state sqlite postgresql
+
 The schema is dropped at the end unless --keep.
 """
 
@@ -152,7 +163,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--url", default=POSTGRES)
     parser.add_argument("--keep", action="store_true", help="keep the schema (its name is printed)")
+    parser.add_argument("--sync", action="store_true", help="time full and incremental syncs through the CLI")
+    parser.add_argument("--state", nargs="+", choices=("sqlite", "postgresql"), default=["sqlite"])
     args = parser.parse_args()
+    as_of = datetime.now(UTC) if args.sync else AS_OF
 
     schema = f"bench_events_{uuid.uuid4().hex[:8]}"
     engine = sa.create_engine(args.url)
@@ -170,7 +184,7 @@ def main() -> None:
                             "users": args.users,
                             "active": max(1, args.users * 6 // 10),
                             "events": args.events,
-                            "as_of": AS_OF,
+                            "as_of": as_of,
                         },
                     )
                     for statement in BUILD.split(";\n")
@@ -191,8 +205,12 @@ def main() -> None:
                 for name in ("work_mem", "shared_buffers", "max_parallel_workers_per_gather", "jit")
             )
             print(f"PostgreSQL {connection.exec_driver_sql('SHOW server_version').scalar()}: {settings}\n")
-            for case in cases(schema):
-                report(connection, case, args.runs)
+            if args.sync:
+                for state in args.state:
+                    sync_runs(args.url, schema, state, args.runs)
+            else:
+                for case in cases(schema):
+                    report(connection, case, args.runs)
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
     finally:
         if not args.keep:
@@ -250,6 +268,143 @@ def report(connection: sa.Connection, case: Case, runs: int) -> None:
         f"  compiled / best hand-written: wall {statistics.median(wall['compiled']) / best_wall:.2f}, "
         f"server {statistics.median(server['compiled']) / best_server:.2f}\n"
     )
+
+
+# --- --sync: an audience on events through the CLI ----------------------------------------------
+
+CONDITION = "event('Order Completed').within(30 days).count() >= 1"
+SYNC_KEY = "bench_buyers"
+
+
+def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
+    """`runs` rounds of floor, full sync, churn, incremental sync; medians printed."""
+    import tempfile
+
+    from bench_sync import fake_planhat, last_run, planhat_state, run_cli, state_database
+
+    rounds: list[tuple[float, tuple[float, float, float, int], tuple[float, float, float, int]]] = []
+    for rep in range(runs):
+        with tempfile.TemporaryDirectory(prefix="audience-sync-bench-events-") as scratch:
+            workdir = Path(scratch)
+            engine = sa.create_engine(url)
+            floor = floor_seconds(engine, schema, workdir)
+            reset_churn(engine, schema)
+            with fake_planhat() as planhat_url, state_database(state, workdir) as state_url:
+                config = workdir / "events.toml"
+                config.write_text(
+                    f'[database]\nurl = "{state_url}"\n\n[planhat]\ntransport = "endusers"\n'
+                    f'base_url = "{planhat_url}"\napi_token = "bench-api-token"\n'
+                    "max_requests_per_second = 150\n\n"
+                    f'[sources.warehouse]\nurl = "{url}"\nevents = "segment"\nschema = "{schema}"\n\n'
+                    f'[[audiences]]\nname = "Bench Buyers"\nsource = "warehouse"\ncondition = "{CONDITION}"\n'
+                )
+                results = []
+                for label in ("full", "incremental"):
+                    if label == "incremental":
+                        leavers = churn(engine, schema)
+                    seconds, cpu, rss = run_cli(config, f"events-{state}-{label}-{rep}", None)
+                    members = count_members(engine, schema)
+                    held = planhat_state(planhat_url)
+                    true, false = held["true"].get(SYNC_KEY, 0), held["false"].get(SYNC_KEY, 0)
+                    if (true, false) != (members, leavers if label == "incremental" else 0):
+                        raise SystemExit(
+                            f"{label}: Planhat holds {true} true / {false} false; {members} members"
+                        )
+                    run = last_run(config)
+                    if run["status"] != "success" or run["pending"]:
+                        raise SystemExit(
+                            f"{label}: the run ended {run['status']} with {run['pending']} pending"
+                        )
+                    results.append((seconds, cpu, rss, int(run["sent"])))
+            engine.dispose()
+        full, incremental = results
+        rounds.append((floor, full, incremental))
+        print(
+            f"  {state:<10} run {rep + 1}: floor {floor:6.2f}s | full {full[0]:7.2f}s (cpu {full[1]:6.2f}s) "
+            f"{full[2]:4.0f} MB {full[3]:,} changes | incremental {incremental[0]:6.2f}s "
+            f"({incremental[0] / floor:.1f}x floor, cpu {incremental[1]:5.2f}s) {incremental[2]:4.0f} MB "
+            f"{incremental[3]:,} changes",
+            flush=True,
+        )
+    median = statistics.median
+    floors = median(r[0] for r in rounds)
+    fulls = median(r[1][0] for r in rounds)
+    incrementals = median(r[2][0] for r in rounds)
+    print(
+        f"{state}: medians of {runs}: floor {floors:.2f}s, full {fulls:.2f}s ({fulls / floors:.1f}x), "
+        f"incremental {incrementals:.2f}s ({incrementals / floors:.1f}x)\n"
+    )
+
+
+CHURNED = "bench_churned"  # the users whose recent orders the churn deleted (restored before a round)
+
+
+def members_sql(schema: str) -> str:
+    return (
+        f"SELECT u.id, u.email FROM {schema}.users u JOIN "
+        f"(SELECT DISTINCT o.user_id FROM {schema}.order_completed o "
+        'WHERE o."timestamp" >= now() - interval \'30 days\' AND o."timestamp" < now()) b ON b.user_id = u.id'
+    )
+
+
+def count_members(engine: sa.Engine, schema: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql(f"SELECT count(*) FROM ({members_sql(schema)}) m").scalar_one())
+
+
+def floor_seconds(engine: sa.Engine, schema: str, workdir: Path) -> float:
+    """The best hand-written query's rows read, their keys inserted into an indexed SQLite table."""
+    import sqlite3
+
+    started = time.perf_counter()
+    target = sqlite3.connect(workdir / "floor.db")
+    target.execute("CREATE TABLE floor (k TEXT PRIMARY KEY)")
+    with engine.connect() as connection:
+        result = connection.execution_options(stream_results=True, yield_per=10_000).exec_driver_sql(
+            members_sql(schema)
+        )
+        for rows in result.partitions(10_000):
+            target.executemany("INSERT INTO floor VALUES (?)", [(row[0],) for row in rows])
+    target.commit()
+    target.close()
+    return time.perf_counter() - started
+
+
+def reset_churn(engine: sa.Engine, schema: str) -> None:
+    """Undo the last round's churn: its deleted orders back, its new ones gone."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE IF NOT EXISTS {schema}.{CHURNED} (LIKE {schema}.order_completed)"
+        )
+        connection.exec_driver_sql(f"INSERT INTO {schema}.order_completed SELECT * FROM {schema}.{CHURNED}")
+        connection.exec_driver_sql(f"DELETE FROM {schema}.{CHURNED}")
+        connection.exec_driver_sql(f"DELETE FROM {schema}.order_completed WHERE id LIKE 'churn-%%'")
+
+
+def churn(engine: sa.Engine, schema: str) -> int:
+    """0.5% of the members lose their recent orders; as many other users order yesterday.
+    Returns how many left."""
+    members = count_members(engine, schema)
+    k = max(1, members // 200)
+    window = "\"timestamp\" >= now() - interval '30 days'"
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE leaving AS SELECT id FROM ({members_sql(schema)}) m "
+            f"ORDER BY md5(id) LIMIT {k}"
+        )
+        connection.exec_driver_sql(
+            f"WITH gone AS (DELETE FROM {schema}.order_completed o USING leaving l WHERE o.user_id = l.id "
+            f"AND o.{window} RETURNING o.*) INSERT INTO {schema}.{CHURNED} SELECT * FROM gone"
+        )
+        connection.exec_driver_sql(
+            f'INSERT INTO {schema}.order_completed (id, user_id, event, event_text, "timestamp", '
+            "received_at, revenue) SELECT 'churn-' || u.id, u.id, 'order_completed', 'Order Completed', "
+            f"now() - interval '1 day', "
+            f"now(), 10 FROM {schema}.users u WHERE NOT EXISTS (SELECT 1 FROM {schema}.order_completed o "
+            f"WHERE o.user_id = u.id AND o.{window}) AND u.id NOT IN (SELECT id FROM leaving) "
+            f"ORDER BY md5(u.id) LIMIT {k}"
+        )
+    return k
 
 
 if __name__ == "__main__":
