@@ -1,10 +1,11 @@
 """The bulk paths behind a large sync: member rows, staging, the diff's shortcut, page grouping,
-and the helpers that keep them fast (the read-ahead thread, the frozen collector)."""
+and the helpers that keep them fast (the read-ahead thread, the paused collector)."""
 
 from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -15,7 +16,7 @@ from audience_sync.snapshot import diff, staging
 from audience_sync.snapshot.contract import Member, ReadStats, _member, members
 from audience_sync.state.models import UTCDateTime
 from audience_sync.support import threads
-from audience_sync.support.collector import frozen_gc
+from audience_sync.support.collector import paused_gc
 from audience_sync.sync.delivery import coalesce
 
 COLUMNS = {"user_id": 0, "email": 1, "name": 2, "title": 3, "company_id": 4}
@@ -135,12 +136,49 @@ def test_one_audience_pages_group_like_the_general_path() -> None:
     assert len(coalesce(rows, False, one_audience=True)) == 4  # the cut page leaves its last user
 
 
-def test_frozen_gc_nests_and_thaws() -> None:
+class _Cycle:
+    """A run's leftovers: objects in a reference cycle, which only the collector frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_phase_leaves_no_garbage_behind_it() -> None:
+    """Garbage made just before a phase is gone when it ends (a freeze hid it for good: the
+    daemon's memory grew by every run)."""
+    gc.collect()
+    leftover = _Cycle()
+    gone = weakref.ref(leftover)
+    del leftover
+    with paused_gc():
+        pass
+    assert gone() is None
     assert gc.get_freeze_count() == 0
-    with frozen_gc():
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        with frozen_gc():
-            assert gc.get_freeze_count() == frozen  # one freeze for nested and concurrent phases
-        assert gc.get_freeze_count() == frozen
-    assert gc.get_freeze_count() == 0
+
+
+def test_overlapping_phases_in_threads_pause_the_collector_once_and_resume_it() -> None:
+    assert gc.isenabled()
+    entered, release = threading.Barrier(3), threading.Event()
+
+    def phase() -> None:
+        with paused_gc(), paused_gc():  # nested too
+            entered.wait(5)
+            release.wait(5)
+
+    workers = [threading.Thread(target=phase) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    entered.wait(5)
+    assert not gc.isenabled()  # paused while any phase runs
+    assert gc.get_freeze_count() == 0  # and nothing hidden from it
+    release.set()
+    for worker in workers:
+        worker.join(5)
+    assert gc.isenabled()
+    gc.disable()  # a collector already off stays off
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
