@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from audience_sync.snapshot import diff, staging
 from audience_sync.snapshot.contract import Member, ReadStats, _member, members
 from audience_sync.state.models import UTCDateTime
-from audience_sync.support import threads
-from audience_sync.support.collector import paused_gc
+from audience_sync.support import collector, threads
+from audience_sync.support.collector import frozen_gc
 from audience_sync.sync.delivery import coalesce
 
 COLUMNS = {"user_id": 0, "email": 1, "name": 2, "title": 3, "company_id": 4}
@@ -143,42 +143,55 @@ class _Cycle:
         self.me = self
 
 
+def _leftover() -> weakref.ref[_Cycle]:
+    return weakref.ref(_Cycle())
+
+
 def test_a_phase_leaves_no_garbage_behind_it() -> None:
-    """Garbage made just before a phase is gone when it ends (a freeze hid it for good: the
-    daemon's memory grew by every run)."""
+    """Garbage made just before a phase is gone when it ends (the freeze hid it for good: the
+    daemon's memory grew with every run)."""
     gc.collect()
-    leftover = _Cycle()
-    gone = weakref.ref(leftover)
-    del leftover
-    with paused_gc():
-        pass
+    gone = _leftover()
+    with frozen_gc():
+        assert gone() is not None  # frozen with the rest: the phase's collections skip it
     assert gone() is None
     assert gc.get_freeze_count() == 0
 
 
-def test_overlapping_phases_in_threads_pause_the_collector_once_and_resume_it() -> None:
-    assert gc.isenabled()
+def test_overlapping_phases_in_threads_share_one_freeze_and_end_thawed() -> None:
     entered, release = threading.Barrier(3), threading.Event()
 
     def phase() -> None:
-        with paused_gc(), paused_gc():  # nested too
+        with frozen_gc(), frozen_gc():  # nested too
             entered.wait(5)
             release.wait(5)
 
+    gc.collect()
+    gone = _leftover()
     workers = [threading.Thread(target=phase) for _ in range(2)]
     for worker in workers:
         worker.start()
     entered.wait(5)
-    assert not gc.isenabled()  # paused while any phase runs
-    assert gc.get_freeze_count() == 0  # and nothing hidden from it
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    with frozen_gc():
+        assert gc.get_freeze_count() == frozen  # one freeze for nested and concurrent phases
     release.set()
     for worker in workers:
         worker.join(5)
-    assert gc.isenabled()
-    gc.disable()  # a collector already off stays off
-    try:
-        with paused_gc():
+    assert gc.get_freeze_count() == 0
+    assert gone() is None
+
+
+def test_phases_that_never_stop_overlapping_still_collect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon of many audiences may always have a phase running: the freeze is renewed, with a
+    full collection in between, once it is older than REFREEZE_SECONDS."""
+    monkeypatch.setattr(collector, "REFREEZE_SECONDS", 0.0)
+    gc.collect()
+    with frozen_gc():
+        gone = _leftover()
+        with frozen_gc():
             pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
+        assert gone() is None
+        assert gc.get_freeze_count() > 0  # the outer phase is frozen again
+    assert gc.get_freeze_count() == 0

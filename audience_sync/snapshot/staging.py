@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import orjson
 from sqlalchemy.engine import Connection
 
-from ..support.collector import paused_gc
+from ..support.collector import frozen_gc
 from ..support.threads import read_ahead
 from .contract import MEMBER_FIELDS, Member
 
@@ -84,7 +84,7 @@ def load_stage(
     """
     if progress is None:
         progress = _StagingLog()
-    with paused_gc():
+    with frozen_gc():
         if connection.dialect.name == "postgresql":
             given = _copy_raw(connection, chunks, progress, with_value)
             # Built in one go and indexed afterwards: a third faster than inserting into the

@@ -41,7 +41,7 @@ from ..state import baseline, changes, outbox, runs
 from ..state.database import analyze
 from ..state.outbox import PageRow, SpanMismatch, read_page
 from ..support.clock import utcnow
-from ..support.collector import paused_gc
+from ..support.collector import frozen_gc
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def deliver(
             outbox.refresh_statistics(connection, keys)
     fresh = first_baselines(engine, keys)
     prepare = engine.dialect.name == "postgresql"  # SQLite has one writer: it would wait on it
-    with paused_gc(), ThreadPoolExecutor(2, thread_name_prefix="audience-sync-delivery") as helpers:
+    with frozen_gc(), ThreadPoolExecutor(2, thread_name_prefix="audience-sync-delivery") as helpers:
         after, batch = "", page("")
         if not batch:  # nothing to change; a count a killed delivery left unknown is counted
             with engine.begin() as connection:

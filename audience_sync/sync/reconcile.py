@@ -40,7 +40,7 @@ from ..state import audiences, baseline, leases, outbox, runs
 from ..state.database import begin_write, translate_errors
 from ..state.models import KEY
 from ..support.clock import utcnow
-from ..support.collector import paused_gc
+from ..support.collector import frozen_gc
 from .lease_keeper import LeaseKeeper
 from .reports import Progress, RunReport, SyncOptions
 from .run import sync
@@ -253,7 +253,7 @@ def _load(
     audience_keys = [k for k in keys if k not in trait_keys]
     insert_contact = sa.text(f"INSERT INTO {CONTACTS} VALUES (:external_id, :email)")
     insert_true = sa.text(f"INSERT INTO {TRUE} VALUES (:audience_key, :external_id, :email, :value_json)")
-    with paused_gc():
+    with frozen_gc():
         for page in pages:
             rows: list[dict[str, Any]] = []
             trues: list[dict[str, Any]] = []
