@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--cli", default=None, help="command to run instead of audience-sync (experiments)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the daemon and the fake on the way out
     if args.cli:
         CLI[:] = args.cli.split()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="audience-sync-soak-"))
