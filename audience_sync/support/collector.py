@@ -9,19 +9,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# While phases overlap without a break (a daemon of many audiences), a phase that ends this long
-# after the freeze began thaws, collects and freezes again: no freeze lasts for good.
-REFREEZE_SECONDS = 30.0
+# A phase that ends this long after the last full collection collects (thawing first, and
+# freezing again if other phases still run). Not every phase: a full collection walks every
+# object of the program (50-70 ms of CPU in the daemon), and the daemon ends a phase every second or so.
+COLLECT_SECONDS = 10.0
 
 _lock = threading.Lock()
 _phases = 0  # phases running now, in any thread
-_frozen_at = 0.0
+_collected_at = -COLLECT_SECONDS  # monotonic; the first phase to end collects
 
 
 @contextmanager
 def frozen_gc() -> Iterator[None]:
-    """Keep the cyclic garbage collector off the objects that exist on entry, for a bulk phase;
-    collect in full when the last phase ends.
+    """Keep the cyclic garbage collector off the objects that exist on entry, for a bulk phase.
 
     Staging and delivery allocate millions of short-lived tuples, dicts and contacts. Each
     allocation burst triggers collections, and the full ones walk every object the program
@@ -32,26 +32,34 @@ def frozen_gc() -> Iterator[None]:
     concurrent phases (the daemon runs audiences in threads) share one freeze.
 
     The freeze also hides the garbage that exists on entry (a finished run's young cycles), and
-    `gc.unfreeze()` hands it back into the oldest generation, which only the rare full
-    collections look at: the next freeze hid it again, and a daemon freezing every second or
-    two grew by ~80 KB a run. So the last phase out collects in full, and overlapping phases
-    thaw and collect at least every REFREEZE_SECONDS.
+    `gc.unfreeze()` hands it back, with every object that was alive on entry, into the oldest
+    generation. Only full collections look there, and they count only objects promoted by
+    young collections, so they hardly ever ran; the next freeze hid it all again, and a daemon
+    freezing every second or two grew by ~80 KB a run, for good. So a phase that ends at least
+    COLLECT_SECONDS after the last full collection thaws and collects in full, whether other
+    phases still run (they are frozen again) or not: what a freeze hid is freed within seconds.
     """
-    global _phases, _frozen_at
+    global _phases
     with _lock:
         if _phases == 0:
             gc.freeze()
-            _frozen_at = time.monotonic()
         _phases += 1
     try:
         yield
     finally:
         with _lock:
             _phases -= 1
-            last = _phases == 0
-            if last or time.monotonic() - _frozen_at >= REFREEZE_SECONDS:
-                gc.unfreeze()
-                gc.collect()  # what the freeze hid, now in the oldest generation
-                if not last:
-                    gc.freeze()
-                    _frozen_at = time.monotonic()
+            _thaw(collect=time.monotonic() - _collected_at >= COLLECT_SECONDS)
+
+
+def _thaw(*, collect: bool) -> None:
+    """Unfreeze when no phase runs any more; with `collect`, collect in full what the freeze
+    hid (now in the oldest generation), freezing again for the phases still running."""
+    global _collected_at
+    if _phases == 0 or collect:
+        gc.unfreeze()
+    if collect:
+        gc.collect()
+        _collected_at = time.monotonic()
+        if _phases > 0:
+            gc.freeze()
