@@ -296,7 +296,7 @@ def summary(args: argparse.Namespace, points: list[Point]) -> None:
     settled = [p for p in points if p.seconds >= 60] or points
     first, fifth, end = at_minute(points, 1), at_minute(points, 5), points[-1]
     tail = [p for p in points if p.seconds >= end.seconds - 300]
-    tail_rss = statistics.mean(p.rss_kb for p in tail)
+    tail_rss = max(p.rss_kb for p in tail)
     minutes = end.seconds / 60
     print(
         f"\n### Soak: {args.state}, {args.transport}, {args.users:,} users in {len(AUDIENCES)} audiences, "
@@ -312,7 +312,7 @@ def summary(args: argparse.Namespace, points: list[Point]) -> None:
     print(
         f"\nslope after minute 1: {slope_kb_per_run(settled):.2f} KB per run "
         f"({len(settled)} samples)\n"
-        f"last {min(5.0, minutes):.0f} minutes' mean RSS {tail_rss / 1024:.1f} MB = "
+        f"last {min(5.0, minutes):.0f} minutes' highest RSS {tail_rss / 1024:.1f} MB = "
         f"{tail_rss / fifth.rss_kb:.1%} of minute {fifth.seconds / 60:.0f}'s {fifth.rss_kb / 1024:.1f} MB\n"
         f"after minute 1: threads {min(p.threads for p in settled)}-{max(p.threads for p in settled)}, "
         f"open files {min(p.open_files for p in settled)}-{max(p.open_files for p in settled)}",
