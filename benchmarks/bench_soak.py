@@ -17,7 +17,7 @@ must hold exactly the source: each audience's members `true`, nobody else `true`
 only on former members (read back contact by contact through `GET /endusers`). It prints
 a table per minute, the figures at minute 1, minute 5 and the end, the slope of RSS over runs
 (KB per run, a least-squares line over the samples after the first minute), the last five
-minutes' mean RSS against minute 5's, and the spread of threads and open files.
+minutes' highest RSS against minute 5's, and the spread of threads and open files.
 
     python benchmarks/bench_soak.py --minutes 15 --state sqlite --transport bulk
     python benchmarks/bench_soak.py --minutes 15 --state postgresql --transport bulk
