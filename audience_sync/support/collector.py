@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 # A phase that ends this long after the last full collection collects (thawing first, and
 # freezing again if other phases still run). Not every phase: a full collection walks every
-# object of the program (50-70 ms of CPU in the daemon), and the daemon ends a phase every second or so.
+# object of the program (50-70 ms of CPU in the daemon), which may end a phase every second.
 COLLECT_SECONDS = 10.0
 
 _lock = threading.Lock()
@@ -37,7 +37,8 @@ def frozen_gc() -> Iterator[None]:
     young collections, so they hardly ever ran; the next freeze hid it all again, and a daemon
     freezing every second or two grew by ~80 KB a run, for good. So a phase that ends at least
     COLLECT_SECONDS after the last full collection thaws and collects in full, whether other
-    phases still run (they are frozen again) or not: what a freeze hid is freed within seconds.
+    phases still run (they are frozen again) or not. What waits for it is bounded: the
+    leftovers of the phases that ended within COLLECT_SECONDS of a collection.
     """
     global _phases
     with _lock:
