@@ -29,6 +29,7 @@ OWNERS = {
     "changes": "state.changes",
     "leases": "state.leases",
     "resync_requests": "state.resyncs",
+    "paused_audiences": "state.pauses",
     "alembic_version": "state.migrations",
 }
 

@@ -144,6 +144,10 @@ def sync(
 
     settings, engine = _open(_context(ctx))
     try:
+        if audience and not dry_run:
+            from ..sync.run import refuse_paused
+
+            refuse_paused(engine, [a.key for a in settings.select(audience)])
         if not dry_run and settings.planhat.token is None:
             dry_run = True
             err(
@@ -192,8 +196,79 @@ def _print_reports(reports: list[RunReport], as_json: bool, dry_run: bool) -> No
             typer.echo(f"Sample payloads for {r.key}:")
             for sample in r.samples:
                 typer.echo("  " + json.dumps(sample))
-        if r.error:
+        if r.status == "paused":
+            typer.echo(f"{r.key}: skipped: {r.error}")
+        elif r.error:
             err(f"{r.key}: {r.error}")
+
+
+# --- pause and resume ---------------------------------------------------------------------
+
+KeysArgument = Annotated[
+    list[str], typer.Argument(help="Audience keys (configured or in the state database).")
+]
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    keys: KeysArgument,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why, shown in status and on the page.")
+    ] = None,
+) -> None:
+    """Pause audiences: the daemon and `sync` do not run them (their pending changes and baseline
+    stay) until `audience-sync resume`. Recorded in the state database for every daemon."""
+    from ..state import pauses
+
+    settings, engine = _open(_context(ctx))
+    try:
+        known = _known_keys(settings, engine, keys)
+        with engine.begin() as connection:
+            fresh = pauses.pause(connection, known, reason, pauses.operator())
+            found = pauses.paused(connection, known)
+    finally:
+        engine.dispose()
+    for key in known:
+        state = "paused" if key in fresh else "already paused"
+        typer.echo(f"{key}: {state} ({found[key].describe()})")
+    typer.echo("Running daemons skip them from their next run on; `audience-sync resume KEY` ends a pause.")
+
+
+@app.command()
+def resume(ctx: typer.Context, keys: KeysArgument) -> None:
+    """Resume paused audiences: each runs at its next planned time (a `sync` runs it now)."""
+    from ..state import pauses
+
+    settings, engine = _open(_context(ctx))
+    try:
+        known = _known_keys(settings, engine, keys)
+        with engine.begin() as connection:
+            was = pauses.resume(connection, known)
+    finally:
+        engine.dispose()
+    for key in known:
+        typer.echo(
+            f"{key}: {'resumed; it runs at its next planned time' if key in was else 'was not paused'}"
+        )
+
+
+def _known_keys(settings: Settings, engine: Engine, keys: list[str]) -> list[str]:
+    """The keys, each configured or known to the state database; else one line naming it."""
+    from ..state import audiences
+    from ..state.database import translate_errors
+
+    with (
+        translate_errors("cannot read state database", settings.database_url),
+        engine.connect() as connection,
+    ):
+        stored = set(audiences.rows(connection))
+    configured = [a.key for a in settings.audiences]
+    unknown = [key for key in keys if key not in stored and key not in configured]
+    if unknown:
+        named = ", ".join(map(repr, unknown))
+        raise AudienceSyncError(f"unknown audience {named} (configured: {', '.join(configured) or 'none'})")
+    return list(dict.fromkeys(keys))
 
 
 # --- resync -------------------------------------------------------------------------------
@@ -537,8 +612,12 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 str(e.pending),
                 str(e.in_doubt),
                 format_utc(last.get("started_at")),
-                last.get("status", "never"),
-                "resync requested" if e.resync_requested else format_utc(e.next_run_at),
+                "paused" if e.paused else last.get("status", "never"),
+                "paused"
+                if e.paused
+                else "resync requested"
+                if e.resync_requested
+                else format_utc(e.next_run_at),
                 e.last_error or "",
             )
         )
@@ -546,6 +625,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                "last error")  # fmt: skip
     print_columns(columns, rows, right=columns[1:5])
     for e in entries:
+        if e.paused:
+            typer.echo(f"{e.key} is {e.paused.describe()}; `audience-sync resume {e.key}` to run it again")
         hint = _retire_hint(e)
         if hint:
             doubt = f", {e.in_doubt} more in doubt" if e.in_doubt else ""
@@ -553,6 +634,12 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 f"{e.key} is no longer in the config; Planhat has {e.baseline} users as `true` for it"
                 f"{doubt}. To tell them `false` and retire it: {hint}"
             )
+
+
+def _next_run(entry: AudienceStatus) -> str:
+    if entry.paused:
+        return "paused"
+    return "resync requested" if entry.resync_requested else format_utc(entry.next_run_at)
 
 
 def _retire_hint(entry: AudienceStatus) -> str | None:

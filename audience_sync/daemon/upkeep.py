@@ -11,7 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ..config import Settings
 from ..errors import AudienceSyncError
-from ..state import changes, leases, resyncs
+from ..state import changes, leases, pauses, resyncs
 from ..support.clock import format_utc, utcnow
 from ..support.text import one_line, span
 from .flights import RunsInFlight
@@ -29,7 +29,8 @@ PRUNE_BATCH = 10_000
 
 class Upkeep:
     """Jobs on the daemon's scheduler: poll `resync_requests` every daemon.resync_poll (and
-    hand what it finds to `request_now`), prune `changes` daily, reconcile every
+    hand what it finds to `request_now`, paused audiences left out; the poll also refreshes
+    the paused metric), prune `changes` daily, reconcile every
     reconcile.interval (registered among the runs in flight while it holds leases)."""
 
     def __init__(
@@ -108,10 +109,13 @@ class Upkeep:
         try:
             with self.runtime.engine.connect() as connection:
                 requested = resyncs.pending_keys(connection)
+                held_back = pauses.paused(connection)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read resync requests: %s", exc.__class__.__name__)
             return
-        self._request_now(requested)
+        for key in self.runtime.keys:  # a pause or resume by any process shows within the poll
+            self.runtime.metrics.set_paused(key, key in held_back)
+        self._request_now([key for key in requested if key not in held_back])
 
     def reconcile(self) -> None:
         """Read Planhat back and repair drift; an audience mid-run is skipped until next time."""

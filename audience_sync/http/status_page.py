@@ -40,7 +40,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import Settings
-from ..state import changes, history, migrations, resyncs, runs
+from ..state import changes, history, migrations, pauses, resyncs, runs
 from ..state.database import database_error
 from ..support.clock import format_utc, utcnow
 from ..support.redaction import safe_url
@@ -144,6 +144,7 @@ class AudienceView:
     last_success_at: datetime | None = None
     next_run_at: datetime | None = None
     resync_requested: bool = False
+    paused: pauses.Pause | None = None  # `audience-sync pause`: who, when, why
     last_error: dict[str, Any] | None = None  # the newest run in the window with an error
     overdue: bool = False  # the daemon's health says so
     runs_in_window: int = 0
@@ -313,12 +314,14 @@ class StatusPage:
         for run in runs.since(connection, keys if data.charted else [], since):
             window.setdefault(run["audience"], []).append(run)
         requested = set(resyncs.pending_keys(connection))
+        held_back = pauses.paused(connection)
         for key in keys:
             row = rows.get(key, {})
             seen = summary.get(key, {})
             view = _audience(key, configured, row, by_id.get(row.get("last_run_id") or -1))
             view.in_planhat, view.pending, view.in_doubt = counts.get(key, (0, 0, 0))
             view.resync_requested = key in requested
+            view.paused = held_back.get(key)
             view.overdue = key in overdue
             view.runs_in_window = seen.get("runs", 0)
             view.last_error = by_id.get(seen.get("error_run_id") or -1)

@@ -3,8 +3,8 @@
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
 (outbox.py), runs (runs.py), changes (changes.py), leases (leases.py), resync_requests
-(resyncs.py). Read-only views across tables (`status`, `history`, the status page) are in
-history.py.
+(resyncs.py), paused_audiences (pauses.py). Read-only views across tables (`status`,
+`history`, the status page) are in history.py.
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by
@@ -24,6 +24,8 @@ changes          one row per change sent (user, audience, value, outcome, when);
                  pruned after history.retention_days
 leases           one row per audience being run: who holds it and until when
 resync_requests  full resyncs asked for with `audience-sync resync`
+paused_audiences one row per audience paused with `audience-sync pause` (who, when, why);
+                 removed by `audience-sync resume`
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The Alembic revision these tables are at: the head of migrations/versions. Opening the state
 # database compares it with the database's own, without loading Alembic; a new migration
 # bumps it (tests/test_packaging.py holds it to Alembic's head).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 KEY = 255  # audience keys and user identifiers
 TEXT = 1024  # traits such as name and title
@@ -224,4 +226,13 @@ resync_requests = Table(
     Column("run_id", Integer, nullable=True),
     Column("done_at", UTCDateTime, nullable=True),
     Index("ix_resync_requests_status", "status", "audience_key"),
+)
+
+paused_audiences = Table(
+    "paused_audiences",
+    metadata,
+    Column("audience_key", String(KEY), primary_key=True),
+    Column("paused_at", UTCDateTime, nullable=False),
+    Column("paused_by", String(KEY), nullable=True),  # user@host of the command
+    Column("reason", Text, nullable=True),
 )

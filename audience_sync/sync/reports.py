@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("audience_sync.sync")
 
-OK_STATUSES = ("success", "dry-run")
+OK_STATUSES = ("success", "dry-run", "paused")  # paused: not run, on purpose
 
 
 class Progress(Protocol):

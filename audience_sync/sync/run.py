@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..config import AudienceSettings, Settings
-from ..errors import StateDatabaseError
+from ..errors import AudienceSyncError, StateDatabaseError
 from ..snapshot.sources import SourcePool
-from ..state import audiences, leases, outbox, resyncs, runs
+from ..state import audiences, leases, outbox, pauses, resyncs, runs
 from ..state.database import database_error, translate_errors
 from ..support.clock import utcnow
 from ..support.text import first_line
@@ -56,15 +56,43 @@ def sync(
         with translate_errors("state database", str(engine.url)):
             with engine.begin() as connection:
                 audiences.register(connection, chosen)
+                # A dry run changes nothing: it may look at a paused audience.
+                held_back = {} if options.dry_run else pauses.paused(connection, [a.key for a in chosen])
             if options.dry_run:
                 return [dry_run(engine, pool, a, options, settings) for a in chosen]
-            return _sync_leased(
-                settings, engine, pool, chosen, options, sender_factory, holder or leases.new_holder(),
+            skipped = {key: paused_report(settings.audience(key), pause) for key, pause in held_back.items()}
+            runnable = [a for a in chosen if a.key not in held_back]
+            reports = _sync_leased(
+                settings, engine, pool, runnable, options, sender_factory, holder or leases.new_holder(),
                 progress, should_stop,
-            )  # fmt: skip
+            ) if runnable else []  # fmt: skip
+            done = {r.key: r for r in reports} | skipped
+            return [done[a.key] for a in chosen if a.key in done]
     finally:
         if sources is None:
             pool.close()
+
+
+def paused_report(audience: AudienceSettings, pause: pauses.Pause) -> RunReport:
+    """The report of an audience not run because it is paused (no run is recorded)."""
+    log.info("audience %s: not run: %s", audience.key, pause.describe())
+    return RunReport(
+        key=audience.key,
+        name=audience.name,
+        status="paused",
+        error=f"{pause.describe()}; `audience-sync resume {audience.key}` to run it again",
+    )
+
+
+def refuse_paused(engine: Engine, keys: list[str]) -> None:
+    """Refuse a run asked for by name of an audience that is paused, saying the way out."""
+    with translate_errors("state database", str(engine.url)), engine.connect() as connection:
+        found = pauses.paused(connection, keys)
+    if found:
+        named = ", ".join(f"{key} ({pause.describe()})" for key, pause in found.items())
+        raise AudienceSyncError(
+            f"{named}: not run. Run `audience-sync resume {' '.join(found)}` first, or leave the audience out"
+        )
 
 
 def _sync_leased(
