@@ -202,6 +202,96 @@ def _print_reports(reports: list[RunReport], as_json: bool, dry_run: bool) -> No
             err(f"{r.key}: {r.error}")
 
 
+# --- explain ------------------------------------------------------------------------------
+
+
+@app.command()
+def explain(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="A user_id or an email.")],
+    audience: Annotated[str | None, typer.Option("--audience", "-a", help="One audience key.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a user has a value: per audience and trait, member now or not (by the last snapshot),
+    what Planhat was last told and when, what is pending or in doubt, and the recent changes.
+    Exits 1 when the state database knows nothing of the user."""
+    from ..state import explain as explaining
+    from ..state.database import translate_errors
+
+    settings, engine = _open(_context(ctx))
+    try:
+        reading = translate_errors("cannot read state database", settings.database_url)
+        with reading, engine.connect() as connection:
+            known = explaining.audiences(connection, {a.key: (a.name, a.kind) for a in settings.audiences})
+            if audience is not None:
+                if audience not in known:
+                    configured = ", ".join(a.key for a in settings.audiences) or "none"
+                    raise AudienceSyncError(f"unknown audience {audience!r} (configured: {configured})")
+                known = {audience: known[audience]}
+            story = explaining.explain(connection, user, known)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(asdict(story), indent=2, default=json_default))
+    else:
+        _print_story(story)
+    if not story.known:
+        where = f"audience {audience}" if audience else "any audience"
+        err(f"The state database has no record of {user!r} in {where}.")
+    _exit_unless(story.known)
+
+
+def _print_story(story: Any) -> None:
+    other = [ref for ref in story.refs if ref != story.user]
+    known_as = f"; known as {', '.join(other)}" if other else ""
+    typer.echo(f"User {story.user}" + (f" (email {story.email}{known_as})" if story.email else known_as))
+    for a in story.audiences:
+        shown = _shown(a.value, a.kind)
+        now = (f"value now {shown}" if a.member else "no value now") if a.kind == "trait" else (
+            "member now" if a.member else "not a member now")  # fmt: skip
+        typer.echo(f"{a.key} ({a.kind} {a.name!r}): {now}")
+        if not a.known:
+            typer.echo("  nothing recorded for this user")
+            continue
+        if a.told:
+            run = f", run {a.told.run_id} ({a.told.kind})" if a.told.run_id is not None else ""
+            typer.echo(
+                f"  Planhat was last told {_shown(a.told.value, a.kind)} at {format_utc(a.told.at)}{run}"
+            )
+        else:
+            typer.echo("  Planhat was never told (no delivered change recorded)")
+        if a.pending:
+            p = a.pending
+            doubt = "in doubt (Planhat may hold either value), " if p.in_doubt else ""
+            error = f", last error: {p.last_error}" if p.last_error else ""
+            typer.echo(
+                f"  pending: {_shown(p.value, a.kind)}, queued {format_utc(p.queued_at)}, {doubt}"
+                f"{p.attempts} attempt{'' if p.attempts == 1 else 's'}{error}"
+            )
+        if a.changes:
+            typer.echo("  recent changes, newest first:")
+            rows = [
+                (
+                    format_utc(c.at),
+                    "" if c.run_id is None else str(c.run_id),
+                    c.kind or "",
+                    c.change,
+                    _shown(c.value, a.kind),
+                    c.outcome,
+                    c.error or "",
+                )
+                for c in a.changes
+            ]
+            print_columns(("    at", "run", "kind", "change", "value", "outcome", "error"),
+                          [("    " + r[0], *r[1:]) for r in rows], right=("run",))  # fmt: skip
+
+
+def _shown(value: Any, kind: str) -> str:
+    if kind != "trait":
+        return "true" if value else "false"
+    return "null" if value is None else json.dumps(value)
+
+
 # --- pause and resume ---------------------------------------------------------------------
 
 KeysArgument = Annotated[
