@@ -5,9 +5,13 @@ box, escaped, behind the access token)."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
+
+import httpx
 
 from tests.conftest import Cli, Project, run, sync, users
-from tests.test_status_page import browser_page, local, page_server  # noqa: F401 - a fixture
+from tests.test_explain import story
+from tests.test_status_page import TOKEN, browser_page, local, page_server  # noqa: F401 - a fixture
 
 REASON = '<img src=x onerror="alert(3)"> dbt schema change'
 
@@ -39,3 +43,58 @@ def test_in_a_browser_a_paused_audience_shows_paused_with_who_when_and_why(
         assert run(cli, "resume", "pro_plan").code == 0
         page.reload()
         assert page.locator("#row-pro_plan .badge.paused").count() == 0
+
+
+def test_in_a_browser_a_users_story_is_found_from_the_search_box_behind_the_token(
+    browser_page: Any,  # noqa: F811 - the fixture
+    project: Project,
+    cli: Cli,
+) -> None:
+    page = browser_page
+    dialogs: list[str] = []
+
+    def refuse(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", refuse)
+    story(project, cli)  # u3: entered, exited, back in while Planhat refuses
+    project.path.write_text(project.path.read_text() + f'\n[metrics]\ntoken = "{TOKEN}"\n')
+    with page_server(project.path) as server:
+        url = local(server)
+        assert httpx.get(url + "/users/u3").status_code == 401  # loopback too: the token gates it
+        assert page.goto(url + "/users/u3").status == 401
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#user-audiences")
+        assert page.url.endswith("/users/u3")
+        pro = page.locator("#user-pro_plan")
+        assert pro.locator("td.now").inner_text() == "member"
+        assert (
+            "false" in pro.locator("td.told").inner_text()
+            and "(incremental)" in pro.locator("td.told").inner_text()
+        )
+        assert "contact locked" in pro.locator("td.pending").inner_text()
+        rows = page.locator("#changes-pro_plan tbody tr")
+        assert [rows.nth(i).locator("td").nth(3).inner_text() for i in range(3)] == [
+            "entered",
+            "exited",
+            "entered",
+        ]
+        assert page.locator("#user-orders td.now").inner_text() == "5"
+
+        # The search box on the main page, by email; then markup typed into it stays text.
+        page.goto(url + "/")
+        page.fill("#user-search", "u3@example.com")
+        page.click("form.search button")
+        page.wait_for_selector("#user-audiences")
+        assert page.url.endswith("/users/" + quote("u3@example.com", safe=""))
+        assert page.locator("#user-buyers td.now").inner_text() == "member"
+        page.goto(url + "/")
+        page.fill("#user-search", '<img src=x onerror="alert(5)">')
+        page.click("form.search button")
+        page.wait_for_selector("#unknown-user")
+        assert page.locator("code.user").inner_text() == '<img src=x onerror="alert(5)">'
+        assert page.locator("img").count() == 0
+        assert httpx.get(page.url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    assert dialogs == []
