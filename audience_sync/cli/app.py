@@ -26,6 +26,8 @@ from ..support.logs import configure_logging
 from .output import err, json_default, print_columns
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.engine import Engine
 
     from ..config import Settings
@@ -639,17 +641,32 @@ def history(
     ctx: typer.Context,
     audience: Annotated[str | None, typer.Option("--audience", "-a", help="Audience key.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs.")] = 20,
+    status: Annotated[
+        list[str] | None,
+        typer.Option("--status", "-s", help="Only runs that ended so (failed, partial, ...); repeatable."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only runs started since: a duration ago (24h, 7d) or a UTC date/time."),
+    ] = None,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", "-k", help="Only runs of this kind (full, incremental, ...); repeatable."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Sync history: one record per audience per run, newest first."""
     from ..state import runs
     from ..state.database import translate_errors
 
+    statuses = _choices("--status", status, runs.STATUSES)
+    kinds = _choices("--kind", kind, runs.KINDS)
+    start = _since(since) if since else None
     settings, engine = _open(_context(ctx))
     try:
         reading = translate_errors("cannot read state database", settings.database_url)
         with reading, engine.connect() as connection:
-            records = runs.recent(connection, audience, limit)
+            records = runs.recent(connection, audience, limit, statuses=statuses, kinds=kinds, since=start)
     finally:
         engine.dispose()
     if as_json:
@@ -672,6 +689,34 @@ def history(
     columns = ("id", "audience", "kind", "status", "started", "seconds", "members", "entered", "exited",
                "sent", "failed", "in doubt", "skipped", "error")  # fmt: skip
     print_columns(columns, rows, right=("id", "seconds", *columns[6:-1]))
+
+
+def _choices(option: str, given: list[str] | None, known: tuple[str, ...]) -> list[str]:
+    wrong = [value for value in given or [] if value not in known]
+    if wrong:
+        raise typer.BadParameter(f"{wrong[0]!r} is not one of {', '.join(known)}", param_hint=option)
+    return list(given or [])
+
+
+def _since(value: str) -> datetime:
+    """'24h' or '7d' ago, or a date/time ('2026-12-01', '2026-12-01 09:30'), taken as UTC."""
+    from datetime import UTC, datetime
+
+    from ..config.loading import parse_duration
+    from ..support.clock import utcnow
+
+    try:
+        return utcnow() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither a duration (24h, 7d) nor a date/time (2026-12-01 09:30)",
+            param_hint="--since",
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 @app.command()

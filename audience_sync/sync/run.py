@@ -23,6 +23,7 @@ from ..snapshot.sources import SourcePool
 from ..state import audiences, leases, outbox, pauses, resyncs, runs
 from ..state.database import database_error, translate_errors
 from ..support.clock import utcnow
+from ..support.logs import run_context
 from ..support.text import first_line
 from .dry_run import dry_run
 from .lease_keeper import LeaseKeeper
@@ -146,7 +147,11 @@ def deliver_and_finish(
     `runs.abort_stale`)."""
     try:
         if ready:
-            deliver_runs(engine, settings.planhat, ready, sender_factory, progress, should_stop, configured)
+            # The audiences go out together: the delivery's lines name every run of the group.
+            with run_context(*(report.run_id for report in ready.values())):
+                deliver_runs(
+                    engine, settings.planhat, ready, sender_factory, progress, should_stop, configured
+                )
     except (Exception, KeyboardInterrupt) as exc:
         status = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
         finish_all(engine, ready, time.monotonic() - started, f"{status}: {first_line(exc)}")
@@ -169,14 +174,15 @@ def finish_all(
         except sa.exc.SQLAlchemyError as exc:
             failure = failure or database_error("state database", engine.url, exc)
             report.status, report.error = "failed", report.error or failure
-            log.error("audience %s: could not record the run's end: %s", report.key, failure)
+            with run_context(report.run_id):
+                log.error("audience %s: could not record the run's end: %s", report.key, failure)
     if failure is not None:
         raise StateDatabaseError(failure)
 
 
 def _finish(engine: Engine, report: RunReport, duration: float) -> None:
     assert report.run_id is not None
-    with engine.begin() as connection:
+    with run_context(report.run_id), engine.begin() as connection:
         report.pending, report.in_doubt = outbox.count(connection, report.key)
         if report.pending == 0 and not report.error:
             report.status = "success"
