@@ -30,6 +30,7 @@ OWNERS = {
     "leases": "state.leases",
     "resync_requests": "state.resyncs",
     "paused_audiences": "state.pauses",
+    "run_requests": "state.run_requests",
     "alembic_version": "state.migrations",
 }
 

@@ -3,8 +3,8 @@
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
 (outbox.py), runs (runs.py), changes (changes.py), leases (leases.py), resync_requests
-(resyncs.py), paused_audiences (pauses.py). Read-only views across tables (`status`,
-`history`, the status page) are in history.py.
+(resyncs.py), paused_audiences (pauses.py), run_requests (run_requests.py). Read-only views
+across tables (`status`, `history`, the status page) are in history.py.
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by
@@ -26,6 +26,8 @@ leases           one row per audience being run: who holds it and until when
 resync_requests  full resyncs asked for with `audience-sync resync`
 paused_audiences one row per audience paused with `audience-sync pause` (who, when, why);
                  removed by `audience-sync resume`
+run_requests     runs asked for over the HTTP API (`POST /api/runs`): the audiences, full or
+                 not, and what became of them (status, the runs, the error)
 """
 
 from __future__ import annotations
@@ -235,4 +237,21 @@ paused_audiences = Table(
     Column("paused_at", UTCDateTime, nullable=False),
     Column("paused_by", String(KEY), nullable=True),  # user@host of the command
     Column("reason", Text, nullable=True),
+)
+
+run_requests = Table(
+    "run_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audiences", Text, nullable=False),  # a JSON list of audience keys
+    Column("full", Boolean, nullable=False, server_default=sa.false()),
+    Column("status", String(16), nullable=False),  # pending | running | done | failed
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("requested_by", String(KEY), nullable=True),  # api:<client address>
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("holder", String(KEY), nullable=True),  # the daemon that took it (host:pid:id)
+    Column("run_ids", Text, nullable=True),  # a JSON list of the runs it produced
+    Column("error", Text, nullable=True),
+    Index("ix_run_requests_status", "status"),
 )
