@@ -7,5 +7,5 @@ production), with the schema managed by Alembic.
 
 One module per table family writes that table's SQL, and no other module does (a test holds
 it): `audiences`, `baseline`, `outbox` (pending and in_flight), `runs`, `changes`, `leases`,
-`resyncs`, `pauses`. `history` reads across them for `status` and the status page.
+`resyncs`, `pauses`, `run_requests`; `explain` and `history` read across them for `status` and the status page.
 """
