@@ -580,6 +580,39 @@ def check(
     _exit_unless(setup_check.passed(results))
 
 
+# --- fields -------------------------------------------------------------------------------
+
+
+@app.command()
+def fields(
+    ctx: typer.Context,
+    create: Annotated[
+        bool, typer.Option("--create", help="Create each missing field (never changes an existing one).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Per audience and trait: does Planhat have its custom field (on contacts or companies, per
+    `level`) and of the right type? --create makes the missing ones. Exits 1 while one is
+    missing, of the wrong type, or could not be created."""
+    from ..check import fields as checking
+
+    cli = _context(ctx)
+    settings = cli.settings()
+    configure_logging(cli.log_level or "warning", settings.daemon.log_format)
+    lines = checking.fields(settings, create=create)
+    if as_json:
+        typer.echo(json.dumps([{**asdict(line), "ok": line.ok} for line in lines], indent=2))
+    else:
+        rows = [(li.key, li.kind, li.parent, li.type, li.found_type or "", li.status) for li in lines]
+        print_columns(("key", "kind", "on", "needs", "in Planhat", "status"), rows)
+        for line in lines:
+            if line.status in ("missing", "created") or not line.ok:
+                typer.echo(
+                    f"{line.key}: {line.detail}" + ("" if line.status == "created" else f"; type {line.how}")
+                )
+    _exit_unless(all(line.ok for line in lines))
+
+
 # --- daemon -------------------------------------------------------------------------------
 
 
