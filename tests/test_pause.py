@@ -49,6 +49,10 @@ def test_a_paused_audience_is_skipped_keeps_its_changes_and_runs_again_once_resu
     assert "pro_plan" in named.err and "audience-sync resume pro_plan" in named.err
     assert (pending(project, "pro_plan"), told(project, "pro_plan")) == before
 
+    repair = run(cli, "reconcile", "--fix", "--audience", "pro_plan")  # a repair sends: not while paused
+    assert repair.code == 1 and "not repaired (`audience-sync resume pro_plan` first)" in repair.err
+    assert (pending(project, "pro_plan"), told(project, "pro_plan")) == before
+
     entry = status(cli)
     assert entry["paused"]["reason"] == "schema change <b>today</b>"
     assert "@" in entry["paused"]["paused_by"] and entry["paused"]["paused_at"]
