@@ -7,7 +7,7 @@ a graceful stop. `Daemon` composes its parts, each behind an explicit interface:
                wake-up job that hands a due group to the group runs
     flights    the runs in flight: group runs on a pool of their own, which a stop waits for
                and, past the grace, records as aborted
-    upkeep     the resync poll, history pruning and the reconcile
+    upkeep     the resync poll, history pruning, the reconcile and the API's run requests
     server     /metrics, /healthz and the status page (`http`), when metrics.port is set
 
     start    plan each audience from the state database (`cadence.first_run_at`): never
