@@ -4,6 +4,7 @@ runs; the token is required always; every bad input is refused with a 4xx naming
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +15,7 @@ from audience_sync.config import load_settings
 from audience_sync.http.api import RunApi
 from audience_sync.http.server import MetricsServer
 from audience_sync.http.status_page import StatusPage
-from audience_sync.state import database
+from audience_sync.state import database, leases
 from tests.conftest import Cli, Project, StartDaemon, query, run, schedule, users, wait_for
 from tests.test_status_page import TOKEN
 
@@ -71,6 +72,17 @@ def test_a_pipeline_requests_a_run_and_the_daemon_runs_it_within_its_poll(
     assert project.planhat.value("u5", "pro_plan") is True
     assert query(project.state_url, f"SELECT trigger FROM runs WHERE id = {ran['id']}") == [("api",)]
     assert len(query(project.state_url, "SELECT id FROM runs WHERE audience_key = 'buyers'")) == 1
+
+    # A run of pro_plan in flight elsewhere (its lease held): the request waits for it to end,
+    # rather than failing as "already running" or being answered by a run that read too early.
+    engine = database.open_state(project.state_url)
+    assert leases.try_acquire(engine, "pro_plan", "elsewhere:1:x", 60)
+    waiting = httpx.post(url + "/api/runs", json={"audiences": ["pro_plan"]}, headers=AUTH).json()
+    time.sleep(1.0)  # five polls
+    assert httpx.get(url + waiting["url"], headers=AUTH).json()["status"] == "pending"
+    leases.release(engine, "pro_plan", "elsewhere:1:x")
+    engine.dispose()
+    assert wait_for(lambda: httpx.get(url + waiting["url"], headers=AUTH).json()["status"] == "done")
 
     full = httpx.post(url + "/api/runs", json={"full": True}, headers=AUTH).json()  # every audience
     state = wait_for(

@@ -133,14 +133,19 @@ class Upkeep:
 
     def run_requested(self) -> None:
         """Run what the API asked for (`POST /api/runs`), oldest request first. Each is claimed
-        in the state database first, so of several daemons one runs it."""
+        in the state database first, so of several daemons one runs it. A request naming an
+        audience that a run holds now waits for the next poll: the pipeline's data must be
+        read by a run that starts after it asked."""
         engine = self.runtime.engine
         try:
             with engine.connect() as connection:
-                waiting = run_requests.pending_ids(connection)
-            for request_id in waiting:
+                waiting = [run_requests.find(connection, i) for i in run_requests.pending_ids(connection)]
+            for request in waiting:
                 if self.runtime.stopping.is_set():
                     return
+                if request is None or self._busy(request.audiences):
+                    continue
+                request_id = request.id
                 holder = leases.new_holder()
                 with engine.begin() as connection:
                     found = run_requests.claim(connection, request_id, holder)
@@ -148,6 +153,12 @@ class Upkeep:
                     self._run_request(found, holder)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read the API's run requests: %s", exc.__class__.__name__)
+
+    def _busy(self, keys: list[str]) -> bool:
+        busy = [key for key in keys if leases.current_holder(self.runtime.engine, key) is not None]
+        if busy:
+            log.debug("API run request waits: %s running", ", ".join(busy))
+        return bool(busy)
 
     def _run_request(self, found: run_requests.RunRequest, holder: str) -> None:
         from ..sync.reports import RunReport, SyncOptions
