@@ -11,7 +11,7 @@ import httpx
 
 from tests.conftest import Cli, Project, run, sync, users
 from tests.test_explain import story
-from tests.test_status_page import TOKEN, browser_page, local, page_server  # noqa: F401 - a fixture
+from tests.test_status_page import ARTIFACTS, TOKEN, browser_page, local, page_server  # noqa: F401 - a fixture
 
 REASON = '<img src=x onerror="alert(3)"> dbt schema change'
 
@@ -82,6 +82,10 @@ def test_in_a_browser_a_users_story_is_found_from_the_search_box_behind_the_toke
             "entered",
         ]
         assert page.locator("#user-orders td.now").inner_text() == "5"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(
+            path=str(ARTIFACTS / f"user-page-{project.state_url.split(':', 1)[0]}.png"), full_page=True
+        )
 
         # The search box on the main page, by email; then markup typed into it stays text.
         page.goto(url + "/")
