@@ -24,6 +24,8 @@ both transports.
     GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
+    GET  /companies      Bearer API token; paged like GET /endusers: {"_id", "externalId",
+                         "name", "custom"} in creation order
     GET  /customfields   Bearer API token; the `custom_fields` list (404 when it is None)
     GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n},
                          and "values": {key: n} when contacts hold other (trait) values;
@@ -501,6 +503,7 @@ class FakePlanhat:
             ("PUT", ENDUSERS_PATH): self._endusers,
             ("PUT", COMPANIES_PATH): self._companies,
             ("GET", ENDUSERS_PATH): self._list_endusers,
+            ("GET", COMPANIES_PATH): self._list_companies,
             ("GET", CUSTOM_FIELDS_PATH): self._list_custom_fields,
         }
 
@@ -726,6 +729,28 @@ class FakePlanhat:
                 keys = self._ordered_keys()[offset : offset + limit]
             page = [self._public(key, self.contacts[key]) for key in keys]
             body = _dumps(page)  # inside the lock: a contact changing meanwhile must not tear it
+        return _Answer(200, body)
+
+    def _list_companies(self, _body: Any, query: str) -> _Answer:
+        """GET /companies?limit=N&offset=M: companies in creation order, [] past the end."""
+        params = parse_qs(query)
+        try:
+            limit = min(int(params.get("limit", [DEFAULT_PAGE])[-1]), MAX_PAGE)
+            offset = int(params.get("offset", [0])[-1])
+        except ValueError:
+            return _json_answer(400, {"error": "limit and offset must be integers"})
+        if limit < 0 or offset < 0:
+            return _json_answer(400, {"error": "limit and offset must not be negative"})
+        with self._lock:
+            if self.page_cap is not None:
+                limit = min(limit, max(0, self.page_cap))
+            chosen = list(self.companies.items())[offset : offset + limit]
+            page = [
+                {"_id": f"c{offset + n:023x}", "externalId": external, "name": company.get("name"),
+                 "custom": company.get("custom", {})}
+                for n, (external, company) in enumerate(chosen)
+            ]  # fmt: skip
+            body = _dumps(page)
         return _Answer(200, body)
 
     def _list_custom_fields(self, _body: Any, _query: str) -> _Answer:
