@@ -42,7 +42,7 @@ def lines(out: str) -> dict[str, str]:
     found = {}
     for line in out.splitlines():
         status, _, rest = line.partition("  ")
-        if status.strip() in ("OK", "FAIL", "SKIP"):
+        if status.strip() in ("OK", "WARN", "FAIL", "SKIP"):
             item = rest.strip().split("  ")[0]
             found[item] = line
     return found
@@ -96,6 +96,37 @@ def test_a_working_setup_passes_every_check_and_changes_nothing(project: Project
         assert not Path(project.state_url.removeprefix("sqlite:///")).exists()
     else:
         assert not sa.inspect(sa.create_engine(project.state_url)).get_table_names()
+
+
+def test_a_user_level_query_without_company_id_warns_and_still_passes(
+    sqlite_project: Project, cli: Cli
+) -> None:
+    """Planhat discards a contact it does not have unless it is told its company: the check says
+    so, names the column to add, and does not fail (contacts Planhat has are still updated)."""
+    accounts = "SELECT DISTINCT company_id FROM users"
+    sqlite_project.write([{"name": "Trials", "query": "SELECT id AS user_id, email FROM users"},
+                          {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users"},
+                          {"name": "Accounts", "level": "account", "query": accounts}],
+                         transport="endusers")  # fmt: skip
+    define_fields(sqlite_project, "trials", "pro_plan")
+
+    result = cli("--config", str(sqlite_project.path), "check")
+
+    assert result.code == 0, result.out
+    found = lines(result.out)
+    assert found["audience trials"].startswith("WARN")
+    assert (
+        "5 of the first 5 rows usable; no company_id column: contacts not yet in Planhat will be "
+        "discarded by Planhat" in found["audience trials"]
+    )
+    assert "fix: return each user's company as a column named company_id" in found["audience trials"]
+    assert status_of(result.out)["audience pro_plan"] == "OK"
+    assert status_of(result.out)["audience accounts"] == "OK"  # account level: company_id is its key
+    assert result.out.rstrip().endswith("checks passed (1 warning).")
+    report = json.loads(cli("--config", str(sqlite_project.path), "check", "--json").out)
+    assert report["ok"] is True
+    (warned,) = [c for c in report["checks"] if c["status"] == "WARN"]
+    assert warned["item"] == "audience trials" and "company_id" in warned["fix"]
 
 
 def test_a_state_database_at_head_is_ok(project: Project, cli: Cli) -> None:

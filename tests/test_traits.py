@@ -328,7 +328,8 @@ def test_the_example_config_documents_traits_and_account_level() -> None:
 
     from audience_sync.config import load_settings
 
-    settings = load_settings(Path(__file__).resolve().parent.parent / "config.example.toml", {})
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    settings = load_settings(example, {"PLANHAT_API_TOKEN": "api-token"})
     kinds = {(a.key, a.kind, a.level) for a in settings.audiences}
     assert ("total_revenue_180_days", "trait", "user") in kinds
     assert ("enterprise_accounts", "audience", "account") in kinds
