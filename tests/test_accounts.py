@@ -62,8 +62,9 @@ def test_on_the_segment_transport_an_account_audience_lands_on_companies_through
     set_accounts(project, [("c1", "Acme", 250000), ("c2", "Globex", 90000)])
     fake.requests.clear()
     assert sync(cli).code == 0
-    assert writes(project) == [("/companies", [{"externalId": "c2", "name": "Globex",
-                                                "custom": {"enterprise_accounts": False}}])]  # fmt: skip
+    assert writes(project) == [
+        ("/companies", [{"externalId": "c2", "custom": {"enterprise_accounts": False}}])
+    ]
     assert fake.company_value("c2", "enterprise_accounts") is False
 
 
