@@ -103,7 +103,7 @@ def test_a_trait_on_events_sends_its_value_and_a_condition_reads_traits(project:
         (
             {
                 "name": "Both",
-                "query": "SELECT id AS user_id FROM users",
+                "query": "SELECT id AS user_id, company_id FROM users",
                 "condition": "trait('plan') = 'pro'",
             },
             EVENTS,
@@ -143,7 +143,10 @@ def test_audience_references_stay_within_one_source(project: Project, cli: Cli, 
 
 def test_an_event_audience_can_build_on_a_sql_audience(project: Project, cli: Cli) -> None:
     fake = project.planhat
-    pro = {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}
+    pro = {
+        "name": "Pro Plan",
+        "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'",
+    }
     events_project(
         project,
         [pro, {"name": "Pro Buyers", "condition": "audience('pro_plan') and " + BUYERS_30["condition"]}],
@@ -248,7 +251,7 @@ def duckdb_file(path: Path, buyers: int) -> str:
 
 def test_a_duckdb_source_serves_sql_and_event_audiences(project: Project, cli: Cli, tmp_path: Path) -> None:
     url = duckdb_file(tmp_path / "warehouse.duckdb", 30)
-    everyone = {"name": "Everyone", "query": "SELECT id AS user_id, email FROM users"}
+    everyone = {"name": "Everyone", "query": "SELECT id AS user_id, email, company_id FROM users"}
     project.write([everyone, BUYERS_30], transport="endusers", source=EVENTS)
     project.path.write_text(
         project.path.read_text().replace(f'url = "{project.source.url}"', f'url = "{url}"')
@@ -278,7 +281,7 @@ def test_two_audiences_streaming_from_one_duckdb_file_are_never_cut_short(tmp_pa
     config = tmp_path / "c.toml"
     config.write_text(
         f'[sources.wh]\nurl = "{url}"\n{EVENTS}\n\n[[audiences]]\nname = "Everyone"\nsource = "wh"\n'
-        'query = "SELECT id AS user_id, email FROM users"\n\n'
+        'query = "SELECT id AS user_id, email, company_id FROM users"\n\n'
         f'[[audiences]]\nname = "Buyers"\nsource = "wh"\ncondition = "{BUYERS_30["condition"]}"\n'
     )
     settings = load_settings(config, {})
