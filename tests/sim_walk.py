@@ -57,12 +57,17 @@ API_TOKEN = "sim-api-token"
 USERS = 25
 EMAIL_ONLY = frozenset(range(20, 25))  # these users have no id: their email is their identity
 HOT_USERS = 4  # u0..u3 change often (and so does whoever else is drawn)
+# Every user names a company: Planhat creates no contact without one (it discards the call).
 AUDIENCES: dict[str, tuple[str, str]] = {  # key -> (name, query)
-    "pro_plan": ("Pro Plan", "SELECT id AS user_id, email, name FROM people WHERE plan = 'pro'"),
-    "buyers": ("Buyers", "SELECT id AS user_id, email FROM people WHERE orders > 0"),
+    "pro_plan": (
+        "Pro Plan",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id FROM people WHERE plan = 'pro'",
+    ),
+    "buyers": ("Buyers", "SELECT id AS user_id, email, 'acme' AS company_id FROM people WHERE orders > 0"),
     "beta_testers": (
         "Beta Testers",
-        "SELECT id AS user_id, email, name FROM people WHERE beta = 1 AND plan <> 'free'",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id FROM people "
+        "WHERE beta = 1 AND plan <> 'free'",
     ),
 }
 ATTRIBUTES: dict[str, tuple[Any, ...]] = {

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import Cli, Project, run, users
+from tests.conftest import Cli, Project, query, run, users
 
 NO_COMPANY = {"name": "Trials", "query": "SELECT id AS user_id, email FROM users"}
 FAST = "max_requests_per_second = 150"
@@ -78,3 +78,22 @@ def test_with_a_company_id_the_new_contacts_land(project: Project, cli: Cli, tra
     assert run(cli, "sync").code == 0
     assert [fake.value(f"u{n}", "trials") for n in range(1, 4)] == [True, True, True]
     assert fake.contact("u1")["companyExternalId"] == "acme" and fake.unassigned == []
+
+
+def test_an_exit_for_a_contact_planhat_never_created_is_done(project: Project, cli: Cli) -> None:
+    """A `true` in doubt, then the user leaves: the `false` goes to a contact Planhat does not
+    have, which it cannot create (no company). Nothing there holds `true`: the exit is done, not
+    resent forever."""
+    fake = project.planhat
+    project.write([NO_COMPANY], transport="endusers", planhat="max_attempts = 1\ntimeout_seconds = 0.3")
+    project.source.set_users(users([1]))
+    fake.timeout_next(1)  # held past the client's timeout, then nothing written
+    assert run(cli, "sync").code == 1
+    assert query(project.state_url, "SELECT in_doubt FROM pending") in ([(True,)], [(1,)])
+    project.source.set_users([])
+    result = run(cli, "sync")
+    assert result.code == 0, result.err
+    assert fake.requests[-1].status == 206 and fake.requests[-1].body == [
+        {"externalId": "u1", "email": "u1@example.com", "custom": {"trials": False}}
+    ]
+    assert fake.find("u1") is None and query(project.state_url, "SELECT count(*) FROM pending") == [(0,)]
