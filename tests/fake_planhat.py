@@ -203,6 +203,9 @@ class FakePlanhat:
         self.applied_items = 0  # contact items written, whether the client saw the answer or not
         self.applied_values = 0  # custom values written (an item carries one per audience)
         self.applied: Counter[tuple[str, str, Any]] = Counter()  # (ref, key, value) -> writes
+        # (ref, key, value) -> answered but not written: no such contact, and none created
+        # (an identify discarded, a bulk item in createdErrors). Counted with `count_values`.
+        self.declined: Counter[tuple[str, str, Any]] = Counter()
         self._in_flight = 0
         self._email_keys: dict[str, str] = {}  # email -> key of the contact holding it
         # externalId -> key of the contact it was given to after creation (matched by email)
@@ -555,6 +558,12 @@ class FakePlanhat:
             self.requests.append(Recorded(method, path, kept, answer.status, query, fault))
         return answer
 
+    def _decline(self, ref: str, custom: dict[str, Any]) -> None:
+        """Count values answered but not written (no contact to hold them); the caller holds the lock."""
+        if self.count_values:
+            for key, value in custom.items():
+                self.declined[(ref, key, value)] += 1
+
     def _count(self, ref: str, custom: dict[str, Any]) -> None:
         """Count one written item; the caller holds the lock."""
         self.applied_items += 1
@@ -673,6 +682,7 @@ class FakePlanhat:
         custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
         with self._lock:
             if not traits.get("companyId") and not self._known(user_id, email):
+                self._decline(str(user_id or email), custom)
                 return self._unassigned("identify", str(user_id or email))
             self._upsert(fields, custom)
             self._count(str(user_id or email), custom)
@@ -702,6 +712,7 @@ class FakePlanhat:
                     # Planhat creates a contact only with a company to put it under.
                     ids = {k: item[k] for k in ("externalId", "email") if item.get(k)}
                     report["createdErrors"].append({"item": ids, "error": NO_COMPANY})
+                    self._decline(_ref(item), item.get("custom") or {})
                     continue
                 custom = item.get("custom") or {}
                 created = self._upsert(item, custom, adopt=adopt)
