@@ -87,7 +87,12 @@ def client(
     )
 
 
-def contact(ref: str, company: str | None = "acme", **values: bool) -> Contact:
+def contact(ref: str, **values: bool) -> Contact:
+    """A contact of company acme: Planhat creates a contact it does not have only under a company."""
+    return with_company(ref, "acme", values)
+
+
+def with_company(ref: str, company: str | None, values: dict[str, bool] | None = None) -> Contact:
     email_only = "@" in ref
     return Contact(
         ref=ref,
@@ -95,7 +100,7 @@ def contact(ref: str, company: str | None = "acme", **values: bool) -> Contact:
         email=ref if email_only else f"{ref}@example.com",
         name=None,
         title=None,
-        company_id=company,  # Planhat creates a contact it does not have only under a company
+        company_id=company,
         values=values or {"vip": True},
     )
 
@@ -154,7 +159,7 @@ def test_identify_payload_carries_every_known_field() -> None:
 
 
 def test_identify_for_email_only_contact_has_no_user_id() -> None:
-    message = build_identify(contact("ann@example.com", company=None), PlanhatSettings(), "m", "t")
+    message = build_identify(with_company("ann@example.com", None), PlanhatSettings(), "m", "t")
     assert "userId" not in message and "user_id" not in message
     assert message["traits"] == {"vip": True, "email": "ann@example.com"}
 
@@ -168,7 +173,7 @@ def test_enduser_item_omits_unknown_fields() -> None:
         "companyExternalId": "acme",
         "custom": {"zeta_fans": False, "alpha_buyers": True},
     }
-    assert build_enduser(contact("ann@example.com", company=None)) == {
+    assert build_enduser(with_company("ann@example.com", None)) == {
         "email": "ann@example.com",
         "custom": {"vip": True},
     }
@@ -636,7 +641,7 @@ def test_the_fake_bulk_upsert_creates_no_contact_without_a_company(fake_planhat:
     fake_planhat.add_contact("u9", "u9@example.com")
     settings = PlanhatSettings(transport="endusers", api_token=Secret(API_TOKEN), base_url=fake_planhat.url)
     with PlanhatClient(settings) as planhat:
-        outcome = planhat.send([contact("u1", company=None), contact("u2"), contact("u9", company=None)])
+        outcome = planhat.send([with_company("u1", None), contact("u2"), with_company("u9", None)])
     assert list(outcome.failed) == ["u1"] and "a new contact needs a company" in outcome.failed["u1"]
     assert fake_planhat.find("u1") is None
     assert fake_planhat.value("u2", "vip") is True and fake_planhat.value("u9", "vip") is True
