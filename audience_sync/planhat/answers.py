@@ -137,13 +137,7 @@ def bulk_failures(
         if status == 206:
             return {}, "HTTP 206 without error details"
         return {}, None
-    by_id: dict[str, list[str]] = {}
-    by_email: dict[str, list[str]] = {}
-    for contact in batch:
-        if contact.user_id is not None:
-            by_id.setdefault(contact.user_id, []).append(contact.ref)
-        if contact.email is not None:
-            by_email.setdefault(contact.email.casefold(), []).append(contact.ref)
+    by_id, by_email = _by_identity(batch)
     failed: dict[str, str] = {}
     for error in errors:
         text = scrub(_error_text(error))
@@ -159,6 +153,14 @@ def not_created(data: dict[str, Any], batch: Sequence[Contact]) -> set[str]:
     """The refs of the batch named in `createdErrors`: items that matched no contact Planhat
     has and could not be created (a new contact needs a company). Planhat holds nothing for
     them."""
+    by_id, by_email = _by_identity(batch)
+    named = data.get("createdErrors")
+    errors = named if isinstance(named, list) else [named] if named else []
+    return {ref for error in errors for ref in _refs_named(error, by_id, by_email)}
+
+
+def _by_identity(batch: Sequence[Contact]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The batch's refs by externalId and by email (casefolded), to find whom an error names."""
     by_id: dict[str, list[str]] = {}
     by_email: dict[str, list[str]] = {}
     for contact in batch:
@@ -166,9 +168,7 @@ def not_created(data: dict[str, Any], batch: Sequence[Contact]) -> set[str]:
             by_id.setdefault(contact.user_id, []).append(contact.ref)
         if contact.email is not None:
             by_email.setdefault(contact.email.casefold(), []).append(contact.ref)
-    named = data.get("createdErrors")
-    errors = named if isinstance(named, list) else [named] if named else []
-    return {ref for error in errors for ref in _refs_named(error, by_id, by_email)}
+    return by_id, by_email
 
 
 def error_items(data: object) -> list[object]:

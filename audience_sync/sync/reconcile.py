@@ -130,7 +130,7 @@ def reconcile(
                 # them from the first page read to the last change delivered.
                 with LeaseKeeper(engine, [a.key for a in held] if fix else [], holder, ttl) as keeper:
                     missing = _compare(settings, engine, held, reports, reader_factory, fix, keeper)
-                _count_without_company(settings, sources, held, missing, reports)
+                    _count_without_company(settings, sources, held, missing, reports)
                 if fix:
                     _repair_runs(settings, engine, held, reports, force, trigger, sources, sender_factory,
                                  holder, progress, should_stop)  # fmt: skip
