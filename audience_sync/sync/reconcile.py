@@ -2,14 +2,17 @@
 
 Drift happens outside audience-sync: someone edits a contact by hand, an import overwrites the
 field, contacts are merged or deleted, the state database is restored from an old backup. A
-reconcile pages through every Planhat contact (`PlanhatReader`, rate-limited) into temporary
-tables of the state database, then compares set-based, per audience, against the baseline
-(what Planhat was told and confirmed):
+reconcile pages through every Planhat contact (`PlanhatReader`, rate-limited; for account-level
+keys, every company) into temporary tables of the state database, then compares set-based,
+per audience, against the baseline (what Planhat was told and confirmed):
 
     agree             the contact's field is what the baseline says
     unexpected_true   `true` in Planhat, but not a member as far as Planhat was told
     missing_true      a member, but the contact's field is not `true` (false or absent)
-    missing_contact   a member, and Planhat has no such contact at all
+    missing_contact   a member, and Planhat has no such contact (or company) at all; for
+                      contacts, the source is read once more to count those it gives no
+                      company_id, the likely cause (Planhat discards a call for a contact it
+                      does not have unless it names the company)
 
 With `fix`, under the audiences' leases: the baseline is rewritten to what Planhat showed
 (so it is again "what Planhat holds"), and outbox rows in doubt lose their doubt (Planhat's
