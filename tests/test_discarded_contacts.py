@@ -89,6 +89,7 @@ def test_an_exit_for_a_contact_planhat_never_created_is_done(project: Project, c
     project.source.set_users(users([1]))
     fake.timeout_next(1)  # held past the client's timeout, then nothing written
     assert run(cli, "sync").code == 1
+    assert fake.wait_idle()  # the held request is recorded once its hold ends
     assert query(project.state_url, "SELECT in_doubt FROM pending") in ([(True,)], [(1,)])
     project.source.set_users([])
     result = run(cli, "sync")

@@ -227,6 +227,7 @@ def test_an_event_audience_over_a_postgresql_warehouse(project: Project, cli: Cl
         project.path.write_text(
             project.path.read_text().replace(f'url = "{project.source.url}"', f'url = "{POSTGRES_URL}"')
         )
+        project.planhat.add_contact("u1", "u1@x.com")  # an event definition sends no company
         assert sync(cli).code == 0
         assert (
             project.planhat.value("u1", "buyers_30") is True
