@@ -35,6 +35,7 @@ from .settings import (
     STATUS_TOKEN_ENV,
     SUBDOMAINS,
     TENANT_TOKEN_ENV,
+    TRAIT_FIELD_TYPES,
     TRANSPORTS,
     AudienceSettings,
     DaemonSettings,
@@ -412,6 +413,9 @@ def _parse_entry(
     if level == "account" and planhat.transport == "segment" and planhat.api_token is None:
         raise table.error("level", ACCOUNT_NEEDS_API_TOKEN)
     on_exit = table.take_choice("on_exit", "clear", ON_EXIT) if kind == "trait" else "clear"
+    field_type = table.take_str("type") if kind == "trait" else ""
+    if field_type and field_type not in TRAIT_FIELD_TYPES:
+        raise table.error("type", f"must be one of {', '.join(TRAIT_FIELD_TYPES)}; got {field_type!r}")
     table.finish()
     return AudienceSettings(
         name=name,
@@ -422,6 +426,7 @@ def _parse_entry(
         level=level,
         send_as=send_as,
         on_exit=on_exit,
+        field_type=field_type or None,
         definition=definition,
     )
 
