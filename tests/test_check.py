@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from audience_sync import check
 from audience_sync.config import load_settings
 from audience_sync.state import database, migrations
 from audience_sync.support import redaction
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, SourceDB, query, users
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, SourceDB, Spawn, query, users, wait_for
 from tests.fake_planhat import FakePlanhat
 
 ENDLESS = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT 'u' || x AS user_id FROM n"
@@ -512,6 +513,20 @@ def test_the_daemon_logs_the_same_checks(project: Project, caplog: pytest.LogCap
     assert messages[-1] == ("WARNING", f"check: 1 of {len(results)} checks failed: fix them before syncing.")
     assert "config" not in {r.item for r in results}  # the daemon's settings are already loaded
     assert API_TOKEN not in caplog.text
+
+
+@pytest.mark.slow
+def test_the_daemon_warns_at_start_about_a_query_without_company_id(project: Project, spawn: Spawn) -> None:
+    """`audience-sync run` logs the same check at start: the WARN is a warning in its log."""
+    project.write([{"name": "Trials", "query": "SELECT id AS user_id, email FROM users"}],
+                  extra='[schedule]\nmin_interval = "1h"\nmax_interval = "2h"\n')  # fmt: skip
+    project.source.set_users(users(range(1, 3)))
+    daemon = spawn(project)
+    wait_for(lambda: "check: WARN audience trials" in daemon.log(), what="the start-up check")
+    (line,) = [line for line in daemon.log().splitlines() if "check: WARN audience trials" in line]
+    assert "WARNING" in line and "contacts not yet in Planhat will be discarded by Planhat" in line
+    assert "fix: return each user's company as a column named company_id" in line
+    assert daemon.signal(signal.SIGTERM)[0] == 0
 
 
 def test_the_embedded_demo_on_a_fresh_machine(cli: Cli) -> None:

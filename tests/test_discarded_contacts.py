@@ -7,10 +7,11 @@ by the bulk run's error, by `check` (test_check.py) and by `reconcile`, end to e
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
-from tests.conftest import Cli, Project, query, run, users
+from tests.conftest import Cli, Project, StartDaemon, query, run, schedule, users, wait_for
 
 NO_COMPANY = {"name": "Trials", "query": "SELECT id AS user_id, email FROM users"}
 FAST = "max_requests_per_second = 150"
@@ -98,3 +99,20 @@ def test_an_exit_for_a_contact_planhat_never_created_is_done(project: Project, c
         {"externalId": "u1", "email": "u1@example.com", "custom": {"trials": False}}
     ]
     assert fake.find("u1") is None and query(project.state_url, "SELECT count(*) FROM pending") == [(0,)]
+
+
+def test_the_daemons_reconcile_logs_the_missing_contacts_without_a_company(
+    project: Project, start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = project.planhat
+    reconciling = '\n[reconcile]\ninterval = "1s"\nmax_requests_per_second = 150\n'
+    project.write([NO_COMPANY], planhat=FAST, extra=schedule("1h", "2h") + reconciling)
+    project.source.set_users(users(range(1, 3)))
+    with caplog.at_level(logging.WARNING, logger="audience_sync.sync.reconcile"):
+        start_daemon()
+        wait_for(lambda: fake.unassigned, what="the initial sync, discarded by Planhat")
+        wait_for(lambda: "have no company_id in the source" in caplog.text, what="the reconcile's warning")
+    assert (
+        "audience 'trials': 2 of the 2 missing contacts have no company_id in the source; Planhat "
+        "discards a contact it does not have unless the call names its company" in caplog.text
+    )

@@ -279,6 +279,15 @@ def _count_without_company(
                             audience.key, exc)  # fmt: skip
                 continue
             reports[audience.key].missing_without_company = without
+            if without:
+                log.warning(
+                    "audience %r: %d of the %d missing contacts have no company_id in the source; "
+                    "Planhat discards a contact it does not have unless the call names its company: "
+                    "return it as the column company_id",
+                    audience.key,
+                    without,
+                    len(refs),
+                )
 
 
 # --- the stage: what Planhat holds ------------------------------------------------------------
