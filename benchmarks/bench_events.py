@@ -276,6 +276,29 @@ CONDITION = "event('Order Completed').within(30 days).count() >= 1"
 SYNC_KEY = "bench_buyers"
 
 
+def seed_contacts(engine: sa.Engine, schema: str, planhat_url: str) -> None:
+    """Every warehouse user as a Planhat contact under a company, before the timed syncs: an
+    audience defined on events sends no company_id, and Planhat creates no contact without one."""
+    import urllib.request
+
+    from bench_sync import TOKEN
+
+    def put(items: list[dict[str, Any]]) -> None:
+        request = urllib.request.Request(
+            f"{planhat_url}/endusers", json.dumps(items).encode(), method="PUT",
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+
+    with engine.connect() as connection:
+        rows = connection.execution_options(stream_results=True).execute(
+            sa.text(f"SELECT id, email FROM {schema}.users")
+        )
+        while chunk := rows.fetchmany(5000):
+            put([{"externalId": i, "email": e, "companyExternalId": "acme"} for i, e in chunk])
+
+
 def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
     """`runs` rounds of floor, full sync, churn, incremental sync; medians printed."""
     import tempfile
@@ -290,6 +313,7 @@ def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
             floor = floor_seconds(engine, schema, workdir)
             reset_churn(engine, schema)
             with fake_planhat() as planhat_url, state_database(state, workdir) as state_url:
+                seed_contacts(engine, schema, planhat_url)
                 config = workdir / "events.toml"
                 config.write_text(
                     f'[database]\nurl = "{state_url}"\n\n[planhat]\ntransport = "endusers"\n'
