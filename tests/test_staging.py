@@ -1,10 +1,12 @@
 """The bulk paths behind a large sync: member rows, staging, the diff's shortcut, page grouping,
-and the helpers that keep them fast (the read-ahead thread, the frozen collector)."""
+and the helpers that keep them fast (the read-ahead thread, the paused collector)."""
 
 from __future__ import annotations
 
 import gc
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -14,7 +16,7 @@ import sqlalchemy as sa
 from audience_sync.snapshot import diff, staging
 from audience_sync.snapshot.contract import Member, ReadStats, _member, members
 from audience_sync.state.models import UTCDateTime
-from audience_sync.support import threads
+from audience_sync.support import collector, threads
 from audience_sync.support.collector import frozen_gc
 from audience_sync.sync.delivery import coalesce
 
@@ -135,12 +137,84 @@ def test_one_audience_pages_group_like_the_general_path() -> None:
     assert len(coalesce(rows, False, one_audience=True)) == 4  # the cut page leaves its last user
 
 
-def test_frozen_gc_nests_and_thaws() -> None:
-    assert gc.get_freeze_count() == 0
+class _Cycle:
+    """A run's leftovers: objects in a reference cycle, which only the collector frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _leftover() -> weakref.ref[_Cycle]:
+    return weakref.ref(_Cycle())
+
+
+@pytest.fixture
+def collect_every_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collector, "COLLECT_SECONDS", 0.0)
+
+
+@pytest.mark.usefixtures("collect_every_phase")
+def test_a_phase_leaves_no_garbage_behind_it() -> None:
+    """Garbage made just before a phase is freed once it ends (the freeze hid it for good: the
+    daemon's memory grew with every run)."""
+    gc.collect()
+    gone = _leftover()
     with frozen_gc():
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        with frozen_gc():
-            assert gc.get_freeze_count() == frozen  # one freeze for nested and concurrent phases
-        assert gc.get_freeze_count() == frozen
+        assert gone() is not None  # frozen with the rest: the phase's collections skip it
+    assert gone() is None
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.usefixtures("collect_every_phase")
+def test_overlapping_phases_in_threads_share_one_freeze_and_end_thawed() -> None:
+    entered, release = threading.Barrier(3), threading.Event()
+
+    def phase() -> None:
+        with frozen_gc(), frozen_gc():  # nested too
+            entered.wait(5)
+            release.wait(5)
+
+    workers = [threading.Thread(target=phase) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    entered.wait(5)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    release.set()
+    for worker in workers:
+        worker.join(5)
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.usefixtures("collect_every_phase")
+def test_phases_that_never_stop_overlapping_still_free_what_the_freeze_hid() -> None:
+    """A daemon of many audiences may always have a phase running: a phase that ends thaws and
+    collects all the same, and freezes again for the ones still running."""
+    gc.collect()
+    with frozen_gc():
+        gone = _leftover()
+        with frozen_gc():
+            pass
+        assert gone() is None
+        assert gc.get_freeze_count() > 0  # the outer phase is frozen again
+    assert gc.get_freeze_count() == 0
+
+
+def test_phases_in_quick_succession_share_one_full_collection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full collection walks every object: the daemon, ending a phase every second or so, pays
+    one per COLLECT_SECONDS, not one per phase; what the freeze hid waits for it, thawed."""
+    monkeypatch.setattr(collector, "COLLECT_SECONDS", 3600.0)
+    monkeypatch.setattr(collector, "_collected_at", time.monotonic())
+    full = gc.get_stats()[2]["collections"]
+    gone = _leftover()
+    gc.disable()  # no automatic collection either, to count frozen_gc's own
+    try:
+        for _ in range(3):
+            with frozen_gc():
+                pass
+    finally:
+        gc.enable()
+    assert gc.get_stats()[2]["collections"] == full
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None
