@@ -4,6 +4,7 @@ DuckDB (a file); state on SQLite and PostgreSQL; Planhat the loopback fake."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import subprocess
 import sys
@@ -122,7 +123,9 @@ def pg_warehouse(warehouse_database: str) -> Iterator[Warehouse]:
     house.engine.dispose()
 
 
-def planned_project(project: Project, house: Warehouse, *, planner: bool = True, traits: bool = False) -> Project:
+def planned_project(
+    project: Project, house: Warehouse, *, planner: bool = True, traits: bool = False
+) -> Project:
     """The project's config on the warehouse: `pro_plan` (and the `orders` trait)."""
     project.source = cast(SourceDB, house)
     audiences = [{"name": "Pro Plan", "query": house.pro_query}]
@@ -166,7 +169,12 @@ def test_a_planner_source_sends_the_members_then_only_the_changes(
     sent_before = len(fake.requests)
     assert sync(cli).code == 0
     record = last_run(cli, "pro_plan")
-    assert (record["kind"], record["members"], record["entered"], record["exited"]) == ("incremental", 19, 2, 3)
+    assert (record["kind"], record["members"], record["entered"], record["exited"]) == (
+        "incremental",
+        19,
+        2,
+        3,
+    )
     assert [fake.value(f"u{n}", "pro_plan") for n in (1, 2, 3, 21, 22)] == [False, False, False, True, True]
     assert fake.value("u6", "orders") == 7 and fake.value("u1", "orders") is None
     assert len(fake.requests) > sent_before
@@ -197,13 +205,15 @@ def test_the_planner_and_the_streaming_path_leave_planhat_the_same(
         for rows in steps:
             warehouse.set_users(rows)
             assert sync(cli, "--force").code == 0
+            gc.collect()  # DuckDB: the read-write handle is gone before a read-only one opens
             assert cli("--config", str(streaming.path), "sync", "--force").code == 0
             for key in ("pro_plan", "orders"):
                 assert truth(project.planhat, range(1, 40), key) == truth(other, range(1, 40), key)
-        assert project.planhat.value("anon@example.com", "pro_plan") is True or True
 
 
-def test_a_full_resync_rebuilds_the_planner_snapshot(project: Project, cli: Cli, pg_warehouse: Warehouse) -> None:
+def test_a_full_resync_rebuilds_the_planner_snapshot(
+    project: Project, cli: Cli, pg_warehouse: Warehouse
+) -> None:
     planned_project(project, pg_warehouse)
     pg_warehouse.set_users(people(range(1, 11)))
     assert sync(cli).code == 0
@@ -218,7 +228,9 @@ def test_a_full_resync_rebuilds_the_planner_snapshot(project: Project, cli: Cli,
     assert last_run(cli, "pro_plan")["exited"] == 1
 
 
-def test_reconcile_fix_repairs_a_planner_audience(project: Project, cli: Cli, pg_warehouse: Warehouse) -> None:
+def test_reconcile_fix_repairs_a_planner_audience(
+    project: Project, cli: Cli, pg_warehouse: Warehouse
+) -> None:
     planned_project(project, pg_warehouse)
     pg_warehouse.set_users(people(range(1, 11)))
     assert sync(cli).code == 0
@@ -295,15 +307,27 @@ def test_a_kill_at_each_step_of_the_hand_off_loses_nothing_and_sends_nothing_twi
     _sync_killed_at(KILL_POINTS[point], project.path)
     sent_by_killed = len(fake.requests) - requests_before
     assert sent_by_killed == 0  # every kill point is before delivery
+    # where the kill landed: what the warehouse and the state database hold
+    committed = query(project.state_url, "SELECT generation FROM planner_snapshots")
+    assert committed == [(1,)] if point == "after_diff" else [(2,)]
+    left = ["as_chg_pro_plan_2", "as_snap_pro_plan_1", "as_snap_pro_plan_2"]
+    if point == "before_snapshot_advances":
+        left = left[1:]
+    assert pg_warehouse.planner_tables() == left
     query(project.state_url, "UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
 
     assert sync(cli).code == 0
     assert truth(fake, range(1, 26)) == {f"u{n}": n >= 5 for n in range(1, 26)}
     # each change went out once, with one value
-    items = [item for _, _, body, status, *_ in fake.requests[requests_before:] if status == 200 for item in body]
+    items = [
+        item for _, _, body, status, *_ in fake.requests[requests_before:] if status == 200 for item in body
+    ]
     sent = [(item["externalId"], item["custom"]["pro_plan"]) for item in items]
-    assert sorted(sent) == sorted([(f"u{n}", False) for n in range(1, 5)] + [(f"u{n}", True) for n in range(21, 26)])
-    assert pg_warehouse.planner_tables() == ["as_snap_pro_plan_2"]
+    assert sorted(sent) == sorted(
+        [(f"u{n}", False) for n in range(1, 5)] + [(f"u{n}", True) for n in range(21, 26)]
+    )
+    generation = 2 if point == "after_diff" else 3  # the rerun's: a killed uncommitted one is redone
+    assert pg_warehouse.planner_tables() == [f"as_snap_pro_plan_{generation}"]
 
     pg_warehouse.set_users(people(range(6, 26)))  # and the next run diffs against the right snapshot
     assert sync(cli).code == 0

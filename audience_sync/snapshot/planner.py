@@ -133,14 +133,18 @@ def audience_params(audience: AudienceSettings, as_of: datetime) -> dict[str, An
 def contract_columns(audience: AudienceSettings, names: list[str]) -> list[str]:
     """The snapshot's columns that the contract reads (as the warehouse spells them): the rows
     compare on these only."""
-    wanted = ("company_id", "name") if audience.level == "account" else IDENTIFIER_COLUMNS + TRAIT_COLUMNS
+    wanted: tuple[str, ...] = (
+        ("company_id", "name") if audience.level == "account" else IDENTIFIER_COLUMNS + TRAIT_COLUMNS
+    )
     if audience.trait:
         wanted += (VALUE_COLUMN,)
     by_lower = {name.lower(): name for name in names}
     return [by_lower[column] for column in wanted if column in by_lower]
 
 
-def ref_expression(audience: AudienceSettings, source: sa.TableClause, columns: list[str]) -> sa.ColumnElement[Any]:
+def ref_expression(
+    audience: AudienceSettings, source: sa.TableClause, columns: list[str]
+) -> sa.ColumnElement[Any]:
     """A row's identifier in the warehouse, as the contract takes it: company_id for an account,
     else user_id when given, else email, as trimmed text."""
     lowered = {column.lower(): column for column in columns}
@@ -150,10 +154,7 @@ def ref_expression(audience: AudienceSettings, source: sa.TableClause, columns: 
             return None
         return sa.func.trim(sa.cast(sa.column(lowered[name], _selectable=source), sa.String))
 
-    if audience.level == "account":
-        parts = [text("company_id")]
-    else:
-        parts = [text("user_id"), text("email")]
+    parts = [text("company_id")] if audience.level == "account" else [text("user_id"), text("email")]
     present = [part for part in parts if part is not None]
     if not present:
         return sa.null()
@@ -185,7 +186,9 @@ def build_snapshot(generation: Generation, audience: AudienceSettings) -> Create
 
 
 def columns_of(connection: Connection, snapshot: sa.TableClause) -> list[str]:
-    result = connection.execute(sa.select(sa.literal_column("*")).select_from(snapshot).limit(0))
+    result: sa.CursorResult[Any] = connection.execute(
+        sa.select(sa.literal_column("*")).select_from(snapshot).limit(0)
+    )
     names = list(result.keys())
     result.close()
     return names
@@ -213,16 +216,13 @@ def rows_of_changed(
 ) -> sa.Select[Any]:
     """The snapshot's rows (contract columns only) of the identifiers in the per-run table."""
     ref = ref_expression(audience, snapshot, columns)
-    changed = sa.select(sa.column(REF, _selectable=changes)).select_from(changes)
-    return (
-        sa.select(*(sa.column(c, _selectable=snapshot) for c in columns))
-        .select_from(snapshot)
-        .where(ref.in_(changed.scalar_subquery()))
-    )
+    changed: sa.Select[Any] = sa.select(sa.column(REF, _selectable=changes)).select_from(changes)
+    return every_row(snapshot, columns).where(ref.in_(changed.scalar_subquery()))
 
 
 def every_row(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
-    return sa.select(*(sa.column(c, _selectable=snapshot) for c in columns)).select_from(snapshot)
+    picked: list[sa.ColumnClause[Any]] = [sa.column(c, _selectable=snapshot) for c in columns]
+    return sa.select(*picked).select_from(snapshot)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,9 @@ def drop_stage(connection: Connection) -> None:
 def add_stage_to_scope(connection: Connection) -> int:
     """Add the staged users to the scope (created empty the first time); returns those added."""
     key = "TEXT" if connection.dialect.name == "sqlite" else "VARCHAR(255)"
-    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {SCOPE} (user_ref {key} NOT NULL PRIMARY KEY)")
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {SCOPE} (user_ref {key} NOT NULL PRIMARY KEY)"
+    )
     return connection.exec_driver_sql(
         f"INSERT INTO {SCOPE} (user_ref) SELECT s.user_ref FROM {STAGE} s "
         f"WHERE NOT EXISTS (SELECT 1 FROM {SCOPE} x WHERE x.user_ref = s.user_ref)"

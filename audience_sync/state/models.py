@@ -3,8 +3,8 @@
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
 (outbox.py), runs (runs.py), changes (changes.py), leases (leases.py), resync_requests
-(resyncs.py), planner_snapshots (planner.py). Read-only views across tables (`status`, `history`, the status page) are in
-history.py.
+(resyncs.py), planner_snapshots (planner.py). Read-only views across tables (`status`,
+`history`, the status page) are in history.py.
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by

@@ -121,7 +121,9 @@ def diff_in_warehouse(
             and keep is not None
             and planner.exists(connection, schema, keep)
         )
-        connection.execute(planner.build_snapshot(current, audience), planner.audience_params(audience, as_of))
+        connection.execute(
+            planner.build_snapshot(current, audience), planner.audience_params(audience, as_of)
+        )
         columns = planner.contract_columns(audience, planner.columns_of(connection, current.snapshot))
         if fits and previous is not None:
             connection.execute(planner.changed_refs(audience, previous, current, columns))
@@ -205,12 +207,16 @@ def _stage_changes(
     current, previous = plan.current, plan.previous
     staging.create_stage(connection)
     before = planner.rows_of_changed(audience, previous.snapshot, current.changes, plan.columns)
-    staging.load_stage(connection, _read(pool, audience, before, ReadStats(), as_of), with_value=audience.trait)
+    staging.load_stage(
+        connection, _read(pool, audience, before, ReadStats(), as_of), with_value=audience.trait
+    )
     were = staging.add_stage_to_scope(connection)  # the changed users who were members
     stats = ReadStats()
     staging.create_stage(connection)
     after = planner.rows_of_changed(audience, current.snapshot, current.changes, plan.columns)
-    given = staging.load_stage(connection, _read(pool, audience, after, stats, as_of), with_value=audience.trait)
+    given = staging.load_stage(
+        connection, _read(pool, audience, after, stats, as_of), with_value=audience.trait
+    )
     staged = diff.staged_count(connection)
     staging.add_stage_to_scope(connection)
     members = plan.committed.members - were + staged
@@ -259,7 +265,7 @@ def drop_tables(pool: SourcePool, key: str, source: str, schema: str) -> list[st
         return planner.drop_all_but(connection, schema, key, None)
 
 
-class _warehouse_of:  # noqa: N801 - used as a context manager, like a function
+class _warehouse_of:
     """A transaction on the source, its errors one SourceError line naming the planner schema
     and the grant it needs."""
 
@@ -287,9 +293,8 @@ class _warehouse_of:  # noqa: N801 - used as a context manager, like a function
 
     def _error(self, exc: sa.exc.SQLAlchemyError) -> SourceError:
         message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else str(exc).splitlines()[0]
-        return SourceError(
-            f"{self._where}: {message} (the sync needs CREATE rights there: {grant(self._engine, self._schema)})"
-        )
+        needs = grant(self._engine, self._schema)
+        return SourceError(f"{self._where}: {message} (the sync needs CREATE rights there: {needs})")
 
 
 def _warehouse(pool: SourcePool, audience: AudienceSettings, schema: str) -> _warehouse_of:
