@@ -29,6 +29,7 @@ OWNERS = {
     "changes": "state.changes",
     "leases": "state.leases",
     "resync_requests": "state.resyncs",
+    "planner_snapshots": "state.planner",
     "alembic_version": "state.migrations",
 }
 

@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -333,3 +334,94 @@ def test_a_kill_at_each_step_of_the_hand_off_loses_nothing_and_sends_nothing_twi
     assert sync(cli).code == 0
     assert fake.value("u5", "pro_plan") is False
     assert last_run(cli, "pro_plan")["exited"] == 1
+
+
+# --- check: the CREATE rights -------------------------------------------------------------
+
+
+def test_check_proves_create_rights_and_names_the_grant(
+    project: Project, cli: Cli, pg_warehouse: Warehouse
+) -> None:
+    role = f"wt_limited_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(pg_warehouse.url)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {PLANNER}")
+        connection.exec_driver_sql(f"GRANT USAGE ON SCHEMA {pg_warehouse.schema} TO {role}")
+        connection.exec_driver_sql(f"GRANT SELECT ON {pg_warehouse.users} TO {role}")
+    try:
+        limited = sa.make_url(pg_warehouse.url).set(username=role).render_as_string(hide_password=False)
+        project.source = cast(SourceDB, SimpleNamespace(url=limited))  # the warehouse, as that user
+        project.write(
+            [{"name": "Pro Plan", "query": pg_warehouse.pro_query}],
+            transport="endusers",
+            source=f'planner_schema = "{PLANNER}"',
+        )
+        result = run(cli, "check")
+        assert result.code == 1
+        line = next(line for line in result.out.splitlines() if "planner app" in line)
+        assert line.startswith("FAIL")
+        assert f"GRANT USAGE, CREATE ON SCHEMA {PLANNER} TO {role}" in result.out
+
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"GRANT USAGE, CREATE ON SCHEMA {PLANNER} TO {role}")
+        result = run(cli, "check")
+        line = next(line for line in result.out.splitlines() if "planner app" in line)
+        assert line.startswith("OK"), result.out
+        assert pg_warehouse.planner_tables() == []  # the probe left nothing
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {PLANNER} CASCADE")
+            connection.exec_driver_sql(f"REVOKE ALL ON SCHEMA {pg_warehouse.schema} FROM {role}")
+            connection.exec_driver_sql(f"REVOKE ALL ON {pg_warehouse.users} FROM {role}")
+            connection.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()
+
+
+def test_an_audience_defined_on_events_is_diffed_in_the_warehouse(
+    project: Project, cli: Cli, warehouse: Warehouse
+) -> None:
+    orders = f"{warehouse.schema}.order_completed" if warehouse.schema else "order_completed"
+    with warehouse.engine.begin() as connection:
+        connection.exec_driver_sql(
+            f"CREATE TABLE {orders} (id VARCHAR, user_id VARCHAR, anonymous_id VARCHAR, event VARCHAR, "
+            "event_text VARCHAR, timestamp TIMESTAMP, received_at TIMESTAMP, revenue DOUBLE PRECISION)"
+        )
+    warehouse.engine.dispose()
+
+    def set_orders(buyers: range) -> None:
+        with warehouse.engine.begin() as connection:
+            connection.exec_driver_sql(f"DELETE FROM {orders}")
+            for n in buyers:
+                connection.exec_driver_sql(
+                    f"INSERT INTO {orders} VALUES ('o{n}', 'u{n}', 'a', 'order_completed', "
+                    "'Order Completed', "
+                    "CURRENT_TIMESTAMP - INTERVAL '2 days', CURRENT_TIMESTAMP - INTERVAL '2 days', 10)"
+                )
+        warehouse.engine.dispose()
+
+    project.source = cast(SourceDB, warehouse)
+    schema = f'\nschema = "{warehouse.schema}"' if warehouse.schema else ""
+    project.write(
+        [{"name": "Buyers 30", "condition": "event('Order Completed').within(30 days).count() >= 1"}],
+        transport="endusers",
+        planhat="max_requests_per_second = 150",
+        source=f'planner_schema = "{PLANNER}"\nevents = "segment"{schema}',
+    )
+    warehouse.set_users(people(range(1, 11)))
+    set_orders(range(1, 6))
+    result = sync(cli)
+    assert result.code == 0, result.err
+    set_orders(range(3, 9))
+    assert sync(cli).code == 0
+    record = last_run(cli, "buyers_30")
+    assert (record["kind"], record["members"], record["entered"], record["exited"]) == (
+        "incremental",
+        6,
+        3,
+        2,
+    )
+    assert truth(project.planhat, range(1, 11), "buyers_30") == {
+        f"u{n}": (True if 3 <= n <= 8 else False if n <= 2 else None) for n in range(1, 11)
+    }
+    assert warehouse.planner_tables() == ["as_snap_buyers_30_2"]
