@@ -207,9 +207,8 @@ def _stage_changes(
     current, previous = plan.current, plan.previous
     staging.create_stage(connection)
     before = planner.rows_of_changed(audience, previous.snapshot, current.changes, plan.columns)
-    staging.load_stage(
-        connection, _read(pool, audience, before, ReadStats(), as_of), with_value=audience.trait
-    )
+    earlier = ReadStats()
+    staging.load_stage(connection, _read(pool, audience, before, earlier, as_of), with_value=audience.trait)
     were = staging.add_stage_to_scope(connection)  # the changed users who were members
     stats = ReadStats()
     staging.create_stage(connection)
@@ -227,8 +226,13 @@ def _stage_changes(
     else:
         counts = diff.measure_changed(connection, audience.key, staging.SCOPE, members)
     counts = identities.carry_over(connection, audience.key, counts, staging.SCOPE)
-    read_out = stats.rows
-    log.info("audience %r: %d changed rows read out of the planner schema", audience.key, read_out)
+    log.info(
+        "audience %r: read %d rows out of the planner schema (%d of the previous snapshot, %d of the new)",
+        audience.key,
+        earlier.rows + stats.rows,
+        earlier.rows,
+        stats.rows,
+    )
     return counts, stats.skipped + given - staged
 
 
