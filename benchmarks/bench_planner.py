@@ -22,6 +22,7 @@ contract's columns, measured with pg_column_size).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, state_database  # noqa: E402
+from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, state_database
 
 KEY = "bench_members"
 QUERY = "SELECT id AS user_id, email, name, company_id FROM users WHERE member"
@@ -70,7 +71,8 @@ def warehouse(n: int, spare: int) -> Iterator[str]:
     try:
         with engine.begin() as connection:
             connection.exec_driver_sql(
-                "CREATE TABLE users (id text NOT NULL, email text, name text, company_id text, member boolean)"
+                "CREATE TABLE users (id text NOT NULL, email text, name text, company_id text, "
+                "member boolean)"
             )
             connection.execute(
                 sa.text(
@@ -136,8 +138,6 @@ def run_sync(path: Path, *args: str) -> tuple[float, float, str]:
     command = [*CLI, "--config", str(path), "--log-level", "info", "sync", *args]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    import os
-
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     err = process.stderr.read().decode() if process.stderr else ""
@@ -150,11 +150,15 @@ def check(path_: Path_, members: int, leavers: int) -> None:
     state = planhat_state(path_.planhat)
     true, false = state["true"].get(KEY, 0), state["false"].get(KEY, 0)
     if (true, false) != (members, leavers):
-        raise SystemExit(f"{path_.label}: Planhat holds {true} true / {false} false, expected {members} / {leavers}")
+        raise SystemExit(
+            f"{path_.label}: Planhat holds {true} true / {false} false, expected {members} / {leavers}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000, help="members")
     parser.add_argument("--runs", type=int, default=3, help="incremental runs per path")
     args = parser.parse_args()
@@ -175,7 +179,9 @@ def main() -> None:
             write_config(paths[0].config, planned_state, source_url, planned_planhat, planner=True)
             write_config(paths[1].config, streamed_state, source_url, streamed_planhat, planner=False)
             for path_ in paths:
-                subprocess.run([*CLI, "--config", str(path_.config), "db", "upgrade"], check=True, capture_output=True)
+                subprocess.run(
+                    [*CLI, "--config", str(path_.config), "db", "upgrade"], check=True, capture_output=True
+                )
                 path_.full, path_.full_rss, _ = run_sync(path_.config)
                 check(path_, n, 0)
             members, width = counts(source_url)
@@ -200,7 +206,10 @@ def _leavers(path_: Path_, leavers: int) -> int:
 
 
 def report(n: int, moved: int, width: float, paths: list[Path_]) -> None:
-    print(f"\n{n:,} members, {2 * moved:,} changes per incremental run (1% churn); PostgreSQL warehouse and state")
+    print(
+        f"\n{n:,} members, {2 * moved:,} changes per incremental run (1% churn); "
+        "PostgreSQL warehouse and state"
+    )
     print(f"{'path':<10} {'full s':>8} {'incr s (median)':>16} {'incr runs':>26} {'peak RSS MB':>12} "
           f"{'rows out':>10} {'MB out':>8}")  # fmt: skip
     for p in paths:
@@ -211,7 +220,9 @@ def report(n: int, moved: int, width: float, paths: list[Path_]) -> None:
             f"{rows:>10,.0f} {rows * width / 1e6:>8.2f}"
         )
     planned, streamed = (statistics.median(p.incremental) for p in paths)
-    print(f"incremental: streaming / planner = {streamed / planned:.2f}x; average row width {width:.0f} bytes")
+    print(
+        f"incremental: streaming / planner = {streamed / planned:.2f}x; average row width {width:.0f} bytes"
+    )
 
 
 if __name__ == "__main__":

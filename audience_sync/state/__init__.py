@@ -7,5 +7,5 @@ production), with the schema managed by Alembic.
 
 One module per table family writes that table's SQL, and no other module does (a test holds
 it): `audiences`, `baseline`, `outbox` (pending and in_flight), `runs`, `changes`, `leases`,
-`resyncs`. `history` reads across them for `status` and the status page.
+`resyncs`, `planner` (planner_snapshots). `history` reads across them for `status` and the status page.
 """
