@@ -23,11 +23,14 @@ from tests.conftest import (
     FakePlanhat,
     Project,
     SourceDB,
+    finished,
     last_run,
     query,
     require_postgres,
     run,
+    schedule,
     sync,
+    wait_for,
 )
 
 PLANNER = "audience_sync_planner"
@@ -425,3 +428,44 @@ def test_an_audience_defined_on_events_is_diffed_in_the_warehouse(
         f"u{n}": (True if 3 <= n <= 8 else False if n <= 2 else None) for n in range(1, 11)
     }
     assert warehouse.planner_tables() == ["as_snap_buyers_30_2"]
+
+
+def test_a_blocked_run_drops_its_own_tables_and_keeps_the_committed_snapshot(
+    project: Project, cli: Cli, pg_warehouse: Warehouse
+) -> None:
+    planned_project(project, pg_warehouse)
+    pg_warehouse.set_users(people(range(1, 201)))
+    assert sync(cli).code == 0
+    pg_warehouse.set_users(people(range(1, 21)))  # 180 of 200 leave: the guard holds it
+    assert sync(cli).code == 1
+    assert last_run(cli, "pro_plan")["status"] == "blocked"
+    assert pg_warehouse.planner_tables() == ["as_snap_pro_plan_1"]
+    assert project.planhat.value("u30", "pro_plan") is True
+    assert sync(cli, "--force").code == 0  # diffed against the committed snapshot still
+    assert project.planhat.value("u30", "pro_plan") is False
+    assert last_run(cli, "pro_plan")["exited"] == 180
+    assert pg_warehouse.planner_tables() == ["as_snap_pro_plan_2"]  # the blocked one was never committed
+
+
+def test_the_daemon_runs_a_planner_source(
+    project: Project, pg_warehouse: Warehouse, start_daemon: Any
+) -> None:
+    planned_project(project, pg_warehouse)
+    project.write(
+        [{"name": "Pro Plan", "query": pg_warehouse.pro_query}],
+        transport="endusers",
+        planhat="max_requests_per_second = 150",
+        source=f'planner_schema = "{PLANNER}"',
+        extra=schedule("0.6s", "0.9s"),
+    )
+    pg_warehouse.set_users(people(range(1, 11)))
+    start_daemon()
+    wait_for(lambda: finished(project.state_url), what="the first run")
+    pg_warehouse.set_users(people(range(3, 13)))
+    second = wait_for(
+        lambda: [r for r in finished(project.state_url) if r["kind"] == "incremental" and r["entered"]],
+        what="an incremental run that found the change",
+    )
+    assert (second[0]["entered"], second[0]["exited"]) == (2, 2)
+    assert project.planhat.value("u12", "pro_plan") is True
+    assert project.planhat.value("u1", "pro_plan") is False
