@@ -276,6 +276,29 @@ CONDITION = "event('Order Completed').within(30 days).count() >= 1"
 SYNC_KEY = "bench_buyers"
 
 
+def seed_contacts(engine: sa.Engine, schema: str, planhat_url: str) -> None:
+    """Every warehouse user as a Planhat contact under a company, before the timed syncs: an
+    audience defined on events sends no company_id, and Planhat creates no contact without one."""
+    import urllib.request
+
+    from bench_sync import TOKEN
+
+    def put(items: list[dict[str, Any]]) -> None:
+        request = urllib.request.Request(
+            f"{planhat_url}/endusers", json.dumps(items).encode(), method="PUT",
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+
+    with engine.connect() as connection:
+        rows = connection.execution_options(stream_results=True).execute(
+            sa.text(f"SELECT id, email FROM {schema}.users")
+        )
+        while chunk := rows.fetchmany(5000):
+            put([{"externalId": i, "email": e, "companyExternalId": "acme"} for i, e in chunk])
+
+
 def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
     """`runs` rounds of floor, full sync, churn, incremental sync; medians printed."""
     import tempfile
@@ -290,6 +313,7 @@ def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
             floor = floor_seconds(engine, schema, workdir)
             reset_churn(engine, schema)
             with fake_planhat() as planhat_url, state_database(state, workdir) as state_url:
+                seed_contacts(engine, schema, planhat_url)
                 config = workdir / "events.toml"
                 config.write_text(
                     f'[database]\nurl = "{state_url}"\n\n[planhat]\ntransport = "endusers"\n'
@@ -303,14 +327,16 @@ def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
                     if label == "incremental":
                         leavers = churn(engine, schema)
                     seconds, cpu, rss = run_cli(config, f"events-{state}-{label}-{rep}", None)
-                    members = count_members(engine, schema)
+                    run = last_run(config)
+                    # The run evaluated the window at its start: count the members as of then, or
+                    # a user whose last order crossed the 30-day edge since would look extra.
+                    members = count_members(engine, schema, run["started_at"])
                     held = planhat_state(planhat_url)
                     true, false = held["true"].get(SYNC_KEY, 0), held["false"].get(SYNC_KEY, 0)
                     if (true, false) != (members, leavers if label == "incremental" else 0):
                         raise SystemExit(
                             f"{label}: Planhat holds {true} true / {false} false; {members} members"
                         )
-                    run = last_run(config)
                     if run["status"] != "success" or run["pending"]:
                         raise SystemExit(
                             f"{label}: the run ended {run['status']} with {run['pending']} pending"
@@ -339,17 +365,24 @@ def sync_runs(url: str, schema: str, state: str, runs: int) -> None:
 CHURNED = "bench_churned"  # the users whose recent orders the churn deleted (restored before a round)
 
 
-def members_sql(schema: str) -> str:
+def members_sql(schema: str, as_of: str = "now()") -> str:
     return (
         f"SELECT u.id, u.email FROM {schema}.users u JOIN "
         f"(SELECT DISTINCT o.user_id FROM {schema}.order_completed o "
-        'WHERE o."timestamp" >= now() - interval \'30 days\' AND o."timestamp" < now()) b ON b.user_id = u.id'
+        f'WHERE o."timestamp" >= {as_of} - interval \'30 days\' AND o."timestamp" < {as_of}) b '
+        "ON b.user_id = u.id"
     )
 
 
-def count_members(engine: sa.Engine, schema: str) -> int:
+def count_members(engine: sa.Engine, schema: str, as_of: str | None = None) -> int:
+    """Members now, or at `as_of` (an ISO time, e.g. a run's start)."""
+    at = "now()"
+    if as_of is not None:
+        moment = datetime.fromisoformat(as_of)
+        at = f"CAST('{(moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()}' AS timestamptz)"
     with engine.connect() as connection:
-        return int(connection.exec_driver_sql(f"SELECT count(*) FROM ({members_sql(schema)}) m").scalar_one())
+        count = connection.exec_driver_sql(f"SELECT count(*) FROM ({members_sql(schema, at)}) m")
+        return int(count.scalar_one())
 
 
 def floor_seconds(engine: sa.Engine, schema: str, workdir: Path) -> float:

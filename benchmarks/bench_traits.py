@@ -50,12 +50,13 @@ CASES = {
     "audience": (
         "audiences",
         "bench_members",
-        "SELECT id AS user_id, email, name FROM users WHERE member = 1",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id FROM users WHERE member = 1",
     ),
     "trait": (
         "traits",
         "bench_revenue",
-        "SELECT id AS user_id, email, name, revenue AS value FROM users WHERE member = 1",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id, revenue AS value "
+        "FROM users WHERE member = 1",
     ),
 }
 

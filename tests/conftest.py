@@ -208,8 +208,14 @@ def expire_leases(url: str) -> None:
     query(url, "UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
 
 
+# Every test user belongs to a company unless the test says otherwise: Planhat discards an
+# identify for a contact it does not have that names no company, and its bulk upsert creates
+# no contact without one (the fake does the same).
+COMPANY = "acme"
+
+
 def _user_row(row: dict[str, Any]) -> dict[str, Any]:
-    base = {"id": None, "email": None, "name": None, "title": None, "company_id": None,
+    base = {"id": None, "email": None, "name": None, "title": None, "company_id": COMPANY,
             "plan": "pro", "orders": 0}  # fmt: skip
     return {**base, **row}
 
@@ -224,7 +230,7 @@ def source_db(tmp_path: Path) -> SourceDB:
 
 
 PRO_QUERY = "SELECT id AS user_id, email, name, title, company_id FROM users WHERE plan = 'pro'"
-BUYERS_QUERY = "SELECT id AS user_id, email FROM users WHERE orders > 0"
+BUYERS_QUERY = "SELECT id AS user_id, email, company_id FROM users WHERE orders > 0"
 
 
 @dataclass

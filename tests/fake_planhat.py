@@ -7,14 +7,25 @@ both transports.
 
     POST /dock/segment   Basic auth, user name = tenant token, empty password: identify
                          (traits other than email/name/title/companyId land in `custom`; a
-                         null removes the field), track (kept in `events`, per contact ref)
-                         and group (traits land in the company's `custom`)
+                         null removes the field) and track (kept in `events`, per contact ref).
+                         As Planhat documents (planhat/docs, source/includes/_activity.md,
+                         "3. Segment"): any other call type (group, page, alias...) and a call
+                         with neither user id nor email is ignored, 200 and nothing written
+                         (kept in `ignored`); an identify or track for a contact Planhat does
+                         not have, without a company id (`traits.companyId`, on a track
+                         `context.traits.companyId`), is discarded, 200 and nothing written
+                         (kept in `unassigned`, Planhat's report of them)
     PUT  /companies      Bearer API token; like PUT /endusers, items matched on externalId,
                          kept in `companies`
-    PUT  /endusers       Bearer API token; answers created/updated and the *Errors lists
+    PUT  /endusers       Bearer API token; answers created/updated and the *Errors lists. An
+                         item matching no contact is created only with a company
+                         (`companyId` or `companyExternalId`); without one it is named in
+                         `createdErrors` (206) and not written, as Planhat's bulk upsert does
     GET  /endusers       Bearer API token; ?limit=N&offset=M (limit 100 by default, at most
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
+    GET  /companies      Bearer API token; paged like GET /endusers: {"_id", "externalId",
+                         "name", "custom"} in creation order
     GET  /customfields   Bearer API token; the `custom_fields` list (404 when it is None)
     POST /customfields   Bearer API token; creates a field from {"name", "type", "parent",
                          "isHidden"} (Planhat's required properties; `listValues` optional),
@@ -85,6 +96,7 @@ MAX_BULK = 5000
 MAX_PAGE = 5000  # GET /endusers answers at most this many contacts
 DEFAULT_PAGE = 100  # ... and this many when no limit is given, like Planhat
 ERROR_LISTS = ("createdErrors", "updatedErrors", "permissionErrors")
+NO_COMPANY = "a new contact needs a company (companyId or companyExternalId)"
 JSON = "application/json"
 DEFAULT_HTML = (
     "<html><head><title>Welcome to nginx!</title></head><body><h1>Welcome to nginx!</h1></body></html>"
@@ -189,12 +201,19 @@ class FakePlanhat:
         self.contacts: dict[str, dict[str, Any]] = {}
         self.companies: dict[str, dict[str, Any]] = {}  # externalId -> {"name", "custom"}
         self.events: list[dict[str, Any]] = []  # track calls received: {"ref", "event", "properties"}
+        # /dock/segment calls Planhat ignores ({"type", "reason"}), and identifies / tracks it
+        # discarded for an unknown contact without a company ({"type", "ref"}): both answered 200.
+        self.ignored: list[dict[str, Any]] = []
+        self.unassigned: list[dict[str, Any]] = []
         self.requests: list[Recorded] = []
         self.message_ids: list[str] = []  # every segment messageId received, faults included
         self.max_in_flight = 0
         self.applied_items = 0  # contact items written, whether the client saw the answer or not
         self.applied_values = 0  # custom values written (an item carries one per audience)
         self.applied: Counter[tuple[str, str, Any]] = Counter()  # (ref, key, value) -> writes
+        # (ref, key, value) -> answered but not written: no such contact, and none created
+        # (an identify discarded, a bulk item in createdErrors). Counted with `count_values`.
+        self.declined: Counter[tuple[str, str, Any]] = Counter()
         self._in_flight = 0
         self._email_keys: dict[str, str] = {}  # email -> key of the contact holding it
         # externalId -> key of the contact it was given to after creation (matched by email)
@@ -443,6 +462,8 @@ class FakePlanhat:
             if values:
                 state["values"] = values
             if applied:
+                state["ignored"] = len(self.ignored)
+                state["unassigned"] = len(self.unassigned)
                 state["applied_items"] = self.applied_items
                 state["applied_values"] = self.applied_values
                 state["throttled"] = self.throttled
@@ -493,6 +514,7 @@ class FakePlanhat:
             ("PUT", ENDUSERS_PATH): self._endusers,
             ("PUT", COMPANIES_PATH): self._companies,
             ("GET", ENDUSERS_PATH): self._list_endusers,
+            ("GET", COMPANIES_PATH): self._list_companies,
             ("GET", CUSTOM_FIELDS_PATH): self._list_custom_fields,
             ("POST", CUSTOM_FIELDS_PATH): self._create_custom_field,
         }
@@ -545,6 +567,12 @@ class FakePlanhat:
             self.requests.append(Recorded(method, path, kept, answer.status, query, fault))
         return answer
 
+    def _decline(self, ref: str, custom: dict[str, Any]) -> None:
+        """Count values answered but not written (no contact to hold them); the caller holds the lock."""
+        if self.count_values:
+            for key, value in custom.items():
+                self.declined[(ref, key, value)] += 1
+
     def _count(self, ref: str, custom: dict[str, Any]) -> None:
         """Count one written item; the caller holds the lock."""
         self.applied_items += 1
@@ -565,29 +593,41 @@ class FakePlanhat:
 
     def _track(self, message: dict[str, Any]) -> _Answer:
         user_id = message.get("userId") or message.get("user_id")
-        email = ((message.get("context") or {}).get("traits") or {}).get("email")
-        if not (user_id or email) or not message.get("event"):
-            return _json_answer(400, {"error": "track needs an event and userId or context.traits.email"})
+        traits = (message.get("context") or {}).get("traits") or {}
+        email = traits.get("email")
+        if not message.get("event"):
+            return _json_answer(400, {"error": "track needs an event"})
+        ref = str(user_id or email)
         with self._lock:
+            if not self._known(user_id, email):
+                if not traits.get("companyId"):
+                    return self._unassigned("track", ref)
+                self._upsert({"externalId": user_id, "email": email,
+                              "companyExternalId": traits["companyId"]}, {})  # fmt: skip
             self.events.append(
-                {
-                    "ref": user_id or email,
-                    "event": message["event"],
-                    "properties": message.get("properties") or {},
-                }
+                {"ref": ref, "event": message["event"], "properties": message.get("properties") or {}}
             )
         return _json_answer(200, {"ok": True})
 
-    def _group(self, message: dict[str, Any]) -> _Answer:
-        group_id = message.get("groupId")
-        if not group_id:
-            return _json_answer(400, {"error": "group has no groupId"})
-        traits = message.get("traits") or {}
-        custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
+    def _ignore(self, kind: Any, reason: str) -> _Answer:
+        """Planhat: "Events will be completely ignored when ... Request is not of type
+        'Identify' or 'Track' ... Both User Id and Email are missing": 200, nothing written."""
         with self._lock:
-            self._upsert_company({"externalId": group_id, "name": traits.get("name")}, custom)
-            self._count(group_id, custom)
+            self.ignored.append({"type": kind, "reason": reason})
         return _json_answer(200, {"ok": True})
+
+    def _unassigned(self, kind: str, ref: str) -> _Answer:
+        """Planhat: a call for a user it does not have, with no customer id, "will be discarded
+        but added [to] a report in Planhat". The caller holds the lock."""
+        self.unassigned.append({"type": kind, "ref": ref})
+        return _json_answer(200, {"ok": True})
+
+    def _known(self, external: Any, email: Any) -> bool:
+        """Whether an item or a call with these ids matches a contact Planhat has (by
+        externalId, else email), as `_upsert` matches. The caller holds the lock."""
+        if external and (external in self.contacts or self._external_keys.get(external) in self.contacts):
+            return True
+        return bool(email) and self._email_keys.get(email, email) in self.contacts
 
     def _companies(self, items: Any, _query: str = "") -> _Answer:
         if not isinstance(items, list) or not 0 < len(items) <= MAX_BULK:
@@ -624,17 +664,19 @@ class FakePlanhat:
         return created
 
     def _segment(self, message: Any, _query: str = "") -> _Answer:
-        if isinstance(message, dict) and message.get("type") == "track":
-            return self._track(message)
-        if isinstance(message, dict) and message.get("type") == "group":
-            return self._group(message)
-        if not isinstance(message, dict) or message.get("type") != "identify":
-            return _json_answer(400, {"error": "expected one identify, track or group message"})
-        traits = message.get("traits") or {}
+        if not isinstance(message, dict):
+            return _json_answer(400, {"error": "expected one Segment message (a JSON object)"})
+        kind = message.get("type")
+        if kind not in ("identify", "track"):
+            return self._ignore(kind, "not of type identify or track")
+        holder = message if kind == "identify" else message.get("context") or {}
+        traits = holder.get("traits") or {}
         user_id = message.get("userId") or message.get("user_id")
         email = traits.get("email")
         if not (user_id or email):
-            return _json_answer(400, {"error": "identify has neither userId nor traits.email"})
+            return self._ignore(kind, "both user id and email are missing")
+        if kind == "track":
+            return self._track(message)
         with self._lock:
             bad = {user_id, email} & self._bad
         if bad:
@@ -648,6 +690,9 @@ class FakePlanhat:
         }
         custom = {k: v for k, v in traits.items() if k not in IDENTITY_TRAITS}
         with self._lock:
+            if not traits.get("companyId") and not self._known(user_id, email):
+                self._decline(str(user_id or email), custom)
+                return self._unassigned("identify", str(user_id or email))
             self._upsert(fields, custom)
             self._count(str(user_id or email), custom)
         return _json_answer(200, {"ok": True})
@@ -669,6 +714,14 @@ class FakePlanhat:
                 if self._partial and (refused := self._partial_error(item)) is not None:
                     where, error = refused
                     report.setdefault(where, []).append(error)
+                    continue
+                if not (item.get("companyId") or item.get("companyExternalId")) and not self._known(
+                    item.get("externalId"), item.get("email")
+                ):
+                    # Planhat creates a contact only with a company to put it under.
+                    ids = {k: item[k] for k in ("externalId", "email") if item.get(k)}
+                    report["createdErrors"].append({"item": ids, "error": NO_COMPANY})
+                    self._decline(_ref(item), item.get("custom") or {})
                     continue
                 custom = item.get("custom") or {}
                 created = self._upsert(item, custom, adopt=adopt)
@@ -696,6 +749,28 @@ class FakePlanhat:
                 keys = self._ordered_keys()[offset : offset + limit]
             page = [self._public(key, self.contacts[key]) for key in keys]
             body = _dumps(page)  # inside the lock: a contact changing meanwhile must not tear it
+        return _Answer(200, body)
+
+    def _list_companies(self, _body: Any, query: str) -> _Answer:
+        """GET /companies?limit=N&offset=M: companies in creation order, [] past the end."""
+        params = parse_qs(query)
+        try:
+            limit = min(int(params.get("limit", [DEFAULT_PAGE])[-1]), MAX_PAGE)
+            offset = int(params.get("offset", [0])[-1])
+        except ValueError:
+            return _json_answer(400, {"error": "limit and offset must be integers"})
+        if limit < 0 or offset < 0:
+            return _json_answer(400, {"error": "limit and offset must not be negative"})
+        with self._lock:
+            if self.page_cap is not None:
+                limit = min(limit, max(0, self.page_cap))
+            chosen = list(self.companies.items())[offset : offset + limit]
+            page = [
+                {"_id": f"c{offset + n:023x}", "externalId": external, "name": company.get("name"),
+                 "custom": company.get("custom", {})}
+                for n, (external, company) in enumerate(chosen)
+            ]  # fmt: skip
+            body = _dumps(page)
         return _Answer(200, body)
 
     def _list_custom_fields(self, _body: Any, _query: str) -> _Answer:

@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -57,12 +58,17 @@ API_TOKEN = "sim-api-token"
 USERS = 25
 EMAIL_ONLY = frozenset(range(20, 25))  # these users have no id: their email is their identity
 HOT_USERS = 4  # u0..u3 change often (and so does whoever else is drawn)
+# Every user names a company: Planhat creates no contact without one (it discards the call).
 AUDIENCES: dict[str, tuple[str, str]] = {  # key -> (name, query)
-    "pro_plan": ("Pro Plan", "SELECT id AS user_id, email, name FROM people WHERE plan = 'pro'"),
-    "buyers": ("Buyers", "SELECT id AS user_id, email FROM people WHERE orders > 0"),
+    "pro_plan": (
+        "Pro Plan",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id FROM people WHERE plan = 'pro'",
+    ),
+    "buyers": ("Buyers", "SELECT id AS user_id, email, 'acme' AS company_id FROM people WHERE orders > 0"),
     "beta_testers": (
         "Beta Testers",
-        "SELECT id AS user_id, email, name FROM people WHERE beta = 1 AND plan <> 'free'",
+        "SELECT id AS user_id, email, name, 'acme' AS company_id FROM people "
+        "WHERE beta = 1 AND plan <> 'free'",
     ),
 }
 ATTRIBUTES: dict[str, tuple[Any, ...]] = {
@@ -930,8 +936,10 @@ class Simulation:
                 f"[accounting] sum(runs.sent) = {sent} but {delivered} changes are 'delivered' "
                 f"(per run status: (status, sent, delivered) {per_status})"
             )
-        applied = self.fake.applied
-        if delivered > self.fake.applied_values:
+        # A `false` to a contact Planhat does not have (and cannot create) is done unwritten.
+        done = Counter({k: n for k, n in getattr(self.fake, "declined", {}).items() if k[2] is False})
+        applied = self.fake.applied + done
+        if delivered > self.fake.applied_values + sum(done.values()):
             result.violations.append(
                 f"[phantom] {delivered} changes 'delivered' but Planhat wrote only "
                 f"{self.fake.applied_values} values"

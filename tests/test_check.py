@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from audience_sync import check
 from audience_sync.config import load_settings
 from audience_sync.state import database, migrations
 from audience_sync.support import redaction
-from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, SourceDB, query, users
+from tests.conftest import API_TOKEN, TENANT_TOKEN, Cli, Project, SourceDB, Spawn, query, users, wait_for
 from tests.fake_planhat import FakePlanhat
 
 ENDLESS = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT 'u' || x AS user_id FROM n"
@@ -42,7 +43,7 @@ def lines(out: str) -> dict[str, str]:
     found = {}
     for line in out.splitlines():
         status, _, rest = line.partition("  ")
-        if status.strip() in ("OK", "FAIL", "SKIP"):
+        if status.strip() in ("OK", "WARN", "FAIL", "SKIP"):
             item = rest.strip().split("  ")[0]
             found[item] = line
     return found
@@ -96,6 +97,35 @@ def test_a_working_setup_passes_every_check_and_changes_nothing(project: Project
         assert not Path(project.state_url.removeprefix("sqlite:///")).exists()
     else:
         assert not sa.inspect(sa.create_engine(project.state_url)).get_table_names()
+
+
+def test_a_user_level_query_without_company_id_warns_and_still_passes(
+    sqlite_project: Project, cli: Cli
+) -> None:
+    """Planhat discards a contact it does not have unless it is told its company: the check says
+    so, names the column to add, and does not fail (contacts Planhat has are still updated)."""
+    accounts = "SELECT DISTINCT company_id FROM users"
+    sqlite_project.write([{"name": "Trials", "query": "SELECT id AS user_id, email FROM users"},
+                          {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users"},
+                          {"name": "Accounts", "level": "account", "query": accounts}])  # fmt: skip
+
+    result = cli("--config", str(sqlite_project.path), "check")
+
+    assert result.code == 0, result.out
+    found = lines(result.out)
+    assert found["audience trials"].startswith("WARN")
+    assert (
+        "5 of the first 5 rows usable; no company_id column: contacts not yet in Planhat will be "
+        "discarded by Planhat" in found["audience trials"]
+    )
+    assert "fix: return each user's company as a column named company_id" in found["audience trials"]
+    assert status_of(result.out)["audience pro_plan"] == "OK"
+    assert status_of(result.out)["audience accounts"] == "OK"  # account level: company_id is its key
+    assert result.out.rstrip().endswith("All 9 checks passed (1 warning, 1 skipped).")
+    report = json.loads(cli("--config", str(sqlite_project.path), "check", "--json").out)
+    assert report["ok"] is True
+    (warned,) = [c for c in report["checks"] if c["status"] == "WARN"]
+    assert warned["item"] == "audience trials" and "company_id" in warned["fix"]
 
 
 def test_a_state_database_at_head_is_ok(project: Project, cli: Cli) -> None:
@@ -485,6 +515,20 @@ def test_the_daemon_logs_the_same_checks(project: Project, caplog: pytest.LogCap
     assert API_TOKEN not in caplog.text
 
 
+@pytest.mark.slow
+def test_the_daemon_warns_at_start_about_a_query_without_company_id(project: Project, spawn: Spawn) -> None:
+    """`audience-sync run` logs the same check at start: the WARN is a warning in its log."""
+    project.write([{"name": "Trials", "query": "SELECT id AS user_id, email FROM users"}],
+                  extra='[schedule]\nmin_interval = "1h"\nmax_interval = "2h"\n')  # fmt: skip
+    project.source.set_users(users(range(1, 3)))
+    daemon = spawn(project)
+    wait_for(lambda: "check: WARN audience trials" in daemon.log(), what="the start-up check")
+    (line,) = [line for line in daemon.log().splitlines() if "check: WARN audience trials" in line]
+    assert "WARNING" in line and "contacts not yet in Planhat will be discarded by Planhat" in line
+    assert "fix: return each user's company as a column named company_id" in line
+    assert daemon.signal(signal.SIGTERM)[0] == 0
+
+
 def test_the_embedded_demo_on_a_fresh_machine(cli: Cli) -> None:
     result = cli("check")
 
@@ -492,7 +536,11 @@ def test_the_embedded_demo_on_a_fresh_machine(cli: Cli) -> None:
     assert result.code == 1  # no token: nothing could be sent
     assert found["config"] == "OK"
     assert found["planhat token"] == "FAIL"
-    assert {found[item] for item in found if item.startswith(("source", "audience", "state"))} == {"OK"}
+    assert {found[item] for item in found if item.startswith(("source", "state"))} == {"OK"}
+    # Its SQL audience returns company_id; the two defined on events select users' ids and
+    # emails only, so Planhat would discard the contacts it does not have: a warning each.
+    assert found["audience enterprise_plan"] == "OK"
+    assert found["audience order_completed_last_30days"] == found["audience total_revenue_180_days"] == "WARN"
 
 
 # --- helpers ----------------------------------------------------------------------------------

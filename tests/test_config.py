@@ -42,7 +42,8 @@ def error_for(tmp_path: Path, text: str, environ: dict[str, str] | None = None) 
 
 
 def test_the_example_config_loads() -> None:
-    settings = load_settings(EXAMPLE, {})
+    # Its account-level audience needs the API token on segment (PUT /companies): from the environment.
+    settings = load_settings(EXAMPLE, {"PLANHAT_API_TOKEN": "api-token"})
     assert settings.audiences[0].key == "order_completed_last_30days"
     assert settings.schedule.min_interval == timedelta(hours=2)
     assert settings.schedule.max_interval == timedelta(hours=3)

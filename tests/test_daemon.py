@@ -27,13 +27,16 @@ from tests.conftest import (
     wait_for,
 )
 
-PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
+PRO_ONLY = [
+    {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"}
+]
 PRO = PRO_ONLY[0]
-BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email FROM users WHERE orders > 0"}
+BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email, company_id FROM users WHERE orders > 0"}
 # A source query that takes about half a second: SQLite counts to four million first.
 SLOW_PRO_QUERY = (
     "WITH RECURSIVE slow(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM slow WHERE x < 4000000) "
-    "SELECT id AS user_id, email FROM users WHERE plan = 'pro' AND (SELECT count(*) FROM slow) > 0"
+    "SELECT id AS user_id, email, company_id FROM users "
+    "WHERE plan = 'pro' AND (SELECT count(*) FROM slow) > 0"
 )
 
 

@@ -179,7 +179,7 @@ def test_a_chunk_across_audiences_counts_each_change_in_its_own_run(
     audiences = [
         {"name": "Pro Plan", "query": PRO_QUERY},
         {"name": "Buyers", "query": BUYERS_QUERY},
-        {"name": "Everyone", "query": "SELECT id AS user_id, email FROM users"},
+        {"name": "Everyone", "query": "SELECT id AS user_id, email, company_id FROM users"},
     ]
     project.write(audiences, transport="endusers", planhat=BULK)
     project.source.set_users([*users(range(1, 9), plan="pro", orders=1), *users(range(9, 14), plan="free")])

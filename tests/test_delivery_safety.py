@@ -58,7 +58,7 @@ def test_endusers_payload_carries_custom_boolean_and_coalesces(project: Project,
     assert sync(cli).code == 0
     method, path, body, status = project.planhat.requests[0][:4]
     assert (method, path, status) == ("PUT", "/endusers", 200)
-    assert body == [{"externalId": "u1", "email": "a@x.com", "name": "Ann",
+    assert body == [{"externalId": "u1", "email": "a@x.com", "name": "Ann", "companyExternalId": "acme",
                      "custom": {"buyers": True, "pro_plan": True}}]  # fmt: skip
 
 

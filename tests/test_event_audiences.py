@@ -60,6 +60,10 @@ def events_project(project: Project, audiences: list[dict[str, str]], extra: str
         audiences, transport="endusers", planhat="max_requests_per_second = 150", source=EVENTS, extra=extra
     )
     project.source.set_users(users(range(1, 6), plan="pro"))
+    # A definition on events selects users' ids and emails, no company: Planhat creates no
+    # contact without one, so these are contacts it has already.
+    for n in range(1, 6):
+        project.planhat.add_contact(f"u{n}", f"u{n}@example.com")
 
 
 def test_an_event_audience_sends_its_members_then_only_the_changes(project: Project, cli: Cli) -> None:
@@ -103,7 +107,7 @@ def test_a_trait_on_events_sends_its_value_and_a_condition_reads_traits(project:
         (
             {
                 "name": "Both",
-                "query": "SELECT id AS user_id FROM users",
+                "query": "SELECT id AS user_id, company_id FROM users",
                 "condition": "trait('plan') = 'pro'",
             },
             EVENTS,
@@ -143,7 +147,10 @@ def test_audience_references_stay_within_one_source(project: Project, cli: Cli, 
 
 def test_an_event_audience_can_build_on_a_sql_audience(project: Project, cli: Cli) -> None:
     fake = project.planhat
-    pro = {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}
+    pro = {
+        "name": "Pro Plan",
+        "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'",
+    }
     events_project(
         project,
         [pro, {"name": "Pro Buyers", "condition": "audience('pro_plan') and " + BUYERS_30["condition"]}],
@@ -220,6 +227,7 @@ def test_an_event_audience_over_a_postgresql_warehouse(project: Project, cli: Cl
         project.path.write_text(
             project.path.read_text().replace(f'url = "{project.source.url}"', f'url = "{POSTGRES_URL}"')
         )
+        project.planhat.add_contact("u1", "u1@x.com")  # an event definition sends no company
         assert sync(cli).code == 0
         assert (
             project.planhat.value("u1", "buyers_30") is True
@@ -232,7 +240,8 @@ def duckdb_file(path: Path, buyers: int) -> str:
     duckdb = pytest.importorskip("duckdb")
     connection = duckdb.connect(str(path))
     connection.execute(
-        "CREATE TABLE users AS SELECT 'u' || range AS id, 'u' || range || '@x.com' AS email FROM range(?)",
+        "CREATE TABLE users AS SELECT 'u' || range AS id, 'u' || range || '@x.com' AS email, "
+        "'acme' AS company_id FROM range(?)",
         [buyers],
     )
     connection.execute(
@@ -248,20 +257,20 @@ def duckdb_file(path: Path, buyers: int) -> str:
 
 def test_a_duckdb_source_serves_sql_and_event_audiences(project: Project, cli: Cli, tmp_path: Path) -> None:
     url = duckdb_file(tmp_path / "warehouse.duckdb", 30)
-    everyone = {"name": "Everyone", "query": "SELECT id AS user_id, email FROM users"}
+    everyone = {"name": "Everyone", "query": "SELECT id AS user_id, email, company_id FROM users"}
     project.write([everyone, BUYERS_30], transport="endusers", source=EVENTS)
     project.path.write_text(
         project.path.read_text().replace(f'url = "{project.source.url}"', f'url = "{url}"')
     )
-    assert sync(cli).code == 0
+    assert sync(cli).code == 0  # Everyone creates the contacts (it names their company) before Buyers 30
     assert all(project.planhat.value(f"u{n}", key) for n in range(30) for key in ("everyone", "buyers_30"))
 
 
 def test_a_csv_file_read_through_duckdb_is_a_source(project: Project, cli: Cli, tmp_path: Path) -> None:
     pytest.importorskip("duckdb_engine")
     path = tmp_path / "vips.csv"
-    path.write_text("user_id,email\nv1,v1@x.com\nv2,v2@x.com\n")
-    vips = {"name": "Vips", "query": f"SELECT user_id, email FROM read_csv_auto('{path}')"}
+    path.write_text("user_id,email,company_id\nv1,v1@x.com,acme\nv2,v2@x.com,acme\n")
+    vips = {"name": "Vips", "query": f"SELECT user_id, email, company_id FROM read_csv_auto('{path}')"}
     project.write([vips], transport="endusers")
     project.path.write_text(
         project.path.read_text().replace(f'url = "{project.source.url}"', 'url = "duckdb:///:memory:"')
@@ -278,7 +287,7 @@ def test_two_audiences_streaming_from_one_duckdb_file_are_never_cut_short(tmp_pa
     config = tmp_path / "c.toml"
     config.write_text(
         f'[sources.wh]\nurl = "{url}"\n{EVENTS}\n\n[[audiences]]\nname = "Everyone"\nsource = "wh"\n'
-        'query = "SELECT id AS user_id, email FROM users"\n\n'
+        'query = "SELECT id AS user_id, email, company_id FROM users"\n\n'
         f'[[audiences]]\nname = "Buyers"\nsource = "wh"\ncondition = "{BUYERS_30["condition"]}"\n'
     )
     settings = load_settings(config, {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.conftest import Cli, Project, sync, users
 
-PRO = "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"
+PRO = "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"
 
 
 def identifies(project: Project) -> list[dict]:
@@ -41,7 +41,7 @@ def test_send_as_both_sends_the_property_and_the_event(project: Project, cli: Cl
 def test_a_trait_as_events_sends_trait_computed(project: Project, cli: Cli) -> None:
     trait = (
         '[[traits]]\nname = "Plan Tier"\nsource = "app"\nsend_as = "events"\n'
-        'query = "SELECT id AS user_id, email, plan AS value FROM users"\n'
+        'query = "SELECT id AS user_id, email, company_id, plan AS value FROM users"\n'
     )
     project.write([], extra=trait)
     project.source.set_users(users([1], plan="gold"))

@@ -21,10 +21,10 @@ from tests.conftest import Project, StartDaemon, finished, next_runs, schedule, 
 NOW = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 ENGAGE = ScheduleSettings(min_interval=timedelta(hours=2), max_interval=timedelta(hours=3))
 FOUR = [
-    {"name": "Everyone", "query": "SELECT id AS user_id, email FROM users"},
-    {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
-    {"name": "Buyers", "query": "SELECT id AS user_id, email FROM users WHERE orders > 0"},
-    {"name": "Odd", "query": "SELECT id AS user_id, email FROM users WHERE orders % 2 = 1"},
+    {"name": "Everyone", "query": "SELECT id AS user_id, email, company_id FROM users"},
+    {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"},
+    {"name": "Buyers", "query": "SELECT id AS user_id, email, company_id FROM users WHERE orders > 0"},
+    {"name": "Odd", "query": "SELECT id AS user_id, email, company_id FROM users WHERE orders % 2 = 1"},
 ]
 KEYS = ["everyone", "pro_plan", "buyers", "odd"]
 

@@ -126,7 +126,7 @@ def test_a_missing_sqlite_source_file_is_refused_by_name_and_not_created(
 @pytest.mark.filterwarnings("ignore:Selection of the SingletonThreadPool")  # SQLAlchemy's, for mode=memory
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
 def test_in_memory_sqlite_sources_still_work(project: Project, cli: Cli) -> None:
-    query = "SELECT 'u1' AS user_id, 'u1@example.com' AS email"
+    query = "SELECT 'u1' AS user_id, 'u1@example.com' AS email, 'acme' AS company_id"
     for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:mem?mode=memory&uri=true"):
         project.source.url = url
         project.write([{"name": "Constant", "query": query}])

@@ -12,10 +12,10 @@ from tests.conftest import Cli, Project, query, sync
 
 TRANSPORTS = ["segment", "endusers"]
 KEY = "pro_plan"
-PRO = "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"
+PRO = "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"
 SCORE = (
     '[[traits]]\nname = "Score"\nsource = "app"\n'
-    'query = "SELECT id AS user_id, email, orders AS value FROM users"\n'
+    'query = "SELECT id AS user_id, email, company_id, orders AS value FROM users"\n'
 )
 
 
@@ -75,7 +75,7 @@ def test_a_changed_email_resends_the_value_under_the_same_user_id(project: Proje
     project.planhat.requests.clear()
     assert sync(cli).code == 0
     (request,) = project.planhat.requests  # the audience and the trait, together, once
-    assert request.body["traits"] == {KEY: True, "score": 3, "email": "ann@new.example"}
+    assert request.body["traits"] == {KEY: True, "score": 3, "email": "ann@new.example", "companyId": "acme"}
     assert project.planhat.contact("u1")["email"] == "ann@new.example"
     project.planhat.requests.clear()
     assert sync(cli).code == 0 and project.planhat.requests == []  # told once

@@ -88,6 +88,11 @@ def client(
 
 
 def contact(ref: str, **values: bool) -> Contact:
+    """A contact of company acme: Planhat creates a contact it does not have only under a company."""
+    return with_company(ref, "acme", values)
+
+
+def with_company(ref: str, company: str | None, values: dict[str, bool] | None = None) -> Contact:
     email_only = "@" in ref
     return Contact(
         ref=ref,
@@ -95,7 +100,7 @@ def contact(ref: str, **values: bool) -> Contact:
         email=ref if email_only else f"{ref}@example.com",
         name=None,
         title=None,
-        company_id=None,
+        company_id=company,
         values=values or {"vip": True},
     )
 
@@ -154,7 +159,7 @@ def test_identify_payload_carries_every_known_field() -> None:
 
 
 def test_identify_for_email_only_contact_has_no_user_id() -> None:
-    message = build_identify(contact("ann@example.com"), PlanhatSettings(), "m", "t")
+    message = build_identify(with_company("ann@example.com", None), PlanhatSettings(), "m", "t")
     assert "userId" not in message and "user_id" not in message
     assert message["traits"] == {"vip": True, "email": "ann@example.com"}
 
@@ -168,7 +173,7 @@ def test_enduser_item_omits_unknown_fields() -> None:
         "companyExternalId": "acme",
         "custom": {"zeta_fans": False, "alpha_buyers": True},
     }
-    assert build_enduser(contact("ann@example.com")) == {
+    assert build_enduser(with_company("ann@example.com", None)) == {
         "email": "ann@example.com",
         "custom": {"vip": True},
     }
@@ -595,3 +600,49 @@ def test_fake_runs_as_a_script_and_reports_state() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=5) == 0
+
+
+# --- the fake is as strict as Planhat documents itself ------------------------------------------
+
+
+def test_the_fake_ignores_and_discards_what_planhat_documents_it_does(fake_planhat: FakePlanhat) -> None:
+    """planhat/docs, "User Tracking" > "3. Segment": calls other than identify and track, and
+    calls with neither user id nor email, are "completely ignored"; a call for a user Planhat
+    does not have, with no customer id, is discarded. All answered 200."""
+    import httpx
+
+    def post(message: dict[str, Any]) -> int:
+        return httpx.post(
+            f"{fake_planhat.url}/dock/segment", auth=(TENANT_TOKEN, ""), json=message
+        ).status_code
+
+    assert post({"type": "group", "groupId": "c1", "traits": {"vip": True}}) == 200
+    assert post({"type": "page", "userId": "u1"}) == 200
+    assert post({"type": "identify", "traits": {"vip": True}}) == 200  # neither user id nor email
+    assert [i["reason"] for i in fake_planhat.ignored] == [
+        "not of type identify or track",
+        "not of type identify or track",
+        "both user id and email are missing",
+    ]
+    assert post({"type": "identify", "userId": "u1", "traits": {"vip": True}}) == 200
+    assert post({"type": "track", "userId": "u2", "event": "Audience Entered"}) == 200
+    assert fake_planhat.unassigned == [{"type": "identify", "ref": "u1"}, {"type": "track", "ref": "u2"}]
+    assert fake_planhat.contacts == {} and fake_planhat.companies == {} and fake_planhat.events == []
+
+    # With a company id Planhat creates the contact; a known contact needs none.
+    assert post({"type": "identify", "userId": "u1", "traits": {"vip": True, "companyId": "acme"}}) == 200
+    assert post({"type": "identify", "userId": "u1", "traits": {"vip": False}}) == 200
+    assert fake_planhat.value("u1", "vip") is False
+    track = {"type": "track", "userId": "u2", "event": "E", "context": {"traits": {"companyId": "acme"}}}
+    assert post(track) == 200 and fake_planhat.events_of("u2") == [("E", {})]
+
+
+def test_the_fake_bulk_upsert_creates_no_contact_without_a_company(fake_planhat: FakePlanhat) -> None:
+    fake_planhat.add_contact("u9", "u9@example.com")
+    settings = PlanhatSettings(transport="endusers", api_token=Secret(API_TOKEN), base_url=fake_planhat.url)
+    with PlanhatClient(settings) as planhat:
+        outcome = planhat.send([with_company("u1", None), contact("u2"), with_company("u9", None)])
+    assert list(outcome.failed) == ["u1"] and "a new contact needs a company" in outcome.failed["u1"]
+    assert fake_planhat.find("u1") is None
+    assert fake_planhat.value("u2", "vip") is True and fake_planhat.value("u9", "vip") is True
+    assert fake_planhat.statuses() == [206]

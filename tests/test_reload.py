@@ -12,8 +12,8 @@ import pytest
 from audience_sync.support import clock
 from tests.conftest import Project, StartDaemon, finished, next_runs, runs, schedule, users, wait_for
 
-PRO = {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}
-BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email FROM users WHERE orders > 0"}
+PRO = {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"}
+BUYERS = {"name": "Buyers", "query": "SELECT id AS user_id, email, company_id FROM users WHERE orders > 0"}
 
 
 def test_a_removed_audience_stops_and_a_run_in_flight_finishes_undisturbed(

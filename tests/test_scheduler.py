@@ -41,7 +41,9 @@ from tests.conftest import (
 )
 
 NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-PRO_ONLY = [{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"}]
+PRO_ONLY = [
+    {"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"}
+]
 ENGAGE = ScheduleSettings(min_interval=timedelta(hours=2), max_interval=timedelta(hours=3))
 
 
@@ -220,8 +222,9 @@ def test_an_added_audience_gets_its_initial_sync_and_a_removed_one_keeps_its_his
     project.source.set_users(users(range(1, 4), plan="pro", orders=1))
     assert cli("--config", "audience_sync.toml", "sync").code == 0  # pro_plan and buyers
     project.write([
-        {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
-        {"name": "Everyone", "query": "SELECT id AS user_id FROM users"},
+        {"name": "Pro Plan",
+         "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"},
+        {"name": "Everyone", "query": "SELECT id AS user_id, company_id FROM users"},
     ], extra=schedule("1h", "2h"))  # fmt: skip
     execute(project.state_url, m.audiences.update().values(next_run_at=clock.utcnow() + timedelta(hours=1)))
 

@@ -397,8 +397,8 @@ def _client(fake: FakePlanhat, timeout: float = 5.0) -> httpx.Client:
 
 
 def _put(fake: FakePlanhat, items: list[dict[str, Any]], timeout: float = 5.0) -> httpx.Response:
-    with _client(fake, timeout) as client:
-        return client.put("/endusers", json=items)
+    with _client(fake, timeout) as client:  # a new contact needs a company, as in Planhat
+        return client.put("/endusers", json=[{"companyExternalId": "acme", **item} for item in items])
 
 
 def _read_all(client: httpx.Client, limit: int) -> tuple[list[dict[str, Any]], int]:

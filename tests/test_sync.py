@@ -124,7 +124,15 @@ def test_undelivered_changes_stay_pending_and_go_next_run(project: Project, cli:
     project.source.set_users(users(range(1, 5), plan="pro"))
     assert sync(cli, "--audience", "pro_plan").code == 0
     assert all(fake.value(f"u{n}", "pro_plan") is True for n in range(1, 5))
-    assert fake.value("u5", "pro_plan") is False
+    told = [
+        r.body["traits"]["pro_plan"]
+        for r in fake.requests
+        if r.status == 200 and r.body.get("userId") == "u5"
+    ]
+    assert told == [False]
+    # Planhat never had u5 (the 503s wrote nothing), and a `false` naming no company for a contact
+    # it does not have is discarded: nothing holds `true`.
+    assert fake.find("u5") is None and fake.unassigned == [{"type": "identify", "ref": "u5"}]
     assert history(cli)[0]["pending"] == 0
 
 
@@ -144,7 +152,8 @@ def test_a_wrong_token_stops_the_run_and_keeps_everything_pending(project: Proje
 def test_a_failing_query_fails_its_audience_only(project: Project, cli: Cli) -> None:
     project.write([
         {"name": "Broken", "query": "SELECT id AS user_id FROM no_such_table"},
-        {"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users WHERE plan = 'pro'"},
+        {"name": "Pro Plan",
+         "query": "SELECT id AS user_id, email, company_id FROM users WHERE plan = 'pro'"},
     ])  # fmt: skip
     project.source.set_users(users(range(1, 4), plan="pro"))
     result = sync(cli)

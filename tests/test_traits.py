@@ -19,7 +19,7 @@ from audience_sync.snapshot.values import MAX_TEXT, UnusableValue, canonical
 from tests.conftest import Cli, Project, StartDaemon, query, sync, users
 
 TRANSPORTS = ["segment", "endusers"]
-REVENUE = "SELECT id AS user_id, email, value FROM scores"
+REVENUE = "SELECT id AS user_id, email, 'acme' AS company_id, value FROM scores"
 TRAIT = f'[[traits]]\nname = "Total Revenue 180 Days"\nsource = "app"\nquery = "{REVENUE}"\n'
 KEY = "total_revenue_180_days"
 
@@ -128,19 +128,27 @@ def test_the_identify_is_engage_shaped_and_carries_audiences_and_traits_together
     project: Project,
     cli: Cli,
 ) -> None:
-    write(project, audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users"}])
+    write(
+        project,
+        audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users"}],
+    )
     project.source.set_users(users([1]))
     set_scores(project, [("u1", 450.0)])
     assert sync(cli).code == 0
     (request,) = project.planhat.requests
-    assert request.body["traits"] == {KEY: 450, "pro_plan": True, "email": "u1@example.com"}
+    assert request.body["traits"] == {
+        KEY: 450,
+        "pro_plan": True,
+        "email": "u1@example.com",
+        "companyId": "acme",
+    }
     assert request.body["context"]["personas"]["computation_class"] == "audience"
 
     set_scores(project, [("u1", 451.5)])
     project.planhat.requests.clear()
     assert sync(cli).code == 0
     (request,) = project.planhat.requests
-    assert request.body["traits"] == {KEY: 451.5, "email": "u1@example.com"}
+    assert request.body["traits"] == {KEY: 451.5, "email": "u1@example.com", "companyId": "acme"}
     personas = request.body["context"]["personas"]
     assert personas["computation_class"] == "trait" and personas["computation_key"] == KEY
 
@@ -149,7 +157,7 @@ def test_a_users_trait_and_audience_are_one_bulk_item(project: Project, cli: Cli
     write(
         project,
         "endusers",
-        audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email FROM users"}],
+        audiences=[{"name": "Pro Plan", "query": "SELECT id AS user_id, email, company_id FROM users"}],
     )
     project.source.set_users(users([1, 2]))
     set_scores(project, [("u1", "gold"), ("u2", "silver")])
@@ -259,7 +267,12 @@ def test_a_value_in_doubt_is_resent_when_the_truth_comes_back_to_the_baseline(
 
 
 def test_keys_are_unique_across_audiences_and_traits(project: Project, cli: Cli) -> None:
-    write(project, audiences=[{"name": "Total Revenue 180 Days", "query": "SELECT id AS user_id FROM users"}])
+    write(
+        project,
+        audiences=[
+            {"name": "Total Revenue 180 Days", "query": "SELECT id AS user_id, company_id FROM users"}
+        ],
+    )
     result = sync(cli)
     assert result.code != 0
     assert "traits[0].key" in result.err and "already the key of audience" in result.err
@@ -328,7 +341,8 @@ def test_the_example_config_documents_traits_and_account_level() -> None:
 
     from audience_sync.config import load_settings
 
-    settings = load_settings(Path(__file__).resolve().parent.parent / "config.example.toml", {})
+    example = Path(__file__).resolve().parent.parent / "config.example.toml"
+    settings = load_settings(example, {"PLANHAT_API_TOKEN": "api-token"})
     kinds = {(a.key, a.kind, a.level) for a in settings.audiences}
     assert ("total_revenue_180_days", "trait", "user") in kinds
     assert ("enterprise_accounts", "audience", "account") in kinds

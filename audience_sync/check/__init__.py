@@ -100,7 +100,7 @@ def log_checks(
     reports its own error."""
     results = run_checks(settings, timeout=timeout, engine=engine)
     for result in results:
-        level = logging.WARNING if result.failed else logging.INFO
+        level = logging.WARNING if result.failed or result.warned else logging.INFO
         log.log(level, "check: %s", line(result))
     log.log(logging.WARNING if not passed(results) else logging.INFO, "check: %s", summary(results))
     return results

@@ -1,4 +1,5 @@
-"""What a check finds, one line per item (OK, FAIL with its fix, SKIP with why), and how the
+"""What a check finds, one line per item (OK, FAIL with its fix, WARN with its fix: it works but
+loses something, SKIP with why), and how the
 lines are printed: as text, as JSON, or logged by the daemon."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Status = Literal["OK", "FAIL", "SKIP"]
+Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,15 @@ class CheckResult:
     item: str  # what was checked: "config", "source app", "audience pro_plan", ...
     status: Status
     detail: str  # what was found, one line
-    fix: str = ""  # for a FAIL: what to do about it
+    fix: str = ""  # for a FAIL or a WARN: what to do about it
 
     @property
     def failed(self) -> bool:
         return self.status == "FAIL"
+
+    @property
+    def warned(self) -> bool:
+        return self.status == "WARN"
 
 
 def ok(item: str, detail: str) -> CheckResult:
@@ -28,6 +33,11 @@ def ok(item: str, detail: str) -> CheckResult:
 
 def fail(item: str, detail: str, fix: str) -> CheckResult:
     return CheckResult(item, "FAIL", detail, fix)
+
+
+def warn(item: str, detail: str, fix: str) -> CheckResult:
+    """Not a failure (the exit code stays 0): what is checked works, but something is lost."""
+    return CheckResult(item, "WARN", detail, fix)
 
 
 def skip(item: str, detail: str) -> CheckResult:
@@ -43,13 +53,16 @@ def line(result: CheckResult) -> str:
 
 
 def _fix(result: CheckResult) -> str:
-    return f"; fix: {result.fix}" if result.failed and result.fix else ""
+    return f"; fix: {result.fix}" if (result.failed or result.warned) and result.fix else ""
 
 
 def summary(results: list[CheckResult]) -> str:
     failed = sum(result.failed for result in results)
     skipped = sum(result.status == "SKIP" for result in results)
-    noted = f" ({skipped} skipped)" if skipped else ""
+    warned = sum(result.warned for result in results)
+    notes = [f"{warned} warning{'s' if warned > 1 else ''}"] if warned else []
+    notes += [f"{skipped} skipped"] if skipped else []
+    noted = f" ({', '.join(notes)})" if notes else ""
     if failed:
         return f"{failed} of {len(results)} checks failed{noted}: fix them before syncing."
     return f"All {len(results)} checks passed{noted}."

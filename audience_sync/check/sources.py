@@ -33,7 +33,7 @@ from ..support.clock import utcnow
 from ..support.redaction import safe_url
 from ..support.text import first_line
 from ..sync import planned
-from .results import CheckResult, fail, ok, skip
+from .results import CheckResult, fail, ok, skip, warn
 from .state import with_connect_timeout
 from .timebox import timeboxed
 
@@ -159,9 +159,26 @@ def _check_query(
     usable = len(read(rows, stats))
     found = f"columns {', '.join(keys)}"
     if not rows:
-        return ok(item, f"{found}; no rows: the audience is empty")
-    skipped = f" ({stats.skipped} skipped, e.g. {stats.samples[0]})" if stats.skipped else ""
-    return ok(item, f"{found}; {usable} of the first {len(rows)} rows usable{skipped}")
+        detail = f"{found}; no rows: the audience is empty"
+    else:
+        skipped = f" ({stats.skipped} skipped, e.g. {stats.samples[0]})" if stats.skipped else ""
+        detail = f"{found}; {usable} of the first {len(rows)} rows usable{skipped}"
+    if audience.level == "user" and "company_id" not in (key.lower() for key in keys):
+        return warn(item, f"{detail}; {NO_COMPANY}", NO_COMPANY_FIX)
+    return ok(item, detail)
+
+
+# Planhat creates a contact it does not have only when the call names its company: otherwise an
+# identify or track is discarded (planhat/docs, "User Tracking" > "3. Segment" > "Un Assigned
+# Users") and a bulk upsert item refused. Not a failure: contacts Planhat has are updated.
+NO_COMPANY = (
+    "no company_id column: contacts not yet in Planhat will be discarded by Planhat "
+    "(it creates a contact only under a company)"
+)
+NO_COMPANY_FIX = (
+    "return each user's company as a column named company_id (the company's externalId in "
+    "Planhat), e.g. `SELECT id AS user_id, email, account_id AS company_id ...`"
+)
 
 
 def _contract_fix(audience: AudienceSettings) -> str:

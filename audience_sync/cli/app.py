@@ -441,8 +441,35 @@ def _reconcile_record(report: Any) -> dict[str, Any]:
     return record
 
 
+def _drift_line(report: Any, category: str) -> str:
+    if report.level == "account" and category == "missing_contact":
+        return "missing company"
+    return category.replace("_", " ")
+
+
+def _cause(report: Any, category: str) -> str:
+    """Why contacts are missing, most likely: Planhat discards a call for a contact it does not
+    have unless it names the company (and a bulk upsert cannot create one without it)."""
+    if category != "missing_contact" or report.level == "account":
+        return ""
+    counted = (
+        f": {report.missing_without_company} of these {report.missing_contact} have no company_id "
+        "in the source"
+        if report.missing_without_company is not None
+        else ""
+    )
+    return (
+        "; likely cause: no company sent (Planhat discards a contact it does not have unless the "
+        f"call names its company){counted}; return it as the column company_id"
+    )
+
+
 def _print_reconcile(reports: list[Any], fix: bool) -> None:
-    typer.echo(f"Planhat read back: {reports[0].contacts if reports else 0} contacts")
+    users = [r.contacts for r in reports if r.level == "user"]
+    companies = [r.contacts for r in reports if r.level == "account"]
+    read = [f"{users[0] if users else 0} contacts"] if users or not companies else []
+    read += [f"{companies[0]} companies"] if companies else []
+    typer.echo(f"Planhat read back: {' and '.join(read)}")
     columns: tuple[str, ...] = ("audience", "status", "members", "agree", "true, not member",
                                 "member, not true", "contact missing", "in doubt")  # fmt: skip
     columns += ("sent", "pending") if fix else ()
@@ -455,7 +482,9 @@ def _print_reconcile(reports: list[Any], fix: bool) -> None:
     for r in reports:
         for category, refs in r.samples.items():
             if refs:
-                typer.echo(f"{r.key}: {category.replace('_', ' ')}, e.g. {', '.join(refs)}")
+                typer.echo(
+                    f"{r.key}: {_drift_line(r, category)}, e.g. {', '.join(refs)}{_cause(r, category)}"
+                )
         if r.error:
             err(f"{r.key}: {r.error}")
     if not fix and any(r.drift for r in reports):

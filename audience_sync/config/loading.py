@@ -361,6 +361,16 @@ def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSe
     return sources
 
 
+# Planhat's /dock/segment acts on identify and track calls only ("Events will be completely
+# ignored when ... Request is not of type 'Identify' or 'Track'"): a company's values go through
+# its companies bulk upsert, which takes the API token.
+ACCOUNT_NEEDS_API_TOKEN = (
+    f'account-level keys need planhat.api_token (or {API_TOKEN_ENV}) on transport "segment": '
+    "Planhat ignores group calls on /dock/segment, so company values go through PUT /companies "
+    "with the API token"
+)
+
+
 def _parse_audiences(
     root: _Table, sources: dict[str, SourceSettings], planhat: PlanhatSettings
 ) -> tuple[AudienceSettings, ...]:
@@ -411,6 +421,8 @@ def _parse_entry(
         )
     if send_as != "property" and level == "account":
         raise table.error("send_as", f"{send_as!r} is for user-level keys (a company has no track events)")
+    if level == "account" and planhat.transport == "segment" and planhat.api_token is None:
+        raise table.error("level", ACCOUNT_NEEDS_API_TOKEN)
     on_exit = table.take_choice("on_exit", "clear", ON_EXIT) if kind == "trait" else "clear"
     field_type = table.take_str("type") if kind == "trait" else ""
     if field_type and field_type not in TRAIT_FIELD_TYPES:

@@ -7,7 +7,7 @@ passwords (often expanded from ${VAR}), show masked in the settings' reprs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +72,15 @@ class PlanhatSettings:
     def token(self) -> Secret | None:
         """The token the chosen transport authenticates with."""
         return self.tenant_token if self.transport == "segment" else self.api_token
+
+    @property
+    def for_companies(self) -> PlanhatSettings:
+        """What account-level keys are delivered with: Planhat's companies bulk upsert
+        (`PUT /companies`, the API token) on either transport, since /dock/segment ignores group
+        calls. On `segment` it runs at the bulk transport's default rate, not the webhook's."""
+        if self.transport == "endusers":
+            return self
+        return replace(self, transport="endusers", max_requests_per_second=None)
 
     @property
     def token_setting(self) -> str:

@@ -3,7 +3,8 @@ reads them:
 
     segment    a 2xx with a JSON body counts as a delivery (`segment_answer_proves`)
     bulk       the upsert's JSON object with `created` and `updated` counters (`bulk_answer`);
-               items named in a `*Errors` list were not written (`bulk_failures`); counters
+               items named in a `*Errors` list were not written (`bulk_failures`), and those
+               in `createdErrors` match no contact Planhat has (`not_created`); counters
                that account for fewer items than were sent leave the rest in doubt
                (`counted_shortfall`)
 
@@ -136,13 +137,7 @@ def bulk_failures(
         if status == 206:
             return {}, "HTTP 206 without error details"
         return {}, None
-    by_id: dict[str, list[str]] = {}
-    by_email: dict[str, list[str]] = {}
-    for contact in batch:
-        if contact.user_id is not None:
-            by_id.setdefault(contact.user_id, []).append(contact.ref)
-        if contact.email is not None:
-            by_email.setdefault(contact.email.casefold(), []).append(contact.ref)
+    by_id, by_email = _by_identity(batch)
     failed: dict[str, str] = {}
     for error in errors:
         text = scrub(_error_text(error))
@@ -152,6 +147,28 @@ def bulk_failures(
         for ref in refs:
             failed.setdefault(ref, text)
     return failed, None
+
+
+def not_created(data: dict[str, Any], batch: Sequence[Contact]) -> set[str]:
+    """The refs of the batch named in `createdErrors`: items that matched no contact Planhat
+    has and could not be created (a new contact needs a company). Planhat holds nothing for
+    them."""
+    by_id, by_email = _by_identity(batch)
+    named = data.get("createdErrors")
+    errors = named if isinstance(named, list) else [named] if named else []
+    return {ref for error in errors for ref in _refs_named(error, by_id, by_email)}
+
+
+def _by_identity(batch: Sequence[Contact]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The batch's refs by externalId and by email (casefolded), to find whom an error names."""
+    by_id: dict[str, list[str]] = {}
+    by_email: dict[str, list[str]] = {}
+    for contact in batch:
+        if contact.user_id is not None:
+            by_id.setdefault(contact.user_id, []).append(contact.ref)
+        if contact.email is not None:
+            by_email.setdefault(contact.email.casefold(), []).append(contact.ref)
+    return by_id, by_email
 
 
 def error_items(data: object) -> list[object]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import PlanhatSettings
-from .answers import bulk_answer, bulk_failures, counted_shortfall, http_error, unproven
+from .answers import bulk_answer, bulk_failures, counted_shortfall, http_error, not_created, unproven
 from .endpoints import COMPANIES_PATH, ENDUSERS_PATH
 from .exchange import Exchange, GaveUp
 from .outcome import Outcome, Result, combine
@@ -55,6 +55,12 @@ class BulkDelivery:
         if unattributed is not None:  # some of the batch may have been written
             return [Result(c.ref, unattributed, in_doubt=True) for c in batch]
         shortfall = counted_shortfall(data, len(batch), len(failed))
+        if failed:
+            # An exit (`false`) or a cleared trait (`null`) for a contact Planhat does not have
+            # is done: nothing there holds the value. Planhat cannot create the contact (it
+            # needs a company), and resending it would fail forever.
+            for ref in not_created(data, batch) & {c.ref for c in batch if _clears(c)}:
+                failed.pop(ref, None)
         return [
             Result(c.ref, failed[c.ref], doubt)
             if c.ref in failed
@@ -66,3 +72,8 @@ class BulkDelivery:
 
     def close(self) -> None:
         pass
+
+
+def _clears(contact: Contact) -> bool:
+    """Every value the item carries is `false` or `null`: a contact without it is as wanted."""
+    return all(value is None or value is False for value in contact.values.values())

@@ -7,6 +7,10 @@ accepted it. Two deliveries share one HTTP layer (`exchange.Exchange`):
     endusers   PUT /endusers (PUT /companies for account-level keys), up to `batch_size`
                items per request, one request at a time (bulk.py)
 
+Account-level keys go to PUT /companies on either transport (Planhat's /dock/segment ignores
+group calls): on `segment` they get a client of their own, built on
+`PlanhatSettings.for_companies` (the API token).
+
 The HTTP layer owns the rate limiter, retries with full-jitter backoff, Retry-After, and the
 per-run retry budget. Every contact of a chunk ends in exactly one of three outcomes:
 

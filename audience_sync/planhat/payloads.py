@@ -1,4 +1,4 @@
-"""What is sent: Segment-spec messages (identify, track, group) and bulk upsert items, built
+"""What is sent: Segment-spec messages (identify, track) and bulk upsert items, built
 from one contact's changes. A full sync builds a million of these: plain dicts, no models."""
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ class KeyMeta:
     traits: frozenset[str] = frozenset()  # computed traits (computation_class "trait")
     events: frozenset[str] = frozenset()  # also sent as track events (send_as events or both)
     events_only: frozenset[str] = frozenset()  # not sent as a property (send_as events)
-    account: bool = False  # the refs are Planhat company externalIds: group calls, /companies
+    # The refs are Planhat company externalIds, sent to PUT /companies on either transport:
+    # Planhat's /dock/segment ignores every call but identify and track.
+    account: bool = False
 
 
 AUDIENCES = KeyMeta()
@@ -93,38 +95,19 @@ def build_track(
     if contact.user_id is not None:
         message["userId"] = contact.user_id
         message["user_id"] = contact.user_id
-    if contact.email is not None:  # identifies an email-only user, as on an identify
-        message["context"] = {"traits": {"email": contact.email}}
+    # The email identifies an email-only user, as on an identify; the company lets Planhat
+    # create a contact it does not have yet (it discards the call otherwise).
+    context_traits = {
+        name: value
+        for name, value in (("email", contact.email), ("companyId", contact.company_id))
+        if value is not None
+    }
+    if context_traits:
+        message["context"] = {"traits": context_traits}
     message.update(
         properties=properties, messageId=message_id, timestamp=timestamp, source=settings.source_marker
     )
     return message
-
-
-def build_group(
-    contact: Contact, settings: PlanhatSettings, message_id: str, timestamp: str
-) -> dict[str, Any]:
-    """One Segment-spec group call for a Planhat company (account-level audiences and traits):
-    `groupId` is the company's externalId."""
-    keys = sorted(contact.values)
-    traits: dict[str, Any] = {key: contact.values[key] for key in keys}
-    if contact.name is not None:
-        traits["name"] = contact.name
-    return {
-        "type": "group",
-        "groupId": contact.ref,
-        "traits": traits,
-        "context": {
-            "personas": {
-                "computation_class": computation_class(keys, contact.meta),
-                "computation_key": keys[0] if keys else None,
-                "computation_keys": keys,
-            }
-        },
-        "messageId": message_id,
-        "timestamp": timestamp,
-        "source": settings.source_marker,
-    }
 
 
 def build_company(contact: Contact) -> dict[str, Any]:
@@ -137,11 +120,9 @@ def build_company(contact: Contact) -> dict[str, Any]:
 
 
 def build_messages(contact: Contact, settings: PlanhatSettings, timestamp: str) -> list[dict[str, Any]]:
-    """Every Segment message one contact's changes make: the identify (or, for a company, the
-    group call) carrying the properties, then a track per key sent as events."""
+    """Every Segment message one contact's changes make: the identify carrying the properties,
+    then a track per key sent as events. (Companies never go this way: see `build_company`.)"""
     meta = contact.meta
-    if meta.account:
-        return [build_group(contact, settings, str(uuid.uuid4()), timestamp)]
     messages = []
     if any(key not in meta.events_only for key in contact.values):
         messages.append(build_identify(contact, settings, str(uuid.uuid4()), timestamp))

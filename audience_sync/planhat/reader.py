@@ -1,5 +1,5 @@
-"""Reading Planhat back with the API token: every contact, a page at a time, and the custom
-field definitions. The segment webhook's tenant token cannot read."""
+"""Reading Planhat back with the API token: every contact (or company), a page at a time, and
+the custom field definitions. The segment webhook's tenant token cannot read."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import httpx
 from ..config import API_TOKEN_ENV, PlanhatSettings
 from ..errors import PlanhatAuthError, PlanhatError, PlanhatUnavailable
 from .answers import http_error, json_body, unproven
-from .endpoints import CUSTOM_FIELDS_PATH, ENDUSERS_PATH, MAX_PAGE, READ_RPS
+from .endpoints import COMPANIES_PATH, CUSTOM_FIELDS_PATH, ENDUSERS_PATH, MAX_PAGE, READ_RPS
 from .exchange import Exchange, GaveUp, Reply
 
 
@@ -48,12 +48,14 @@ class PlanhatReader:
         )  # fmt: skip
         self.requests = 0
 
-    def pages(self) -> Iterator[list[dict[str, Any]]]:
-        """Every contact, a page at a time. Raises PlanhatError when a page cannot be read."""
+    def pages(self, companies: bool = False) -> Iterator[list[dict[str, Any]]]:
+        """Every contact (with `companies`, every company: `GET /companies`, paged the same
+        way), a page at a time. Raises PlanhatError when a page cannot be read."""
         offset = 0
-        where = self._exchange.where(ENDUSERS_PATH)
+        base = COMPANIES_PATH if companies else ENDUSERS_PATH
+        where = self._exchange.where(base)
         while True:
-            path = f"{ENDUSERS_PATH}?limit={self._page_size}&offset={offset}"
+            path = f"{base}?limit={self._page_size}&offset={offset}"
             reply = self._get(path, f"{where} at offset {offset}")
             if reply.status != 200:
                 raise PlanhatError(
@@ -61,7 +63,8 @@ class PlanhatReader:
                 )
             page = contact_page(reply)
             if page is None:
-                raise unproven(reply, where, self._exchange.scrub, "without a JSON array of contacts",
+                what = "companies" if companies else "contacts"
+                raise unproven(reply, where, self._exchange.scrub, f"without a JSON array of {what}",
                                "nothing was compared or changed")  # fmt: skip
             if not page:
                 return

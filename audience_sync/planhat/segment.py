@@ -1,5 +1,5 @@
 """The Segment-compatible webhook: one message per `POST /dock/segment`, `concurrency`
-requests in flight."""
+requests in flight. Identify and track only: Planhat ignores every other call type there."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config import PlanhatSettings
+from ..errors import PlanhatError
 from ..support.clock import iso_timestamp
 from ..support.logs import carrying_context
 from .answers import http_error, segment_answer_proves, unproven
@@ -31,6 +32,9 @@ class SegmentDelivery:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="planhat")
 
     def send(self, contacts: Sequence[Contact]) -> Outcome:
+        if any(c.meta.account for c in contacts):
+            # Planhat ignores group calls here (200, nothing written): companies must never come.
+            raise PlanhatError("account-level keys go through PUT /companies, never /dock/segment")
         timestamp = iso_timestamp()
         # messageId is fixed per message here, so every retry of the message reuses it.
         futures = [

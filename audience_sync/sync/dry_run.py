@@ -68,10 +68,10 @@ def _samples(
             values={key: row_value(row.value, row.value_json)},
             meta=meta,
         )
-        if planhat.transport == "segment":
-            payloads.extend(build_messages(contact, planhat, iso_timestamp()))
-        elif meta.account:
+        if meta.account:  # PUT /companies on either transport
             payloads.append(build_company(contact))
+        elif planhat.transport == "segment":
+            payloads.extend(build_messages(contact, planhat, iso_timestamp()))
         else:
             payloads.append(build_enduser(contact))
     return payloads

@@ -2,14 +2,17 @@
 
 Drift happens outside audience-sync: someone edits a contact by hand, an import overwrites the
 field, contacts are merged or deleted, the state database is restored from an old backup. A
-reconcile pages through every Planhat contact (`PlanhatReader`, rate-limited) into temporary
-tables of the state database, then compares set-based, per audience, against the baseline
-(what Planhat was told and confirmed):
+reconcile pages through every Planhat contact (`PlanhatReader`, rate-limited; for account-level
+keys, every company) into temporary tables of the state database, then compares set-based,
+per audience, against the baseline (what Planhat was told and confirmed):
 
     agree             the contact's field is what the baseline says
     unexpected_true   `true` in Planhat, but not a member as far as Planhat was told
     missing_true      a member, but the contact's field is not `true` (false or absent)
-    missing_contact   a member, and Planhat has no such contact at all
+    missing_contact   a member, and Planhat has no such contact (or company) at all; for
+                      contacts, the source is read once more to count those it gives no
+                      company_id, the likely cause (Planhat discards a call for a contact it
+                      does not have unless it names the company)
 
 With `fix`, under the audiences' leases: the baseline is rewritten to what Planhat showed
 (so it is again "what Planhat holds"), and outbox rows in doubt lose their doubt (Planhat's
@@ -21,6 +24,7 @@ Memory stays a page of contacts: they go straight into the state database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -34,7 +38,8 @@ from sqlalchemy.engine import Connection, Engine
 from ..config import AudienceSettings, Settings
 from ..errors import AudienceSyncError
 from ..planhat import PlanhatReader
-from ..snapshot.sources import SourcePool
+from ..snapshot.contract import ReadStats
+from ..snapshot.sources import SourcePool, read_members
 from ..snapshot.values import UnusableValue, canonical
 from ..state import audiences, baseline, leases, outbox, pauses, runs
 from ..state.database import begin_write, translate_errors
@@ -61,14 +66,18 @@ CATEGORIES = ("unexpected_true", "missing_true", "missing_contact")
 class ReconcileReport:
     key: str
     name: str
+    level: str = "user"  # user: compared with Planhat's contacts; account: with its companies
     status: str = "agree"  # agree | drift | fixed | skipped | failed | blocked | partial
-    contacts: int = 0  # contacts read from Planhat (the same for every audience)
+    contacts: int = 0  # contacts (account level: companies) read from Planhat
     members: int = 0  # users Planhat was told are members (the baseline)
     agree: int = 0  # contacts whose field is what the baseline says
     unexpected_true: int = 0
     missing_true: int = 0
     missing_contact: int = 0
     in_doubt: int = 0  # outbox rows in doubt, now known from Planhat's answer
+    # Of the missing contacts, how many the source gives no company_id (None: not read). Planhat
+    # discards an identify for a contact it does not have unless it names the company.
+    missing_without_company: int | None = None
     samples: dict[str, list[str]] = field(default_factory=dict)
     run: RunReport | None = None  # the repairing run, with `fix`
     error: str | None = None
@@ -110,18 +119,10 @@ def reconcile(
 ) -> list[ReconcileReport]:
     """Compare Planhat with the state database for the named audiences (default all); with
     `fix`, repair the baseline and deliver the corrections. One report per audience."""
-    chosen, unsupported = _reconcilable(settings.select(keys), named=bool(keys))
+    chosen = settings.select(keys)
     holder = holder or leases.new_holder()
     ttl = settings.daemon.lease_seconds
-    reports = {a.key: ReconcileReport(key=a.key, name=a.name) for a in chosen}
-    for audience in unsupported:
-        reports[audience.key] = ReconcileReport(
-            key=audience.key,
-            name=audience.name,
-            status="skipped",
-            error=f"{audience.noun} {audience.key!r}: reconcile reads contacts only; "
-            "account-level keys are not reconciled",
-        )
+    reports = {a.key: ReconcileReport(key=a.key, name=a.name, level=a.level) for a in chosen}
     with translate_errors("state database", str(engine.url)):
         with engine.begin() as connection:
             audiences.register(connection, chosen)
@@ -136,7 +137,8 @@ def reconcile(
                 # Reporting reads without leases (a run may change things meanwhile); fixing holds
                 # them from the first page read to the last change delivered.
                 with LeaseKeeper(engine, [a.key for a in held] if fix else [], holder, ttl) as keeper:
-                    _compare(settings, engine, held, reports, reader_factory, fix, keeper)
+                    missing = _compare(settings, engine, held, reports, reader_factory, fix, keeper)
+                    _count_without_company(settings, sources, held, missing, reports)
                 if fix:
                     _repair_runs(settings, engine, held, reports, force, trigger, sources, sender_factory,
                                  holder, progress, should_stop)  # fmt: skip
@@ -144,17 +146,7 @@ def reconcile(
             if fix:
                 for audience in held:
                     leases.release(engine, audience.key, holder)
-    return [reports[a.key] for a in [*chosen, *unsupported]]
-
-
-def _reconcilable(
-    given: list[AudienceSettings], named: bool
-) -> tuple[list[AudienceSettings], list[AudienceSettings]]:
-    """(user-level audiences and traits, the rest): reconcile reads contacts. Account-level
-    keys are reported as skipped when named, left out silently otherwise."""
-    chosen = [a for a in given if a.level == "user"]
-    others = [a for a in given if a not in chosen]
-    return chosen, others if named else []
+    return [reports[a.key] for a in chosen]
 
 
 def _acquire(
@@ -184,21 +176,49 @@ def _compare(
     reader_factory: ReaderFactory,
     fix: bool,
     keeper: LeaseKeeper,
+) -> dict[str, set[str]]:
+    """Read Planhat into the stage, count per key and, with `fix`, repair the baselines: the
+    contacts for user-level keys, then the companies (`GET /companies`) for account-level ones
+    (a company's externalId stands where a contact's does). Returns the missing contacts of
+    each user-level key."""
+    missing: dict[str, set[str]] = {}
+    with reader_factory(settings) as reader:
+        for companies in (False, True):
+            level = [a for a in held if (a.level == "account") == companies]
+            if level:
+                _compare_level(engine, reader, level, reports, fix, keeper, companies, missing)
+    for audience in held:
+        report = reports[audience.key]
+        report.status = "drift" if report.drift else "agree"
+    return missing
+
+
+def _compare_level(
+    engine: Engine,
+    reader: PlanhatReader,
+    held: list[AudienceSettings],
+    reports: dict[str, ReconcileReport],
+    fix: bool,
+    keeper: LeaseKeeper,
+    companies: bool,
+    missing: dict[str, set[str]],
 ) -> None:
-    """Read Planhat into the stage, count per audience and, with `fix`, repair the baselines."""
     keys = [a.key for a in held]
     trait_keys = {a.key for a in held if a.trait}
+    what = "companies" if companies else "contacts"
     with engine.connect() as connection:
         try:
             _create_stage(connection)
             started = time.monotonic()
-            with reader_factory(settings) as reader:
-                contacts = _load(connection, reader.pages(), keys, trait_keys)
-                requests = reader.requests
+            requests = reader.requests
+            read = _load(
+                connection, reader.pages(companies=True) if companies else reader.pages(), keys, trait_keys
+            )
             log.info(
-                "read %d Planhat contacts in %d requests (%.1fs)",
-                contacts,
-                requests,
+                "read %d Planhat %s in %d requests (%.1fs)",
+                read,
+                what,
+                reader.requests - requests,
                 time.monotonic() - started,
             )
             if keeper.lost:
@@ -208,8 +228,14 @@ def _compare(
             begin_write(connection)
             for key in keys:
                 report = reports[key]
-                report.contacts = contacts
+                report.contacts = read
                 _count(connection, key, report, key in trait_keys)
+                if report.missing_contact and not companies:
+                    missing[key] = set(
+                        connection.exec_driver_sql(
+                            f"SELECT user_ref FROM {DRIFT} WHERE category = 'missing_contact'"
+                        ).scalars()
+                    )
                 if fix:
                     _repair_baseline(connection, key, key in trait_keys)
             if fix:  # in the repair's transaction: no reader sees the old count with the new rows
@@ -220,9 +246,48 @@ def _compare(
             for table in STAGE_TABLES:
                 connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
             connection.commit()
-    for key in keys:
-        report = reports[key]
-        report.status = "drift" if report.drift else "agree"
+
+
+def _count_without_company(
+    settings: Settings,
+    sources: SourcePool | None,
+    held: list[AudienceSettings],
+    missing: dict[str, set[str]],
+    reports: dict[str, ReconcileReport],
+) -> None:
+    """For each user-level key with missing contacts, count those whose row in the source has
+    no company_id: the likely cause, since Planhat creates a contact only under a company
+    (planhat/docs, "User Tracking" > "3. Segment"). Reads the source; a failure leaves the
+    count unknown."""
+    if not missing:
+        return
+    with contextlib.ExitStack() as stack:
+        pool = sources or stack.enter_context(SourcePool(settings.sources))
+        for audience in held:
+            refs = missing.get(audience.key)
+            if not refs:
+                continue
+            without = 0
+            try:
+                for chunk in read_members(pool, audience, ReadStats()):
+                    for member in chunk:
+                        ref = member[0] or member[1]
+                        if ref in refs and member[4] is None:
+                            without += 1
+            except AudienceSyncError as exc:
+                log.warning("%s: could not read the source to explain the missing contacts: %s",
+                            audience.key, exc)  # fmt: skip
+                continue
+            reports[audience.key].missing_without_company = without
+            if without:
+                log.warning(
+                    "audience %r: %d of the %d missing contacts have no company_id in the source; "
+                    "Planhat discards a contact it does not have unless the call names its company: "
+                    "return it as the column company_id",
+                    audience.key,
+                    without,
+                    len(refs),
+                )
 
 
 # --- the stage: what Planhat holds ------------------------------------------------------------

@@ -3,6 +3,7 @@ changes across audiences coalesce, and put the outcome into each audience's repo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,15 +45,26 @@ def deliver_runs(
     if progress:
         progress.start(total)
     counts: dict[str, DeliveryCounts] = {}
-    sender: Sender | None = None
+    exhausted: list[str] = []  # the keys whose sender spent its retry budget
     try:
-        with sender_factory(planhat) as sender:
+        with contextlib.ExitStack() as stack:
+            senders: dict[PlanhatSettings, Sender] = {}
             for level_ids, meta in _by_level(run_ids, audiences or {}):
-                advance = progress.advance if progress else None
-                deliver(engine, sender, level_ids, counts, advance, should_stop, meta=meta)
-    except PlanhatError as exc:
-        for report in ready.values():
-            report.error = str(exc)
+                # Companies go to PUT /companies with the API token on either transport (the
+                # webhook ignores group calls): on `segment`, a client of their own.
+                chosen = planhat.for_companies if meta.account else planhat
+                reports = [ready[key] for key in level_ids]
+                try:
+                    if chosen not in senders:
+                        senders[chosen] = stack.enter_context(sender_factory(chosen))
+                    sender = senders[chosen]
+                    advance = progress.advance if progress else None
+                    deliver(engine, sender, level_ids, counts, advance, should_stop, meta=meta)
+                except PlanhatError as exc:  # this level's keys only: the other may use another token
+                    for report in reports:
+                        report.error = str(exc)
+                if chosen in senders and senders[chosen].exhausted:
+                    exhausted += level_ids
     except sa.exc.SQLAlchemyError as exc:  # what was acknowledged stays; the rest stays pending
         for report in ready.values():
             report.error = database_error("state database", engine.url, exc)
@@ -65,9 +77,8 @@ def deliver_runs(
         if tally.failed and not report.error:
             doubt = f" ({tally.in_doubt} in doubt)" if tally.in_doubt else ""
             report.error = f"Planhat did not accept {tally.failed} changes{doubt}, e.g. {tally.errors[0]}"
-    if sender is not None and sender.exhausted:
-        for report in ready.values():
-            report.error = report.error or "Planhat unavailable: retry budget spent"
+    for key in exhausted:
+        ready[key].error = ready[key].error or "Planhat unavailable: retry budget spent"
 
 
 def _by_level(
