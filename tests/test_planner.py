@@ -147,7 +147,8 @@ def planned_project(
 
 
 def people(ids: range | list[int], **extra: Any) -> list[dict[str, Any]]:
-    return [{"id": f"u{n}", "email": f"u{n}@example.com", **extra} for n in ids]
+    """Users under a company (Planhat creates a contact only under one)."""
+    return [{"id": f"u{n}", "email": f"u{n}@example.com", "company_id": "c1", **extra} for n in ids]
 
 
 def truth(fake: FakePlanhat, refs: range, key: str = "pro_plan") -> dict[str, Any]:
@@ -197,7 +198,8 @@ def test_the_planner_and_the_streaming_path_leave_planhat_the_same(
     state database and a second fake Planhat): Planhat ends up holding the same values."""
     steps = [
         people(range(1, 31), orders=2),
-        people(range(5, 36), orders=2) + [{"id": None, "email": "anon@example.com", "orders": 1}],
+        people(range(5, 36), orders=2)
+        + [{"id": None, "email": "anon@example.com", "company_id": "c1", "orders": 1}],
         [{**row, "title": "VP"} for row in people(range(1, 11))] + people(range(20, 25), orders=3),
         [],
     ]
@@ -412,6 +414,8 @@ def test_an_audience_defined_on_events_is_diffed_in_the_warehouse(
         source=f'planner_schema = "{PLANNER}"\nevents = "segment"{schema}',
     )
     warehouse.set_users(people(range(1, 11)))
+    for n in range(1, 11):  # the contacts exist (the definition's rows carry no company)
+        project.planhat.add_contact(f"u{n}", f"u{n}@example.com")
     set_orders(range(1, 6))
     result = sync(cli)
     assert result.code == 0, result.err
