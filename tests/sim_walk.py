@@ -533,8 +533,10 @@ class Simulation:
         track_divergence: bool = True,
         users: int = USERS,
         email_only: frozenset[int] = EMAIL_ONLY,
+        planner: bool = False,
     ) -> None:
         self.seed = seed
+        self.planner = planner  # the source diffs in its own `main` schema (planner_schema)
         self.transport = transport
         self.state_url = state_url
         self.workdir = workdir
@@ -592,6 +594,7 @@ class Simulation:
             "",
             "[sources.app]",
             f'url = "{self.source.url}"',
+            *(['planner_schema = "main"'] if self.planner else []),
             "",
         ]
         if reconcile_available():  # a section older code would refuse as unknown

@@ -31,6 +31,7 @@ OWNERS = {
     "resync_requests": "state.resyncs",
     "paused_audiences": "state.pauses",
     "run_requests": "state.run_requests",
+    "planner_snapshots": "state.planner",
     "alembic_version": "state.migrations",
 }
 

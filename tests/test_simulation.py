@@ -18,9 +18,11 @@ the hypothesis variant prints the (shrunk) sequence of operations.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -43,7 +45,7 @@ try:  # the walks run without it; only the state machine needs it (the `test` ex
 except ImportError:  # pragma: no cover
     settings = None  # type: ignore[assignment,misc]
 
-from tests.conftest import API_TOKEN
+from tests.conftest import API_TOKEN, query
 from tests.fake_planhat import FakePlanhat
 from tests.sim_walk import (
     ATTRIBUTES,
@@ -99,6 +101,26 @@ SHRINK = "AUDIENCE_SYNC_SIM_EXAMPLES" in os.environ or os.environ.get("AUDIENCE_
 def test_walk_converges(state_url: str, transport: str, seed: int, tmp_path: Path) -> None:
     result = simulate(seed, STEPS, state_url, transport, tmp_path)
     assert result.ok, "\n" + result.report()
+
+
+@pytest.mark.timeout(0 if LONG else 120)
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: f"seed{seed}")
+def test_walk_converges_with_the_source_diffed_in_its_planner_schema(
+    state_url: str, seed: int, tmp_path: Path
+) -> None:
+    """The same walk on a source with `planner_schema` (SQLite's `main`, so that the walk's
+    crashes mid-read still hit it): kills before, during and after the hand-off converge."""
+    result = simulate(seed, STEPS, state_url, "endusers", tmp_path, planner=True)
+    assert result.ok, "\n" + result.report()
+    # it ran the planner: each audience's committed snapshot is in the source, and no other table
+    source = tmp_path / f"sim-{seed}-endusers" / "source.db"
+    with contextlib.closing(sqlite3.connect(source)) as connection:
+        tables = {
+            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    generations = dict(query(state_url, "SELECT audience_key, generation FROM planner_snapshots"))
+    assert generations and min(generations.values()) > 1
+    assert tables == {"people"} | {f"as_snap_{key}_{n}" for key, n in generations.items()}
 
 
 def test_a_walk_is_a_function_of_its_seed_and_longer_walks_extend_shorter_ones() -> None:

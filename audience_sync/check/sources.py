@@ -1,10 +1,13 @@
 """The `source NAME` and `audience KEY` lines: each source answers; each audience's query runs,
 wrapped with a row limit and under a time limit, returns the contract's columns, and its first
-rows are read as a sync reads them. The sources are only read."""
+rows are read as a sync reads them. The sources are only read, except that a source with
+`planner_schema` gets a `planner NAME` line that proves the sync can create tables there (a
+probe table, created and dropped in a transaction rolled back)."""
 
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ from sqlalchemy.engine import Connection
 from ..config import AudienceSettings, Settings
 from ..errors import SourceError
 from ..events import WarehouseLayout, missing, needs, parse_condition, parse_value, read_catalog
+from ..snapshot import planner
 
 # The query contract's own validation, shared with the sync's reads (not a second copy).
 from ..snapshot.contract import ReadStats, row_reader
@@ -28,6 +32,7 @@ from ..state.database import driver_message, error_message
 from ..support.clock import utcnow
 from ..support.redaction import safe_url
 from ..support.text import first_line
+from ..sync import planned
 from .results import CheckResult, fail, ok, skip, warn
 from .state import with_connect_timeout
 from .timebox import timeboxed
@@ -49,6 +54,9 @@ def check_sources(settings: Settings, timeout: float, sample_rows: int) -> list[
             results.append(result)
             if result.status == "OK":
                 reachable.add(name)
+                if source.planner_schema is not None:
+                    planner_check = partial(_check_planner, pool, name, source.planner_schema)
+                    results.append(timeboxed(f"planner {name}", timeout, planner_check))
         for audience in settings.audiences:
             index = [a for a in settings.audiences if a.kind == audience.kind].index(audience)
             item = f"audience {audience.key}"
@@ -80,6 +88,29 @@ def _check_source(pool: SourcePool, name: str, url: str) -> CheckResult:
     except sa.exc.SQLAlchemyError as exc:
         return fail(item, f"cannot connect to {shown}: {error_message(exc)}", fix)
     return ok(item, f"{shown} answers ({engine.dialect.name})")
+
+
+def _check_planner(pool: SourcePool, name: str, schema: str) -> CheckResult:
+    """Prove the CREATE rights a planner run needs: a table created (and the schema, when it is
+    missing) in the planner schema, then dropped, in a transaction rolled back, so that
+    nothing is left where DDL is transactional (PostgreSQL, DuckDB)."""
+    item = f"planner {name}"
+    engine = pool.engine(name)
+    probe = f"{planner.SNAPSHOT}_check_{os.getpid()}"
+    try:
+        with engine.connect() as connection, connection.begin() as transaction:
+            planner.ensure_schema(connection, schema)
+            connection.execute(planner.CreateTableAs(planner.table(schema, probe), sa.select(sa.literal(1))))
+            planner.drop(connection, schema, probe)
+            transaction.rollback()
+    except sa.exc.SQLAlchemyError as exc:
+        message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else first_line(exc)
+        return fail(
+            item,
+            f"planner_schema {schema!r}: cannot create a table there: {message}",
+            f"run, as an owner of the database: {planned.grant(engine, schema)}",
+        )
+    return ok(item, f"planner_schema {schema!r}: the sync can create its tables there")
 
 
 def _check_query(

@@ -334,6 +334,10 @@ def _parse_metrics(table: _Table, environ: dict[str, str]) -> MetricsSettings:
     return settings
 
 
+# A schema name the planner's SQL can quote on every dialect (a BigQuery dataset's rules).
+_PLANNER_SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
 def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSettings]:
     sources: dict[str, SourceSettings] = {}
     for name in list(table.data):
@@ -343,9 +347,16 @@ def _parse_sources(table: _Table, environ: dict[str, str]) -> dict[str, SourceSe
         schema = source.take_str("schema")
         if schema is not None and not events:
             raise source.error("schema", "is the schema of the source's events: set events as well")
+        planner_schema = source.take_str("planner_schema")
+        if planner_schema is not None and not _PLANNER_SCHEMA.fullmatch(planner_schema):
+            raise source.error("planner_schema", "must be a plain schema name (letters, digits, _)")
         source.finish()
         sources[name] = SourceSettings(
-            name=name, url=normalize_database_url(url), events=events, schema=schema or None
+            name=name,
+            url=normalize_database_url(url),
+            events=events,
+            schema=schema or None,
+            planner_schema=planner_schema,
         )
     return sources
 

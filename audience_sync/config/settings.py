@@ -139,6 +139,9 @@ class SourceSettings:
     # defined by `condition` / `value`; and the schema they live in (None: the default one).
     events: str | None = None
     schema: str | None = None
+    # The schema of this database where runs keep each audience's last snapshot and diff it
+    # (snapshot/planner.py); None: the members stream out and are diffed in the state database.
+    planner_schema: str | None = None
 
 
 LEVELS = ("user", "account")

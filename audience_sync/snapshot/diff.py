@@ -70,6 +70,23 @@ def measure(connection: Connection, key: str) -> DiffCounts:
     return DiffCounts(members, previous, entered - resent, exited, resent)
 
 
+def measure_changed(connection: Connection, key: str, scope: str, members: int) -> DiffCounts:
+    """`measure` for a planner run, whose stage holds only the current rows of the users
+    `scope` names (those whose rows changed in the warehouse): entered among the staged,
+    exited among the scope; `members` is the snapshot's, counted by the caller."""
+    previous = baseline.count_kept(connection, key)
+    connection.info.pop(MEASURED_FOR, None)
+    connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+    entered = connection.execute(
+        sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_MEMBER}"),
+        {"key": key},
+    ).rowcount
+    connection.info[MEASURED_FOR] = key
+    resent = count_in_baseline(connection, key)
+    exited = baseline.count_left(connection, key, scope, STAGE)
+    return DiffCounts(members, previous, entered - resent, exited, resent)
+
+
 def count_in_baseline(connection: Connection, key: str) -> int:
     """Of the rows kept aside in ENTERED, those whose user is in the baseline (few)."""
     return int(
@@ -79,10 +96,13 @@ def count_in_baseline(connection: Connection, key: str) -> int:
     )
 
 
-def queue_changes(connection: Connection, key: str, run_id: int | None, now: datetime, *, full: bool) -> None:
-    """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction)."""
-    outbox.drop_stale(connection, key, STAGE)
-    outbox.doubts_follow_membership(connection, key, run_id, now, STAGE)
+def queue_changes(connection: Connection, key: str, run_id: int | None, now: datetime, *, full: bool,
+                  scope: str | None = None) -> None:  # fmt: skip
+    """Rewrite the audience's outbox from the staged snapshot (inside the caller's transaction).
+    `scope`: a planner run's, whose stage is the current rows of the users it names; the
+    outbox rows of everyone else stay as they are."""
+    outbox.drop_stale(connection, key, STAGE, scope)
+    outbox.doubts_follow_membership(connection, key, run_id, now, STAGE, scope)
     if full:
         source, condition = STAGE, "TRUE"
     elif connection.info.get(MEASURED_FOR) == key:
@@ -95,5 +115,5 @@ def queue_changes(connection: Connection, key: str, run_id: int | None, now: dat
     # more on PostgreSQL (a speculative insertion, its lock and one more WAL record each).
     upsert = outbox.has_rows(connection, key)
     queued = outbox.queue_entries(connection, key, run_id, now, source, condition, upsert=upsert)
-    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert)
+    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert, scope=scope)
     outbox.analyze_after_queueing(connection, queued)

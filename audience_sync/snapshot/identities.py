@@ -35,9 +35,10 @@ MOVED = "stage_moved"  # (old_ref, new_ref) of this run's re-identified users
 EMAILS = "stage_new_emails"  # email -> user_ref of the kept-aside users not in the baseline
 
 
-def carry_over(connection: Connection, key: str, counts: DiffCounts) -> DiffCounts:
+def carry_over(connection: Connection, key: str, counts: DiffCounts, scope: str | None = None) -> DiffCounts:
     """Move re-identified users' baseline and outbox rows to their new user_ref; returns the
-    counts with them counted as resent rather than as an exit and an entry."""
+    counts with them counted as resent rather than as an exit and an entry. `scope`: a planner
+    run's changed users (its stage holds only theirs): an old identity must be among them."""
     if not (counts.entered and counts.exited):
         return counts
     sqlite = connection.dialect.name == "sqlite"
@@ -68,7 +69,8 @@ def carry_over(connection: Connection, key: str, counts: DiffCounts) -> DiffCoun
                 f"FROM {EMAILS} x CROSS JOIN baseline b "
                 "WHERE b.audience_key = :key AND b.email = x.email AND b.user_ref <> x.new_ref "
                 f"AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.user_ref = b.user_ref) "
-                "GROUP BY b.user_ref"
+                + (f"AND b.user_ref IN (SELECT user_ref FROM {scope}) " if scope else "")
+                + "GROUP BY b.user_ref"
             ),
             params,
         ).rowcount

@@ -49,8 +49,11 @@ class SourcePool:
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
             url = self._sources[name].url
+            writes = self._sources[name].planner_schema is not None
             try:
-                engine = sa.create_engine(url, pool_pre_ping=True, **_engine_options(sa.make_url(url)))
+                engine = sa.create_engine(
+                    url, pool_pre_ping=True, **_engine_options(sa.make_url(url), writes)
+                )
             except (sa.exc.ArgumentError, ImportError) as exc:
                 raise SourceError(f"source {name!r} ({safe_url(url)}): {exc}") from None
             sa.event.listen(engine, "before_cursor_execute", _refuse_while_streaming)
@@ -69,11 +72,17 @@ class SourcePool:
         self.close()
 
 
-def _engine_options(url: sa.URL) -> dict[str, Any]:
+def _engine_options(url: sa.URL, writes: bool = False) -> dict[str, Any]:
     """A DuckDB file is opened read-only: one process may open it read-write, several may read
-    it (the daemon and a `sync` at once, or the pipeline that writes it between runs)."""
+    it (the daemon and a `sync` at once, or the pipeline that writes it between runs). A source
+    with `planner_schema` is written to (its snapshots), so it is opened read-write."""
     database = url.database or ""
-    if url.get_backend_name() == "duckdb" and database not in ("", ":memory:") and Path(database).exists():
+    if (
+        not writes
+        and url.get_backend_name() == "duckdb"
+        and database not in ("", ":memory:")
+        and Path(database).exists()
+    ):
         return {"connect_args": {"read_only": True}}
     return {}
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 STAGE = "stage_members"
 RAW = "stage_raw"
 ENTERED = "stage_entered"  # the staged rows not in the baseline, kept by measure() for queue_changes()
+# A planner run's changed users (snapshot/planner.py): the stage then holds only their current
+# rows, and the outbox and the measures touch only them.
+SCOPE = "stage_scope"
 # connection.info: the audience (or trait) whose rows ENTERED holds, measured in this transaction
 MEASURED_FOR = "audience_sync.stage_entered_for"
 _RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
@@ -40,7 +43,10 @@ _STAGE_COLUMNS = f"{_RAW_COLUMNS}, {VALUE_FIELD}"
 
 
 def create_stage(connection: Connection) -> None:
-    drop_stage(connection)
+    """The stage's tables, empty (a planner run's scope, when there is one, stays)."""
+    connection.info.pop(MEASURED_FOR, None)
+    for table in (RAW, STAGE, ENTERED):
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     sqlite = connection.dialect.name == "sqlite"
     text, key = ("TEXT", "TEXT") if sqlite else ("VARCHAR(1024)", "VARCHAR(255)")
     # SQLite: the heap's rowid is the arrival order. PostgreSQL: a heap's physical order is not
@@ -61,8 +67,20 @@ def create_stage(connection: Connection) -> None:
 
 def drop_stage(connection: Connection) -> None:
     connection.info.pop(MEASURED_FOR, None)
-    for table in (RAW, STAGE, ENTERED):
+    for table in (RAW, STAGE, ENTERED, SCOPE):
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+
+
+def add_stage_to_scope(connection: Connection) -> int:
+    """Add the staged users to the scope (created empty the first time); returns those added."""
+    key = "TEXT" if connection.dialect.name == "sqlite" else "VARCHAR(255)"
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {SCOPE} (user_ref {key} NOT NULL PRIMARY KEY)"
+    )
+    return connection.exec_driver_sql(
+        f"INSERT INTO {SCOPE} (user_ref) SELECT s.user_ref FROM {STAGE} s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {SCOPE} x WHERE x.user_ref = s.user_ref)"
+    ).rowcount
 
 
 def load_stage(

@@ -49,18 +49,40 @@ def measure(connection: Connection, key: str, on_exit: str) -> DiffCounts:
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
 
 
+def measure_changed(connection: Connection, key: str, on_exit: str, scope: str, members: int) -> DiffCounts:
+    """`measure` for a planner run, whose stage holds only the current rows of the users
+    `scope` names (diff.measure_changed)."""
+    previous = baseline.count_kept(connection, key)
+    connection.info.pop(_TRAIT_MEASURED, None)
+    connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+    entered = connection.execute(
+        sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_VALUE}"), {"key": key}
+    ).rowcount
+    connection.info[_TRAIT_MEASURED] = key
+    exited = baseline.count_left(connection, key, scope, STAGE) if on_exit == "clear" else 0
+    return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
+
+
 def queue_changes(
-    connection: Connection, key: str, run_id: int | None, now: datetime, *, full: bool, on_exit: str
+    connection: Connection,
+    key: str,
+    run_id: int | None,
+    now: datetime,
+    *,
+    full: bool,
+    on_exit: str,
+    scope: str | None = None,
 ) -> None:
     """Rewrite the trait's outbox from the staged snapshot (inside the caller's transaction).
 
-    Queued (not in doubt) rows are recomputed from scratch: what is left is the value of every
+    Queued (not in doubt) rows are recomputed from scratch (with `scope`, a planner run's,
+    those of the users it names): what is left is the value of every
     user whose value differs from Planhat's (every user on a full sync), and `null` for the
     users who left (on_exit = clear).
     """
     cleared = NULL if on_exit == "clear" else None
-    outbox.drop_queued(connection, key)
-    outbox.doubts_follow_values(connection, key, run_id, now, STAGE, cleared=cleared)
+    outbox.drop_queued(connection, key, scope)
+    outbox.doubts_follow_values(connection, key, run_id, now, STAGE, cleared=cleared, scope=scope)
     if full:
         source, condition = STAGE, "TRUE"
     elif connection.info.get(_TRAIT_MEASURED) == key:  # measured just before, in this transaction
@@ -69,5 +91,7 @@ def queue_changes(
         source, condition = STAGE, f"NOT {baseline.HAS_VALUE}"
     queued = outbox.queue_values(connection, key, run_id, now, source, condition)
     if cleared is not None:
-        queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=True, cleared=cleared)
+        queued += outbox.queue_exits(
+            connection, key, run_id, now, STAGE, upsert=True, cleared=cleared, scope=scope
+        )
     outbox.analyze_after_queueing(connection, queued)

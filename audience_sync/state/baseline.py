@@ -57,6 +57,23 @@ def count(connection: Connection, key: str) -> int:
     return int(connection.execute(query).scalar_one())
 
 
+def count_kept(connection: Connection, key: str) -> int:
+    """The audience's baseline rows: the kept count when one is kept, else counted."""
+    kept = audiences.kept_baseline_counts(connection).get(key)
+    return int(kept) if kept is not None else count(connection, key)
+
+
+def count_left(connection: Connection, key: str, scope: str, stage: str) -> int:
+    """Of the users `scope` names (a planner run's changed users), those in the baseline and not
+    in `stage` (their current rows): the users who exited, walked from the scope."""
+    statement = f"""
+        SELECT count(*) FROM {scope} x CROSS JOIN baseline b
+        WHERE b.audience_key = :key AND b.user_ref = x.user_ref
+          AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)
+    """
+    return int(connection.execute(sa.text(statement), {"key": key}).scalar_one())
+
+
 def counts(connection: Connection) -> dict[str, int]:
     """Users in each audience's baseline (audiences with none are absent): the kept
     `baseline_count`, and, for audiences a delivery may be changing (NULL), their rows counted

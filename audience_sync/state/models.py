@@ -3,8 +3,9 @@
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
 (outbox.py), runs (runs.py), changes (changes.py), leases (leases.py), resync_requests
-(resyncs.py), paused_audiences (pauses.py), run_requests (run_requests.py). Read-only views
-across tables (`status`, `history`, the status page) are in history.py.
+(resyncs.py), paused_audiences (pauses.py), run_requests (run_requests.py),
+planner_snapshots (planner.py). Read-only views across tables (`status`, `history`, the
+status page) are in history.py.
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by
@@ -28,6 +29,8 @@ paused_audiences one row per audience paused with `audience-sync pause` (who, wh
                  removed by `audience-sync resume`
 run_requests     runs asked for over the HTTP API (`POST /api/runs`): the audiences, full or
                  not, and what became of them (status, the runs, the error)
+planner_snapshots one row per audience of a source with `planner_schema`: the generation of
+                 the snapshot in the warehouse that its outbox was last computed from (planner.py)
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The Alembic revision these tables are at: the head of migrations/versions. Opening the state
 # database compares it with the database's own, without loading Alembic; a new migration
 # bumps it (tests/test_packaging.py holds it to Alembic's head).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 KEY = 255  # audience keys and user identifiers
 TEXT = 1024  # traits such as name and title
@@ -254,4 +257,20 @@ run_requests = Table(
     Column("run_ids", Text, nullable=True),  # a JSON list of the runs it produced
     Column("error", Text, nullable=True),
     Index("ix_run_requests_status", "status"),
+)
+
+# An audience diffed in its source's planner schema (snapshot/planner.py): which generation of
+# its snapshot there the outbox was last computed from. Written in the transaction that
+# commits that outbox, so the warehouse's tables of any other generation are leftovers.
+planner_snapshots = Table(
+    "planner_snapshots",
+    metadata,
+    Column("audience_key", String(KEY), primary_key=True),
+    Column("source", String(KEY), nullable=False),
+    Column("planner_schema", String(KEY), nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("fingerprint", String(64), nullable=False),  # what the query was (a change: read in full)
+    Column("members", Integer, nullable=False),  # that snapshot's members, as the contract reads them
+    Column("run_id", Integer, nullable=True),
+    Column("committed_at", UTCDateTime, nullable=False),
 )

@@ -110,16 +110,23 @@ _UPSERT = """
 _EVERY_ROW = "TRUE"  # a WHERE clause keeps SQLite from reading ON CONFLICT as a join
 
 
-def drop_stale(connection: Connection, key: str, stage: str) -> None:
+def _within(scope: str | None, column: str = "pending.user_ref") -> str:
+    """`scope` names a table of user_refs (a planner run's changed users, whose stage holds only
+    theirs): the statement then touches those users alone. None: every user of the audience."""
+    return f" AND {column} IN (SELECT user_ref FROM {scope})" if scope else ""
+
+
+def drop_stale(connection: Connection, key: str, stage: str, scope: str | None = None) -> None:
     """Drop an audience's queued changes the snapshot made pointless (a pending `true` whose
-    user left again, a pending `false` whose user came back); rows in doubt stay."""
+    user left again, a pending `false` whose user came back); rows in doubt stay. With `scope`,
+    only those of the users it names."""
     connection.execute(
         sa.text(
             f"""
             DELETE FROM pending WHERE audience_key = :key AND NOT in_doubt AND (
                 (value = TRUE AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref))
                 OR (value = FALSE AND EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref))
-            )
+            ){_within(scope)}
             """
         ),
         {"key": key},
@@ -127,16 +134,17 @@ def drop_stale(connection: Connection, key: str, stage: str) -> None:
 
 
 def doubts_follow_membership(connection: Connection, key: str, run_id: int | None, now: datetime,
-                             stage: str) -> None:  # fmt: skip
+                             stage: str, scope: str | None = None) -> None:  # fmt: skip
     """In-doubt rows of an audience (few: the partial index ix_pending_in_doubt finds them)
-    take the truth: `true` for a staged member, `false` otherwise, and are sent again."""
+    take the truth: `true` for a staged member, `false` otherwise, and are sent again (with
+    `scope`, those of the users it names)."""
     params = {"key": key, "run_id": run_id, "now": now}
     staged = f"(SELECT s.{{column}} FROM {stage} s WHERE s.user_ref = pending.user_ref)"
     to_false = f"""
         UPDATE pending SET value = FALSE, name = NULL, title = NULL, company_id = NULL,
             run_id = :run_id, queued_at = :now
         WHERE audience_key = :key AND in_doubt AND value = TRUE
-          AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref)
+          AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref){_within(scope)}
     """
     identity = ", ".join(
         f"{c} = {staged.format(column=c)}" for c in ("user_id", "email", "name", "title", "company_id")
@@ -144,7 +152,7 @@ def doubts_follow_membership(connection: Connection, key: str, run_id: int | Non
     to_true = f"""
         UPDATE pending SET value = TRUE, {identity}, run_id = :run_id, queued_at = :now
         WHERE audience_key = :key AND in_doubt AND value = FALSE
-          AND EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref)
+          AND EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref){_within(scope)}
     """
     for statement in (to_false, to_true):
         connection.execute(sa.text(statement).bindparams(*_PARAMS), params)
@@ -167,15 +175,17 @@ def queue_entries(connection: Connection, key: str, run_id: int | None, now: dat
 
 
 def queue_exits(connection: Connection, key: str, run_id: int | None, now: datetime, stage: str, *,
-                upsert: bool, cleared: str | None = None) -> int:  # fmt: skip
+                upsert: bool, cleared: str | None = None, scope: str | None = None) -> int:  # fmt: skip
     """Queue `false` for every user of the audience's baseline who is not staged (for a
-    computed trait, `value_json` = `cleared`, the JSON null that clears the field). Returns the
-    rows."""
+    computed trait, `value_json` = `cleared`, the JSON null that clears the field); with
+    `scope`, of the users it names, walked from there (CROSS JOIN: SQLite probes the baseline's
+    key per user rather than reading the audience's baseline). Returns the rows."""
+    source = f"{scope} x CROSS JOIN baseline b" if scope else "baseline b"
     statement = f"""
         {_INSERT}
         SELECT :key, b.user_ref, FALSE, :cleared, b.user_id, b.email, NULL, NULL, NULL, :run_id, :now, 0
-        FROM baseline b
-        WHERE b.audience_key = :key
+        FROM {source}
+        WHERE b.audience_key = :key{" AND b.user_ref = x.user_ref" if scope else ""}
           AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)
         {_UPSERT if upsert else ""}
     """
@@ -184,15 +194,17 @@ def queue_exits(connection: Connection, key: str, run_id: int | None, now: datet
     return connection.execute(sa.text(statement).bindparams(*_PARAMS, cleared_param), params).rowcount
 
 
-def drop_queued(connection: Connection, key: str) -> None:
-    """Drop every queued (not in doubt) row of a computed trait: its diff recomputes them."""
+def drop_queued(connection: Connection, key: str, scope: str | None = None) -> None:
+    """Drop every queued (not in doubt) row of a computed trait (with `scope`, of the users it
+    names): its diff recomputes them."""
     connection.execute(
-        sa.text("DELETE FROM pending WHERE audience_key = :key AND NOT in_doubt"), {"key": key}
+        sa.text(f"DELETE FROM pending WHERE audience_key = :key AND NOT in_doubt{_within(scope)}"),
+        {"key": key},
     )
 
 
 def doubts_follow_values(connection: Connection, key: str, run_id: int | None, now: datetime, stage: str,
-                         *, cleared: str | None) -> None:  # fmt: skip
+                         *, cleared: str | None, scope: str | None = None) -> None:  # fmt: skip
     """In-doubt rows of a computed trait take the truth: the staged value, or for a user who
     left `cleared` (the JSON null that clears the field; None: they keep the value they have);
     they are sent again."""
@@ -205,13 +217,13 @@ def doubts_follow_values(connection: Connection, key: str, run_id: int | None, n
         UPDATE pending SET value = TRUE, value_json = {staged.format(column="value")}, {identity},
             run_id = :run_id, queued_at = :now
         WHERE audience_key = :key AND in_doubt
-          AND EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref)
+          AND EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref){_within(scope)}
     """
     to_null = f"""
         UPDATE pending SET value = FALSE, value_json = :cleared, name = NULL, title = NULL,
             company_id = NULL, run_id = :run_id, queued_at = :now
         WHERE audience_key = :key AND in_doubt
-          AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref)
+          AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = pending.user_ref){_within(scope)}
     """
     connection.execute(sa.text(to_value).bindparams(*_PARAMS), params)
     if cleared is not None:

@@ -50,6 +50,17 @@ def abort_stale(connection: Connection, key: str) -> int:
     return result.rowcount or 0
 
 
+def last_queued(connection: Connection, key: str) -> int | None:
+    """The audience's latest run that committed an outbox (it measured members and was neither
+    blocked nor a retire): a planner run checks that it was its own last one."""
+    r = m.runs.c
+    query = sa.select(sa.func.max(r.id)).where(
+        r.audience_key == key, r.members.is_not(None), r.status != "blocked", r.kind != "retire"
+    )
+    found = connection.execute(query).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
 def abort_held(
     connection: Connection, key: str, holder: str, error: str, pending: int, in_doubt: int
 ) -> None:

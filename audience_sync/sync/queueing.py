@@ -98,8 +98,11 @@ def _queue_started(
     started: float,
     started_at: datetime,
 ) -> RunReport:
+    stage_and_queue = _stage_and_queue
+    if pool.settings(audience.source).planner_schema is not None:
+        from .planned import stage_and_queue  # the planner's run, built on this module's steps
     try:
-        counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety, started_at)
+        counts, skipped = stage_and_queue(engine, pool, audience, report, options, safety, started_at)
     except AudienceSyncError as exc:
         return fail(engine, report, "failed", str(exc), started)
     except sa.exc.SQLAlchemyError as exc:
@@ -191,11 +194,14 @@ def _measure(connection: Connection, audience: AudienceSettings) -> diff.DiffCou
 
 
 def queue_changes(connection: Connection, audience: AudienceSettings, run_id: int | None, now: datetime, *,
-                  full: bool) -> None:  # fmt: skip
+                  full: bool, scope: str | None = None) -> None:  # fmt: skip
+    """Rewrite the outbox from the stage (`scope`: a planner run's changed users, see diff)."""
     if audience.trait:
-        traits.queue_changes(connection, audience.key, run_id, now, full=full, on_exit=audience.on_exit)
+        traits.queue_changes(
+            connection, audience.key, run_id, now, full=full, on_exit=audience.on_exit, scope=scope
+        )
     else:
-        diff.queue_changes(connection, audience.key, run_id, now, full=full)
+        diff.queue_changes(connection, audience.key, run_id, now, full=full, scope=scope)
 
 
 def discard_stage(connection: Connection) -> None:

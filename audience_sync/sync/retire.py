@@ -12,7 +12,9 @@ The audience is marked retired (`audiences.retired_at`) only once nothing of it 
 baseline, the outbox or on the wire; otherwise the run ends `partial` or `failed`, the outbox
 stays, and retiring again finishes it. The mass-exit guard does not apply: a retire sends only
 when the user confirmed it. A retired audience that comes back in the config is un-retired by
-`state.audiences.register` and gets an initial full sync.
+`state.audiences.register` and gets an initial full sync. Once retired, an audience of a
+source with `planner_schema` has its snapshot tables there dropped (a warning says when they
+could not be: retiring again drops them).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from typing import Any
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import PlanhatSettings, Settings
-from ..errors import AlreadyRunningError, AudienceSyncError, ConfigError
+from ..errors import AlreadyRunningError, AudienceSyncError, ConfigError, SourceError
 from ..planhat.payloads import Contact, build_enduser, build_identify
+from ..snapshot import planner
+from ..snapshot.sources import SourcePool
 from ..state import audiences, leases, outbox, runs
+from ..state import planner as planner_state
 from ..state.database import begin_write, translate_errors
 from ..support.clock import iso_timestamp, utcnow
 from ..support.logs import run_context
+from . import planned
 from .dry_run import SAMPLES
 from .lease_keeper import LeaseKeeper
 from .reports import Progress, RunReport
@@ -94,6 +100,7 @@ def retire(
         report = RetireReport(key=key, name=row.name, status="dry-run", warning=_daemon_warning(row))
         if row.retired_at is not None:
             report.status, report.retired_at = "already-retired", row.retired_at
+            _drop_planner_tables(engine, settings, report)  # a retire that could not drop them
             return report
         if not confirm:
             return _preview(engine, settings.planhat, report)
@@ -204,9 +211,36 @@ def _retire_leased(
         report.retired_at = _mark_retired(engine, key)
         if report.retired_at is not None:
             report.status = "retired"
+            _drop_planner_tables(engine, settings, report)
         else:  # cannot happen under the lease; say so rather than claim it
             report.status, report.error = "partial", "changes for the audience are left; retire it again"
     return report
+
+
+def _drop_planner_tables(engine: Engine, settings: Settings, report: RetireReport) -> None:
+    """Drop a retired audience's snapshot in its source's planner schema (sync/planned.py);
+    a warning when the source is gone from the config or does not answer (retire again)."""
+    with engine.connect() as connection:
+        committed = planner_state.committed(connection, report.key)
+    if committed is None:
+        return
+    source = settings.sources.get(committed.source)
+    if source is None:
+        report.warning = (
+            f"its snapshot tables stay in planner schema {committed.planner_schema!r} of source "
+            f"{committed.source!r}, which is no longer configured: drop the tables named "
+            f"{planner.SNAPSHOT}_{planner.stem(report.key)}_* there"
+        )
+        return
+    try:
+        with SourcePool({source.name: source}) as pool:
+            dropped = planned.drop_tables(pool, report.key, source.name, committed.planner_schema)
+    except SourceError as exc:
+        report.warning = f"{exc}; retire it again to drop its snapshot tables"
+        return
+    with engine.begin() as connection:
+        planner_state.forget(connection, report.key)
+    log.info("audience %r: dropped its planner tables %s", report.key, ", ".join(dropped) or "(none left)")
 
 
 def _samples(connection: Connection, key: str, planhat: PlanhatSettings) -> list[dict[str, Any]]:

@@ -1,0 +1,252 @@
+"""The planner: an audience's snapshot kept in its source's `planner_schema`, and diffed there.
+
+For a source with `planner_schema`, each run of an audience or trait writes its query's rows
+into a table of that schema (`CREATE TABLE ... AS <query>`, or the compiled definition on
+events), then finds the identifiers whose rows changed since the previous generation's table
+with set-based SQL in the warehouse: the rows of one table not in the other, both ways
+(EXCEPT), projected on the identifier, into a per-run table. Only the rows of those
+identifiers travel to the state database, through the query contract as a streamed query's
+do (`contract`), so both paths read a row the same way. The hand-off protocol (which
+generation counts, when the older tables go) is in sync/planned.py and docs/design.md.
+
+Tables, per audience key and generation N (1, 2, ...), in the planner schema:
+
+    as_snap_<key>_<N>   the snapshot of generation N (the query's rows as they were)
+    as_chg_<key>_<N>    the identifiers whose rows differ between generations N - 1 and N
+
+Everything here is SQLAlchemy Core, so one function renders the SQL for PostgreSQL, DuckDB,
+Snowflake and BigQuery (tests/test_planner_sql.py keeps golden copies of the last two).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement, Executable
+
+from ..config import AudienceSettings
+from .contract import IDENTIFIER_COLUMNS, TRAIT_COLUMNS, VALUE_COLUMN
+
+SNAPSHOT = "as_snap"
+CHANGES = "as_chg"
+REF = "planner_ref"  # the identifier column of the per-run table
+_MAX_STEM = 40  # a key longer than this is cut and hashed: names stay under every dialect's limit
+
+
+class CreateTableAs(Executable, ClauseElement):
+    """`CREATE TABLE <schema>.<name> AS <select>`, its parameters bound as the select's are."""
+
+    inherit_cache = False
+
+    def __init__(self, table: sa.TableClause, select: sa.Select[Any] | sa.CompoundSelect[Any]) -> None:
+        self.table = table
+        self.select = select
+
+
+@compiles(CreateTableAs)
+def _create_table_as(element: CreateTableAs, compiler: SQLCompiler, **kw: Any) -> str:
+    name = compiler.preparer.format_table(element.table)
+    return f"CREATE TABLE {name} AS {compiler.process(element.select, **kw)}"
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def stem(key: str) -> str:
+    if len(key) <= _MAX_STEM:
+        return key
+    return f"{key[: _MAX_STEM - 9]}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def table_name(prefix: str, key: str, generation: int) -> str:
+    return f"{prefix}_{stem(key)}_{generation}"
+
+
+def table(schema: str, name: str) -> sa.TableClause:
+    return sa.table(name, schema=schema)
+
+
+def generations(connection: Connection, schema: str, key: str) -> dict[str, int]:
+    """The planner tables of one audience in the schema: name -> generation."""
+    pattern = re.compile(rf"(?:{SNAPSHOT}|{CHANGES})_{re.escape(stem(key))}_(\d+)")
+    found = {}
+    for name in sa.inspect(connection).get_table_names(schema=schema):
+        match = pattern.fullmatch(name.lower())
+        if match:
+            found[name] = int(match.group(1))
+    return found
+
+
+def drop(connection: Connection, schema: str, name: str) -> None:
+    connection.execute(sa.schema.DropTable(sa.Table(name, sa.MetaData(), schema=schema), if_exists=True))
+
+
+def drop_all_but(connection: Connection, schema: str, key: str, keep: str | None) -> list[str]:
+    """Drop the audience's planner tables except `keep` (the committed snapshot); returns them."""
+    dropped = [name for name in generations(connection, schema, key) if name != keep]
+    for name in dropped:
+        drop(connection, schema, name)
+    return dropped
+
+
+def ensure_schema(connection: Connection, schema: str) -> None:
+    if schema not in sa.inspect(connection).get_schema_names():
+        connection.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+
+
+def exists(connection: Connection, schema: str, name: str) -> bool:
+    return sa.inspect(connection).has_table(name, schema=schema)
+
+
+# --- what the query is --------------------------------------------------------------------------
+
+
+def fingerprint(audience: AudienceSettings) -> str:
+    """What the audience's rows mean: a changed query (or definition, kind, level) is not diffed
+    against a snapshot of the old one, whose columns may not even compare."""
+    text = "\0".join((audience.kind, audience.level, audience.query, audience.definition or ""))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def audience_select(audience: AudienceSettings) -> sa.Select[Any]:
+    """The audience's rows as one SELECT: its compiled definition on events, or its SQL as a
+    subquery."""
+    if audience.compiled is not None:
+        select: sa.Select[Any] = audience.compiled.select
+        return select
+    inner = sa.text(audience.query.strip().rstrip(";")).columns().subquery("audience_sync_query")
+    return sa.select(sa.literal_column("*")).select_from(inner)
+
+
+def audience_params(audience: AudienceSettings, as_of: datetime) -> dict[str, Any]:
+    return dict(audience.compiled.params(as_of)) if audience.compiled is not None else {}
+
+
+def contract_columns(audience: AudienceSettings, names: list[str]) -> list[str]:
+    """The snapshot's columns that the contract reads (as the warehouse spells them): the rows
+    compare on these only."""
+    wanted: tuple[str, ...] = (
+        ("company_id", "name") if audience.level == "account" else IDENTIFIER_COLUMNS + TRAIT_COLUMNS
+    )
+    if audience.trait:
+        wanted += (VALUE_COLUMN,)
+    by_lower = {name.lower(): name for name in names}
+    return [by_lower[column] for column in wanted if column in by_lower]
+
+
+def ref_expression(
+    audience: AudienceSettings, source: sa.TableClause, columns: list[str]
+) -> sa.ColumnElement[Any]:
+    """A row's identifier in the warehouse, as the contract takes it: company_id for an account,
+    else user_id when given, else email, as trimmed text."""
+    lowered = {column.lower(): column for column in columns}
+
+    def text(name: str) -> sa.ColumnElement[Any] | None:
+        if name not in lowered:
+            return None
+        return sa.func.trim(sa.cast(sa.column(lowered[name], _selectable=source), sa.String))
+
+    parts = [text("company_id")] if audience.level == "account" else [text("user_id"), text("email")]
+    present = [part for part in parts if part is not None]
+    if not present:
+        return sa.null()
+    return present[0] if len(present) == 1 else sa.func.coalesce(*present)
+
+
+# --- the SQL of a run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation's tables of one audience."""
+
+    schema: str
+    key: str
+    number: int
+
+    @property
+    def snapshot(self) -> sa.TableClause:
+        return table(self.schema, table_name(SNAPSHOT, self.key, self.number))
+
+    @property
+    def changes(self) -> sa.TableClause:
+        return table(self.schema, table_name(CHANGES, self.key, self.number))
+
+
+def build_snapshot(generation: Generation, audience: AudienceSettings) -> CreateTableAs:
+    return CreateTableAs(generation.snapshot, audience_select(audience))
+
+
+def columns_of(connection: Connection, snapshot: sa.TableClause) -> list[str]:
+    result: sa.CursorResult[Any] = connection.execute(
+        sa.select(sa.literal_column("*")).select_from(snapshot).limit(0)
+    )
+    names = list(result.keys())
+    result.close()
+    return names
+
+
+def _rows(audience: AudienceSettings, snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
+    ref = ref_expression(audience, snapshot, columns).label(REF)
+    return sa.select(ref, *(sa.column(c, _selectable=snapshot) for c in columns)).select_from(snapshot)
+
+
+def changed_refs(
+    audience: AudienceSettings, previous: Generation, current: Generation, columns: list[str]
+) -> CreateTableAs:
+    """The per-run table: every identifier with a row in one snapshot and not the same row in the
+    other (entered, exited, or any contract column changed), each once."""
+    new, old = _rows(audience, current.snapshot, columns), _rows(audience, previous.snapshot, columns)
+    added = sa.except_(new, old).subquery("added")
+    removed = sa.except_(old, new).subquery("removed")
+    union = sa.union(sa.select(added.c[REF]), sa.select(removed.c[REF]))
+    return CreateTableAs(current.changes, sa.select(union.subquery("changed").c[REF]))
+
+
+def rows_of_changed(
+    audience: AudienceSettings, snapshot: sa.TableClause, changes: sa.TableClause, columns: list[str]
+) -> sa.Select[Any]:
+    """The snapshot's rows (contract columns only) of the identifiers in the per-run table."""
+    ref = ref_expression(audience, snapshot, columns)
+    changed: sa.Select[Any] = sa.select(sa.column(REF, _selectable=changes)).select_from(changes)
+    return every_row(snapshot, columns).where(ref.in_(changed.scalar_subquery()))
+
+
+def every_row(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
+    picked: list[sa.ColumnClause[Any]] = [sa.column(c, _selectable=snapshot) for c in columns]
+    return sa.select(*picked).select_from(snapshot)
+
+
+@dataclass(frozen=True)
+class PlannedRead:
+    """A SELECT on planner tables, in the shape `sources.read_members` streams (that of a
+    compiled definition on events): the rows then meet the contract exactly as a query's do."""
+
+    select: sa.Select[Any]
+    value_kind: str = "scalar"
+    decoder: Any = None
+
+    def params(self, as_of: datetime) -> dict[str, Any]:
+        return {}
+
+    def decode_value(self, raw: Any) -> Any:
+        return self.decoder(raw) if self.decoder is not None else raw
+
+
+def reading(audience: AudienceSettings, select: sa.Select[Any]) -> AudienceSettings:
+    """The audience, reading `select` instead of its own query (the value decoded as its own)."""
+    compiled = audience.compiled
+    planned = PlannedRead(
+        select,
+        value_kind=getattr(compiled, "value_kind", "scalar"),
+        decoder=getattr(compiled, "decode_value", None),
+    )
+    return replace(audience, compiled=planned)

@@ -1,0 +1,318 @@
+"""The run of an audience whose source has `planner_schema`: its snapshot is taken and diffed
+in the warehouse (snapshot/planner.py), and only the changed users' rows travel to the state
+database, where the usual queueing rewrites their outbox rows.
+
+The hand-off between the two databases (docs/design.md, "The planner"):
+
+1. **Recover.** The state database's `planner_snapshots` row names generation G, the snapshot
+   the outbox was last computed from. Every other planner table of the audience is a
+   leftover and is dropped: a newer one is a run that died before its outbox commit (its
+   changes were never queued, so they are computed again), an older one an advance that did
+   not finish.
+2. **Diff in the warehouse.** Generation G + 1's snapshot is built (`CREATE TABLE ... AS`),
+   and the identifiers whose rows differ from G's go into its per-run table.
+3. **Queue.** Their rows in both generations are read out; in one state transaction the
+   outbox of those users is rewritten, the baseline-based guard applies, and the
+   `planner_snapshots` row moves to G + 1. This commit is the hand-off.
+4. **Advance.** The per-run table and generation G's snapshot are dropped.
+
+A kill before step 3 commits leaves G the committed generation: the next run diffs against G
+again, so no change is lost. A kill after it leaves G + 1 committed: the next run finishes the
+advance and diffs against G + 1, so nothing is queued twice. The outbox is keyed on the user,
+so a change queued again can only be the same value.
+
+A full run, a reconcile's repairing run, a first run, and any run whose committed generation
+does not fit (another query, another schema, a streamed run since, a snapshot table gone)
+read the new snapshot whole and diff it against the baseline as a streamed run does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..config import AudienceSettings, SafetySettings
+from ..errors import SourceError
+from ..snapshot import diff, identities, planner, staging, traits
+from ..snapshot.contract import ReadStats
+from ..snapshot.sources import SourcePool, read_members
+from ..state import audiences, outbox, runs
+from ..state import planner as planner_state
+from ..state.database import begin_write, driver_message
+from ..support.clock import utcnow
+from .guard import blocked
+from .queueing import discard_stage, queue_changes, stage_and_measure
+from .reports import RunReport, SyncOptions
+
+log = logging.getLogger(__name__)
+
+SCHEMA_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run does in the warehouse."""
+
+    current: planner.Generation
+    previous: planner.Generation | None  # None: the new snapshot is read whole
+    columns: list[str]  # the snapshot's contract columns
+    committed: planner_state.Committed | None
+
+
+def stage_and_queue(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    report: RunReport,
+    options: SyncOptions,
+    safety: SafetySettings,
+    as_of: datetime,
+) -> tuple[diff.DiffCounts, int]:
+    """queueing's `_stage_and_queue` for a planner source: steps 1 to 4 above."""
+    with engine.connect() as connection:
+        committed = planner_state.committed(connection, audience.key)
+        own_last = committed is not None and runs.last_queued(connection, audience.key) == committed.run_id
+    plan = diff_in_warehouse(pool, audience, report.kind, committed, own_last, as_of)
+    try:
+        counts, skipped = _queue(engine, pool, audience, report, options, safety, as_of, plan)
+    except Exception:
+        discard(pool, audience, plan.current)  # best effort: the next run's recovery does it too
+        raise
+    if report.status == "blocked":
+        discard(pool, audience, plan.current)
+    else:
+        advance(pool, audience, plan.current)
+    return counts, skipped
+
+
+def diff_in_warehouse(
+    pool: SourcePool,
+    audience: AudienceSettings,
+    kind: str,
+    committed: planner_state.Committed | None,
+    own_last: bool,
+    as_of: datetime,
+) -> Plan:
+    """Steps 1 and 2: drop the leftovers, build the new snapshot and, when the committed one
+    fits, the per-run table of changed identifiers."""
+    source = pool.settings(audience.source)
+    schema = source.planner_schema
+    assert schema is not None
+    ours = committed is not None and (committed.source, committed.planner_schema) == (source.name, schema)
+    number = (committed.generation if committed is not None and ours else 0) + 1
+    current = planner.Generation(schema, audience.key, number)
+    previous = planner.Generation(schema, audience.key, number - 1) if ours else None
+    _ensure_schema(pool, audience, schema)
+    with _warehouse(pool, audience, schema) as connection:
+        keep = planner.table_name(planner.SNAPSHOT, audience.key, number - 1) if ours else None
+        planner.drop_all_but(connection, schema, audience.key, keep)
+        fits = (
+            kind == "incremental"
+            and previous is not None
+            and committed is not None
+            and own_last
+            and committed.fingerprint == planner.fingerprint(audience)
+            and keep is not None
+            and planner.exists(connection, schema, keep)
+        )
+        connection.execute(
+            planner.build_snapshot(current, audience), planner.audience_params(audience, as_of)
+        )
+        columns = planner.contract_columns(audience, planner.columns_of(connection, current.snapshot))
+        if fits and previous is not None:
+            connection.execute(planner.changed_refs(audience, previous, current, columns))
+    return Plan(current, previous if fits else None, columns, committed)
+
+
+def _ensure_schema(pool: SourcePool, audience: AudienceSettings, schema: str) -> None:
+    """Create the planner schema when it is missing, in a transaction of its own: two audiences
+    of the source may race to create it, and the loser finds it there."""
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with _warehouse(pool, audience, schema) as connection:
+                planner.ensure_schema(connection, schema)
+            return
+        except SourceError:
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the other creator commits (DuckDB: a catalog conflict)
+
+
+def _queue(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    report: RunReport,
+    options: SyncOptions,
+    safety: SafetySettings,
+    as_of: datetime,
+    plan: Plan,
+) -> tuple[diff.DiffCounts, int]:
+    """Step 3: the changes (or the whole snapshot) into the outbox, and the generation recorded,
+    in one state transaction."""
+    scope = staging.SCOPE if plan.previous is not None else None
+    with engine.connect() as connection:
+        try:
+            if plan.previous is not None:
+                counts, skipped = _stage_changes(connection, pool, audience, as_of, plan)
+            else:
+                whole = planner.reading(audience, planner.every_row(plan.current.snapshot, plan.columns))
+                counts, skipped = stage_and_measure(connection, pool, whole, as_of, write=True)
+            reason = blocked(counts, safety, audience.key, force=options.force)
+            if reason:
+                report.status, report.error = "blocked", reason
+                connection.rollback()
+                return counts, skipped
+            now = utcnow()
+            assert report.run_id is not None
+            queue_changes(connection, audience, report.run_id, now, full=report.kind == "full", scope=scope)
+            audiences.mark_baselined(connection, audience.key, now)
+            runs.update(
+                connection,
+                report.run_id,
+                members=counts.members,
+                entered=counts.entered,
+                exited=counts.exited,
+                skipped=skipped,
+            )
+            source = pool.settings(audience.source)
+            assert source.planner_schema is not None
+            done = planner_state.Committed(
+                source=source.name,
+                planner_schema=source.planner_schema,
+                generation=plan.current.number,
+                fingerprint=planner.fingerprint(audience),
+                members=counts.members,
+                run_id=report.run_id,
+            )
+            planner_state.record(connection, audience.key, done, now)
+            connection.commit()
+            return counts, skipped
+        finally:
+            discard_stage(connection)
+
+
+def _stage_changes(
+    connection: Connection, pool: SourcePool, audience: AudienceSettings, as_of: datetime, plan: Plan
+) -> tuple[diff.DiffCounts, int]:
+    """Stage the changed users' current rows, with every user they touch (their previous rows'
+    identifiers too) in the scope; measure them against the baseline under the write lock."""
+    assert plan.previous is not None and plan.committed is not None
+    current, previous = plan.current, plan.previous
+    staging.create_stage(connection)
+    before = planner.rows_of_changed(audience, previous.snapshot, current.changes, plan.columns)
+    earlier = ReadStats()
+    staging.load_stage(connection, _read(pool, audience, before, earlier, as_of), with_value=audience.trait)
+    were = staging.add_stage_to_scope(connection)  # the changed users who were members
+    stats = ReadStats()
+    staging.create_stage(connection)
+    after = planner.rows_of_changed(audience, current.snapshot, current.changes, plan.columns)
+    given = staging.load_stage(
+        connection, _read(pool, audience, after, stats, as_of), with_value=audience.trait
+    )
+    staged = diff.staged_count(connection)
+    staging.add_stage_to_scope(connection)
+    members = plan.committed.members - were + staged
+    begin_write(connection)
+    outbox.settle_in_flight(connection, audience.key)
+    if audience.trait:
+        counts = traits.measure_changed(connection, audience.key, audience.on_exit, staging.SCOPE, members)
+    else:
+        counts = diff.measure_changed(connection, audience.key, staging.SCOPE, members)
+    counts = identities.carry_over(connection, audience.key, counts, staging.SCOPE)
+    log.info(
+        "audience %r: read %d rows out of the planner schema (%d of the previous snapshot, %d of the new)",
+        audience.key,
+        earlier.rows + stats.rows,
+        earlier.rows,
+        stats.rows,
+    )
+    return counts, stats.skipped + given - staged
+
+
+def _read(pool: SourcePool, audience: AudienceSettings, select: sa.Select[Any], stats: ReadStats,
+          as_of: datetime) -> Any:  # fmt: skip
+    return read_members(pool, planner.reading(audience, select), stats, as_of=as_of)
+
+
+def advance(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
+    """Step 4, after the commit: the per-run table, then the previous snapshot."""
+    with _warehouse(pool, audience, current.schema) as connection:
+        planner.drop(connection, current.schema, current.changes.name)
+    drop_previous(pool, audience, current)
+
+
+def drop_previous(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
+    with _warehouse(pool, audience, current.schema) as connection:
+        planner.drop_all_but(connection, current.schema, audience.key, current.snapshot.name)
+
+
+def discard(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
+    """A run that committed nothing: its own tables go; the committed snapshot stays."""
+    try:
+        with _warehouse(pool, audience, current.schema) as connection:
+            planner.drop(connection, current.schema, current.changes.name)
+            planner.drop(connection, current.schema, current.snapshot.name)
+    except SourceError as exc:
+        log.warning("audience %r: %s (dropped by its next run)", audience.key, exc)
+
+
+def drop_tables(pool: SourcePool, key: str, source: str, schema: str) -> list[str]:
+    """Every planner table of an audience (retired): returns the names dropped."""
+    with _warehouse_of(pool, source, schema, f"audience {key!r}") as connection:
+        return planner.drop_all_but(connection, schema, key, None)
+
+
+class _warehouse_of:
+    """A transaction on the source, its errors one SourceError line naming the planner schema
+    and the grant it needs."""
+
+    def __init__(self, pool: SourcePool, source: str, schema: str, what: str) -> None:
+        self._engine = pool.engine(source)
+        self._where = f"{what} (source {source!r}, planner_schema {schema!r})"
+        self._schema = schema
+        self._context: Any = None
+
+    def __enter__(self) -> Connection:
+        try:
+            self._context = self._engine.begin()
+            connection: Connection = self._context.__enter__()
+        except sa.exc.SQLAlchemyError as exc:
+            raise self._error(exc) from exc
+        return connection
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        try:
+            self._context.__exit__(kind, error, trace)
+        except sa.exc.SQLAlchemyError as exc:
+            raise self._error(exc) from exc
+        if isinstance(error, sa.exc.SQLAlchemyError):
+            raise self._error(error) from error
+
+    def _error(self, exc: sa.exc.SQLAlchemyError) -> SourceError:
+        message = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else str(exc).splitlines()[0]
+        needs = grant(self._engine, self._schema)
+        return SourceError(f"{self._where}: {message} (the sync needs CREATE rights there: {needs})")
+
+
+def _warehouse(pool: SourcePool, audience: AudienceSettings, schema: str) -> _warehouse_of:
+    return _warehouse_of(pool, audience.source, schema, f"audience {audience.key!r}")
+
+
+def grant(engine: Engine, schema: str) -> str:
+    """The statement that gives the sync's user what the planner needs, in the source's dialect."""
+    user = engine.url.username or "<the sync's user>"
+    name = engine.dialect.name
+    if name == "snowflake":
+        return f"GRANT USAGE, CREATE TABLE ON SCHEMA {schema} TO ROLE <the sync's role>"
+    if name == "bigquery":
+        return f"grant the sync's service account roles/bigquery.dataEditor on dataset {schema}"
+    if name == "duckdb":
+        return "open the DuckDB file read-write (no other process holding it)"
+    return f"CREATE SCHEMA IF NOT EXISTS {schema}; GRANT USAGE, CREATE ON SCHEMA {schema} TO {user}"
