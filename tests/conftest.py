@@ -33,8 +33,26 @@ from tests.fake_planhat import API_TOKEN, TENANT_TOKEN, FakePlanhat
 POSTGRES_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-# CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
-REQUIRE_POSTGRES = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
+# The outside tools a run requires, read once here, when pytest loads this file and before the
+# autouse fixture below clears every AUDIENCE_SYNC_* variable. CI (.ci/run) requires all three:
+# there a missing tool fails the run instead of skipping its tests.
+TOOLS = ("postgres", "browser", "promtool")
+REQUIRED_TOOLS = frozenset(
+    tool for tool in TOOLS if os.environ.get(f"AUDIENCE_SYNC_REQUIRE_{tool.upper()}", "").strip() == "1"
+)
+REQUIRE_POSTGRES = "postgres" in REQUIRED_TOOLS
+
+
+def skip_without(tool: str, problem: str | None) -> None:
+    """Skip the test, saying why, when `problem` says `tool` cannot be used; fail it loudly
+    instead when the run requires the tool (AUDIENCE_SYNC_REQUIRE_<TOOL>=1)."""
+    assert tool in TOOLS, tool
+    if problem is None:
+        return
+    if tool in REQUIRED_TOOLS:
+        pytest.fail(f"{problem}, and AUDIENCE_SYNC_REQUIRE_{tool.upper()}=1 requires it", pytrace=False)
+    pytest.skip(problem)
+
 
 _postgres_error: str | bool | None = False  # False: not probed yet
 
@@ -55,21 +73,25 @@ def postgres_unavailable() -> str | None:
 
 
 def require_postgres() -> None:
-    reason = postgres_unavailable()
-    if reason:
-        if REQUIRE_POSTGRES:
-            pytest.fail(reason + " (AUDIENCE_SYNC_REQUIRE_POSTGRES=1)")
-        pytest.skip(reason)
+    skip_without("postgres", postgres_unavailable())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed."""
+    from tests.sim_walk import RUN_SEED
+
+    terminalreporter.write_line(
+        f"simulation seed {RUN_SEED} (replay its walks and examples: AUDIENCE_SYNC_SIM_SEED={RUN_SEED} "
+        "AUDIENCE_SYNC_SIM_SEEDS=2 pytest tests/test_simulation.py)"
+    )
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No machine setting leaks into a test; each test works in its own directory."""
+    """No machine setting leaks into a test; each test works in its own directory. (What the
+    run requires was read at import: REQUIRED_TOOLS.)"""
     for name in list(os.environ):
-        if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name not in (
-            "AUDIENCE_SYNC_TEST_POSTGRES",
-            "AUDIENCE_SYNC_REQUIRE_POSTGRES",
-        ):
+        if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name != "AUDIENCE_SYNC_TEST_POSTGRES":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
