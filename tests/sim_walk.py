@@ -19,8 +19,12 @@ flight), so requests arrive at the fake in an order the scheduler picks. Faults 
 scripted per *unit* and attempt, not per arrival: a unit is one contact the engine handed to
 its client (in the order it handed them, which is deterministic), or one bulk chunk or one read
 (these go one at a time). `Fault(at=2)` hits the first attempt of the op's third unit; a second
-fault at the same unit hits its retry. The fake serves the faulted request alone (the others
-wait at `FaultGate`), so the fault it was scripted meets that request and no other.
+fault at the same unit hits its retry. (The bulk transport sends one request at a time: there a
+fault hits the op's request at its place, retries counted.) The fake serves a faulted request
+alone (the others wait at `FaultGate`), so the fault scripted for it meets it and no other. Only
+a request scripted to time out has the short client timeout: on a busy machine no other request
+times out. What stays to chance at concurrency 10 is what production leaves to it: which other
+requests were already on the wire when a run halts (a 2xx without a body) or dies.
 
 Faults come from the fake (tests/fake_planhat.py) and from the HTTP transport the engine's
 client is given (`SimTransport`): a `SimulatedCrash` raised there before a request is
@@ -86,8 +90,12 @@ ATTRIBUTES: dict[str, tuple[Any, ...]] = {
     "beta": (0, 1),
 }
 
-CLIENT_TIMEOUT = 0.2  # seconds, during the walk; the fake holds a timed-out request longer
+# The client's timeout for a request scripted to time out (the fake holds it a little longer);
+# every other request has WALK_TIMEOUT, so that a busy machine does not time out requests the
+# walk did not mean to (the walk would not replay).
+CLIENT_TIMEOUT = 0.2
 HOLD = CLIENT_TIMEOUT + 0.15
+WALK_TIMEOUT = 10
 SOURCE_CHUNK = 5  # rows per source fetch, so that a crash can land mid-stream
 READ_PAGE = 10  # contacts per page a reconcile asks for (the fake may answer fewer: page_cap)
 
@@ -471,6 +479,8 @@ class SimTransport(httpx.BaseTransport):
         with sim.gate.alone() if fault else sim.gate.side_by_side():
             if fault:
                 sim.script_fault(fault)
+                if fault.startswith("timeout"):
+                    request.extensions["timeout"] = httpx.Timeout(CLIENT_TIMEOUT).as_dict()
             response = self.inner.handle_request(request)
         try:
             sim.maybe_crash("http_after", slot)
@@ -670,6 +680,7 @@ class Simulation:
         self.gate = FaultGate()
         self._units: dict[Hashable, int] = {}
         self._attempts: Counter[Hashable] = Counter()
+        self._arrivals = 0
         self._slots: dict[tuple[int, int], str] = {}  # (unit, attempt) -> fault kind
 
     # --- setup ----------------------------------------------------------------------------
@@ -680,7 +691,7 @@ class Simulation:
         machine does not fail the run that must succeed. Both leave `concurrency` at
         production's default."""
         retries = [
-            f"timeout_seconds = {CLIENT_TIMEOUT}",
+            f"timeout_seconds = {WALK_TIMEOUT}",
             f"max_attempts = {self.max_attempts}",
             "backoff_base_seconds = 0.001",
             "backoff_max_seconds = 0.01",
@@ -770,8 +781,12 @@ class Simulation:
     def slot_of(self, key: Hashable) -> tuple[int, int]:
         """(unit, attempt) of a request: which unit it carries (a unit not handed out before
         is numbered on arrival: reads and bulk chunks go one at a time) and how many requests
-        carried it before in this op."""
+        carried it before in this op. The bulk transport sends one request at a time, so
+        there a request's slot is simply its place in the op's requests, retries counted."""
         with self._lock:
+            if self.transport == "endusers":
+                self._arrivals += 1
+                return self._arrivals - 1, 0
             unit = self._units.setdefault(key, len(self._units))
             attempt = self._attempts[key]
             self._attempts[key] += 1
@@ -868,12 +883,16 @@ class Simulation:
             else:
                 unit, attempt = fault.at, 0
                 while (unit, attempt) in slots:  # a second fault on a unit hits its retry
-                    attempt += 1
+                    if self.transport == "endusers":
+                        unit += 1  # ... its next request, there
+                    else:
+                        attempt += 1
                 slots[(unit, attempt)] = fault.kind
         with self._lock:
             self._slots = slots
             self._units = {}
             self._attempts = Counter()
+            self._arrivals = 0
 
     def script_fault(self, kind: str) -> None:
         """Script one fault on the fake, for the request about to pass alone."""
