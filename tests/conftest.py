@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -345,6 +346,53 @@ def last_run(cli: Cli, key: str | None = None) -> dict[str, Any]:
     """The newest run (of one audience), as `history --json` shows it."""
     audience = ("--audience", key) if key else ()
     return json.loads(run(cli, "history", "--json", *audience).out)[0]
+
+
+class KeeperClock:
+    """Time the test moves, for a LeaseKeeper (`timer=`): its clock and its waits between
+    renewals. Given freezegun's `frozen`, moving it moves the wall clock leases expire by too.
+    `advance` returns once the keeper has done what fell due and waits again, so a test asserts
+    on renewals in order, whatever the machine's load."""
+
+    def __init__(self, frozen: Any = None) -> None:
+        self.now = 0.0
+        self.frozen = frozen
+        self._changed = threading.Condition()
+        self._waits = 0
+        self._parked = False
+        self._due = float("inf")
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        with self._changed:
+            self._due = self.now + seconds
+            self._waits += 1
+            self._parked = True
+            self._changed.notify_all()
+            while not stop.is_set() and self.now < self._due:
+                self._changed.wait(0.01)  # a stop is an Event: look at it now and then
+            self._parked = False
+            return stop.is_set()
+
+    def advance(self, seconds: float, *, settle: bool = True) -> None:
+        """Move time on; with `settle`, return once the keeper waits again (a keeper that
+        stopped for good never does: give settle=False)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._parked, timeout=30):
+                raise AssertionError("the lease keeper never waited")
+            before = self._waits
+            self.now += seconds
+            if self.frozen is not None:
+                self.frozen.tick(seconds)
+            self._changed.notify_all()
+            if (
+                settle
+                and self.now >= self._due
+                and not self._changed.wait_for(lambda: self._waits > before and self._parked, timeout=30)
+            ):
+                raise AssertionError("the lease keeper did not finish its renewals")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
