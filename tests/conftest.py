@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -258,9 +258,12 @@ class Project:
     state_url: str
     source: SourceDB
     planhat: FakePlanhat
+    written: dict[str, Any] = field(default_factory=dict)  # the last write's arguments
 
     def write(self, audiences: list[dict[str, str]] | None = None, transport: str = "segment",
               extra: str = "", tokens: bool = True, planhat: str = "", source: str = "") -> Path:  # fmt: skip
+        self.written = {"audiences": audiences, "transport": transport, "extra": extra, "tokens": tokens,
+                        "planhat": planhat, "source": source}  # fmt: skip
         audiences = audiences if audiences is not None else [
             {"name": "Pro Plan", "query": PRO_QUERY},
             {"name": "Buyers", "query": BUYERS_QUERY},
@@ -284,6 +287,25 @@ class Project:
             lines.append("")
         self.path.write_text("\n".join(lines) + "\n" + extra)
         return self.path
+
+    @contextmanager
+    def one_shot(self, timeout_seconds: float = 0.3) -> Iterator[None]:
+        """The runs inside have one attempt and a short timeout, so that the fault the test
+        scripts (an answer held past the timeout, a refusal) ends the run. Every other run
+        keeps the retries it would have in production (as `write` sets them): a busy machine
+        slows a run that must succeed, it does not fail it."""
+        before = dict(self.written)
+        shot = {"max_attempts": "1", "timeout_seconds": f"{timeout_seconds:g}"}
+        kept = [line for line in before["planhat"].splitlines() if _setting(line) not in shot]
+        self.write(**{**before, "planhat": "\n".join([*kept, *(f"{k} = {v}" for k, v in shot.items())])})
+        try:
+            yield
+        finally:
+            self.write(**before)
+
+
+def _setting(line: str) -> str:
+    return line.split("=", 1)[0].strip()
 
 
 def _toml_string(value: str) -> str:
