@@ -88,13 +88,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No machine setting leaks into a test; each test works in its own directory. (What the
-    run requires was read at import: REQUIRED_TOOLS.)"""
+    run requires was read at import: REQUIRED_TOOLS.) Nor does one test's logging leak into
+    the next: a CLI run in-process sets the package's logger up (its own handler, no
+    propagation), which would hide the next test's records from caplog."""
     for name in list(os.environ):
         if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name != "AUDIENCE_SYNC_TEST_POSTGRES":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    package = logging.getLogger("audience_sync")
+    saved = (package.handlers[:], package.level, package.propagate)
+    yield
+    package.handlers[:], package.level, package.propagate = saved
 
 
 @pytest.fixture
