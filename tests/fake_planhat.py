@@ -16,6 +16,10 @@ both transports.
                          5000, fewer when `page_cap` is set): contacts in creation order as
                          {"_id", "externalId", "email", "name", "custom"}, [] past the end
     GET  /customfields   Bearer API token; the `custom_fields` list (404 when it is None)
+    POST /customfields   Bearer API token; creates a field from {"name", "type", "parent",
+                         "isHidden"} (Planhat's required properties; `listValues` optional),
+                         answers it with its `_id`; 400 for a missing property, an unknown
+                         type, or a name its parent already has
     GET  /_state         {"contacts": n, "true": {key: n}, "false": {key: n}, "requests": n},
                          and "values": {key: n} when contacts hold other (trait) values;
                          ?applied=1 adds "applied_items": n, "applied_values": n
@@ -70,6 +74,10 @@ API_TOKEN = "api-secret-token-456"
 SEGMENT_PATH = "/dock/segment"
 ENDUSERS_PATH = "/endusers"
 CUSTOM_FIELDS_PATH = "/customfields"
+# Planhat's custom field types (its developers' docs, Custom Field).
+FIELD_TYPES = frozenset({"number", "text", "rich text", "checkbox", "day", "date", "list", "multipicklist",
+                         "team member", "team members", "rating", "phone", "email", "enduser", "endusers",
+                         "url"})  # fmt: skip
 COMPANIES_PATH = "/companies"
 IDENTITY_TRAITS = ("email", "name", "title", "companyId")
 STATE_PATH = "/_state"
@@ -486,6 +494,7 @@ class FakePlanhat:
             ("PUT", COMPANIES_PATH): self._companies,
             ("GET", ENDUSERS_PATH): self._list_endusers,
             ("GET", CUSTOM_FIELDS_PATH): self._list_custom_fields,
+            ("POST", CUSTOM_FIELDS_PATH): self._create_custom_field,
         }
 
     def _serve(
@@ -695,6 +704,25 @@ class FakePlanhat:
         if fields is None:
             return _json_answer(404, {"error": "Not Found"})
         return _json_answer(200, fields)
+
+    def _create_custom_field(self, body: Any, _query: str) -> _Answer:
+        if not isinstance(body, dict):
+            return _json_answer(400, {"error": "a custom field object is required"})
+        missing = [k for k in ("name", "type", "parent", "isHidden") if k not in body]
+        if missing:
+            return _json_answer(400, {"error": f"missing required property {missing[0]}"})
+        if body["type"] not in FIELD_TYPES:
+            return _json_answer(400, {"error": f"invalid type {body['type']!r}"})
+        with self._lock:
+            if self.custom_fields is None:
+                return _json_answer(404, {"error": "Not Found"})
+            if any(
+                f["name"] == body["name"] and f.get("parent") == body["parent"] for f in self.custom_fields
+            ):
+                return _json_answer(400, {"error": f"a field named {body['name']!r} already exists"})
+            created = {**body, "_id": f"cf{len(self.custom_fields)}"}
+            self.custom_fields.append(created)
+        return _json_answer(200, created)
 
     def _ordered_keys(self) -> list[str]:
         """Contact keys in creation order; rebuilt (dicts keep insertion order) after a delete

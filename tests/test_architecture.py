@@ -29,6 +29,8 @@ OWNERS = {
     "changes": "state.changes",
     "leases": "state.leases",
     "resync_requests": "state.resyncs",
+    "paused_audiences": "state.pauses",
+    "run_requests": "state.run_requests",
     "alembic_version": "state.migrations",
 }
 

@@ -391,7 +391,10 @@ def test_missing_and_mistyped_custom_fields(sqlite_project: Project, cli: Cli) -
     line = lines(result.out)["planhat fields"]
     assert line.startswith("FAIL")
     assert "no custom field on contacts named buyers; pro_plan is a 'text' field, not a checkbox" in line
-    assert "fix: in Planhat, create a checkbox custom field on contacts" in line
+    assert (
+        "fix: run `audience-sync fields --create`" in line
+        and "create a checkbox custom field on contacts" in line
+    )
 
 
 def test_custom_fields_planhat_does_not_list_are_a_skip(sqlite_project: Project, cli: Cli) -> None:

@@ -17,7 +17,9 @@ One result per item, in this order, each OK, FAIL (with its fix) or SKIP (with w
                        (GET /customfields), when Planhat lists them
 
 Modules: `results` (the lines and their output), `state`, `sources`, `planhat` (the items),
-`timebox` (each item in a thread with a time limit), `scrubbing` (secrets out of every line).
+`timebox` (each item in a thread with a time limit), `scrubbing` (secrets out of every line),
+and `fields` (`audience-sync fields [--create]`: each key's custom field, created when asked:
+the one module here that writes to Planhat).
 
 Nothing is written anywhere: nothing is sent to Planhat, the sources are only read, and the
 state database is only read (a SQLite file that does not exist is not created). Each item is

@@ -116,8 +116,9 @@ def _check_fields(planhat: PlanhatSettings, keys: list[str]) -> CheckResult:
     return fail(
         item,
         "; ".join(problems),
-        "in Planhat, create a checkbox custom field on contacts (End Users) named exactly as "
-        "each audience key: bulk upserts write custom.<key> = true/false",
+        "run `audience-sync fields --create`, which creates each missing field typed right and "
+        "never touches an existing one (or, in Planhat, create a checkbox custom field on contacts "
+        "named exactly as each audience key: bulk upserts write custom.<key> = true/false)",
     )
 
 

@@ -26,6 +26,8 @@ from ..support.logs import configure_logging
 from .output import err, json_default, print_columns
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.engine import Engine
 
     from ..config import Settings
@@ -144,6 +146,10 @@ def sync(
 
     settings, engine = _open(_context(ctx))
     try:
+        if audience and not dry_run:
+            from ..sync.run import refuse_paused
+
+            refuse_paused(engine, [a.key for a in settings.select(audience)])
         if not dry_run and settings.planhat.token is None:
             dry_run = True
             err(
@@ -192,8 +198,169 @@ def _print_reports(reports: list[RunReport], as_json: bool, dry_run: bool) -> No
             typer.echo(f"Sample payloads for {r.key}:")
             for sample in r.samples:
                 typer.echo("  " + json.dumps(sample))
-        if r.error:
+        if r.status == "paused":
+            typer.echo(f"{r.key}: skipped: {r.error}")
+        elif r.error:
             err(f"{r.key}: {r.error}")
+
+
+# --- explain ------------------------------------------------------------------------------
+
+
+@app.command()
+def explain(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="A user_id or an email.")],
+    audience: Annotated[str | None, typer.Option("--audience", "-a", help="One audience key.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a user has a value: per audience and trait, member now or not (by the last snapshot),
+    what Planhat was last told and when, what is pending or in doubt, and the recent changes.
+    Exits 1 when the state database knows nothing of the user."""
+    from ..state import explain as explaining
+    from ..state.database import translate_errors
+
+    settings, engine = _open(_context(ctx))
+    try:
+        reading = translate_errors("cannot read state database", settings.database_url)
+        with reading, engine.connect() as connection:
+            known = explaining.audiences(connection, {a.key: (a.name, a.kind) for a in settings.audiences})
+            if audience is not None:
+                if audience not in known:
+                    configured = ", ".join(a.key for a in settings.audiences) or "none"
+                    raise AudienceSyncError(f"unknown audience {audience!r} (configured: {configured})")
+                known = {audience: known[audience]}
+            story = explaining.explain(connection, user, known)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(asdict(story), indent=2, default=json_default))
+    else:
+        _print_story(story)
+    if not story.known:
+        where = f"audience {audience}" if audience else "any audience"
+        err(f"The state database has no record of {user!r} in {where}.")
+    _exit_unless(story.known)
+
+
+def _print_story(story: Any) -> None:
+    other = [ref for ref in story.refs if ref != story.user]
+    known_as = f"; known as {', '.join(other)}" if other else ""
+    typer.echo(f"User {story.user}" + (f" (email {story.email}{known_as})" if story.email else known_as))
+    for a in story.audiences:
+        shown = _shown(a.value, a.kind)
+        now = (f"value now {shown}" if a.member else "no value now") if a.kind == "trait" else (
+            "member now" if a.member else "not a member now")  # fmt: skip
+        typer.echo(f"{a.key} ({a.kind} {a.name!r}): {now}")
+        if not a.known:
+            typer.echo("  nothing recorded for this user")
+            continue
+        if a.told:
+            run = f", run {a.told.run_id} ({a.told.kind})" if a.told.run_id is not None else ""
+            typer.echo(
+                f"  Planhat was last told {_shown(a.told.value, a.kind)} at {format_utc(a.told.at)}{run}"
+            )
+        else:
+            typer.echo("  Planhat was never told (no delivered change recorded)")
+        if a.pending:
+            p = a.pending
+            doubt = "in doubt (Planhat may hold either value), " if p.in_doubt else ""
+            error = f", last error: {p.last_error}" if p.last_error else ""
+            typer.echo(
+                f"  pending: {_shown(p.value, a.kind)}, queued {format_utc(p.queued_at)}, {doubt}"
+                f"{p.attempts} attempt{'' if p.attempts == 1 else 's'}{error}"
+            )
+        if a.changes:
+            typer.echo("  recent changes, newest first:")
+            rows = [
+                (
+                    format_utc(c.at),
+                    "" if c.run_id is None else str(c.run_id),
+                    c.kind or "",
+                    c.change,
+                    _shown(c.value, a.kind),
+                    c.outcome,
+                    c.error or "",
+                )
+                for c in a.changes
+            ]
+            print_columns(("    at", "run", "kind", "change", "value", "outcome", "error"),
+                          [("    " + r[0], *r[1:]) for r in rows], right=("run",))  # fmt: skip
+
+
+def _shown(value: Any, kind: str) -> str:
+    if kind != "trait":
+        return "true" if value else "false"
+    return "null" if value is None else json.dumps(value)
+
+
+# --- pause and resume ---------------------------------------------------------------------
+
+KeysArgument = Annotated[
+    list[str], typer.Argument(help="Audience keys (configured or in the state database).")
+]
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    keys: KeysArgument,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why, shown in status and on the page.")
+    ] = None,
+) -> None:
+    """Pause audiences: the daemon and `sync` do not run them (their pending changes and baseline
+    stay) until `audience-sync resume`. Recorded in the state database for every daemon."""
+    from ..state import pauses
+
+    settings, engine = _open(_context(ctx))
+    try:
+        known = _known_keys(settings, engine, keys)
+        with engine.begin() as connection:
+            fresh = pauses.pause(connection, known, reason, pauses.operator())
+            found = pauses.paused(connection, known)
+    finally:
+        engine.dispose()
+    for key in known:
+        state = "paused" if key in fresh else "already paused"
+        typer.echo(f"{key}: {state} ({found[key].describe()})")
+    typer.echo("Running daemons skip them from their next run on; `audience-sync resume KEY` ends a pause.")
+
+
+@app.command()
+def resume(ctx: typer.Context, keys: KeysArgument) -> None:
+    """Resume paused audiences: each runs at its next planned time (a `sync` runs it now)."""
+    from ..state import pauses
+
+    settings, engine = _open(_context(ctx))
+    try:
+        known = _known_keys(settings, engine, keys)
+        with engine.begin() as connection:
+            was = pauses.resume(connection, known)
+    finally:
+        engine.dispose()
+    for key in known:
+        typer.echo(
+            f"{key}: {'resumed; it runs at its next planned time' if key in was else 'was not paused'}"
+        )
+
+
+def _known_keys(settings: Settings, engine: Engine, keys: list[str]) -> list[str]:
+    """The keys, each configured or known to the state database; else one line naming it."""
+    from ..state import audiences
+    from ..state.database import translate_errors
+
+    with (
+        translate_errors("cannot read state database", settings.database_url),
+        engine.connect() as connection,
+    ):
+        stored = set(audiences.rows(connection))
+    configured = [a.key for a in settings.audiences]
+    unknown = [key for key in keys if key not in stored and key not in configured]
+    if unknown:
+        named = ", ".join(map(repr, unknown))
+        raise AudienceSyncError(f"unknown audience {named} (configured: {', '.join(configured) or 'none'})")
+    return list(dict.fromkeys(keys))
 
 
 # --- resync -------------------------------------------------------------------------------
@@ -413,6 +580,39 @@ def check(
     _exit_unless(setup_check.passed(results))
 
 
+# --- fields -------------------------------------------------------------------------------
+
+
+@app.command()
+def fields(
+    ctx: typer.Context,
+    create: Annotated[
+        bool, typer.Option("--create", help="Create each missing field (never changes an existing one).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Per audience and trait: does Planhat have its custom field (on contacts or companies, per
+    `level`) and of the right type? --create makes the missing ones. Exits 1 while one is
+    missing, of the wrong type, or could not be created."""
+    from ..check import fields as checking
+
+    cli = _context(ctx)
+    settings = cli.settings()
+    configure_logging(cli.log_level or "warning", settings.daemon.log_format)
+    lines = checking.fields(settings, create=create)
+    if as_json:
+        typer.echo(json.dumps([{**asdict(line), "ok": line.ok} for line in lines], indent=2))
+    else:
+        rows = [(li.key, li.kind, li.parent, li.type, li.found_type or "", li.status) for li in lines]
+        print_columns(("key", "kind", "on", "needs", "in Planhat", "status"), rows)
+        for line in lines:
+            if line.status in ("missing", "created") or not line.ok:
+                typer.echo(
+                    f"{line.key}: {line.detail}" + ("" if line.status == "created" else f"; type {line.how}")
+                )
+    _exit_unless(all(line.ok for line in lines))
+
+
 # --- daemon -------------------------------------------------------------------------------
 
 
@@ -474,17 +674,32 @@ def history(
     ctx: typer.Context,
     audience: Annotated[str | None, typer.Option("--audience", "-a", help="Audience key.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs.")] = 20,
+    status: Annotated[
+        list[str] | None,
+        typer.Option("--status", "-s", help="Only runs that ended so (failed, partial, ...); repeatable."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only runs started since: a duration ago (24h, 7d) or a UTC date/time."),
+    ] = None,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", "-k", help="Only runs of this kind (full, incremental, ...); repeatable."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Sync history: one record per audience per run, newest first."""
     from ..state import runs
     from ..state.database import translate_errors
 
+    statuses = _choices("--status", status, runs.STATUSES)
+    kinds = _choices("--kind", kind, runs.KINDS)
+    start = _since(since) if since else None
     settings, engine = _open(_context(ctx))
     try:
         reading = translate_errors("cannot read state database", settings.database_url)
         with reading, engine.connect() as connection:
-            records = runs.recent(connection, audience, limit)
+            records = runs.recent(connection, audience, limit, statuses=statuses, kinds=kinds, since=start)
     finally:
         engine.dispose()
     if as_json:
@@ -507,6 +722,34 @@ def history(
     columns = ("id", "audience", "kind", "status", "started", "seconds", "members", "entered", "exited",
                "sent", "failed", "in doubt", "skipped", "error")  # fmt: skip
     print_columns(columns, rows, right=("id", "seconds", *columns[6:-1]))
+
+
+def _choices(option: str, given: list[str] | None, known: tuple[str, ...]) -> list[str]:
+    wrong = [value for value in given or [] if value not in known]
+    if wrong:
+        raise typer.BadParameter(f"{wrong[0]!r} is not one of {', '.join(known)}", param_hint=option)
+    return list(given or [])
+
+
+def _since(value: str) -> datetime:
+    """'24h' or '7d' ago, or a date/time ('2026-12-01', '2026-12-01 09:30'), taken as UTC."""
+    from datetime import UTC, datetime
+
+    from ..config.loading import parse_duration
+    from ..support.clock import utcnow
+
+    try:
+        return utcnow() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither a duration (24h, 7d) nor a date/time (2026-12-01 09:30)",
+            param_hint="--since",
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 @app.command()
@@ -537,8 +780,12 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 str(e.pending),
                 str(e.in_doubt),
                 format_utc(last.get("started_at")),
-                last.get("status", "never"),
-                "resync requested" if e.resync_requested else format_utc(e.next_run_at),
+                "paused" if e.paused else last.get("status", "never"),
+                "paused"
+                if e.paused
+                else "resync requested"
+                if e.resync_requested
+                else format_utc(e.next_run_at),
                 e.last_error or "",
             )
         )
@@ -546,6 +793,8 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                "last error")  # fmt: skip
     print_columns(columns, rows, right=columns[1:5])
     for e in entries:
+        if e.paused:
+            typer.echo(f"{e.key} is {e.paused.describe()}; `audience-sync resume {e.key}` to run it again")
         hint = _retire_hint(e)
         if hint:
             doubt = f", {e.in_doubt} more in doubt" if e.in_doubt else ""
@@ -553,6 +802,12 @@ def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 f"{e.key} is no longer in the config; Planhat has {e.baseline} users as `true` for it"
                 f"{doubt}. To tell them `false` and retire it: {hint}"
             )
+
+
+def _next_run(entry: AudienceStatus) -> str:
+    if entry.paused:
+        return "paused"
+    return "resync requested" if entry.resync_requested else format_utc(entry.next_run_at)
 
 
 def _retire_hint(entry: AudienceStatus) -> str | None:

@@ -35,6 +35,7 @@ from .settings import (
     STATUS_TOKEN_ENV,
     SUBDOMAINS,
     TENANT_TOKEN_ENV,
+    TRAIT_FIELD_TYPES,
     TRANSPORTS,
     AudienceSettings,
     DaemonSettings,
@@ -400,6 +401,9 @@ def _parse_entry(
     if send_as != "property" and level == "account":
         raise table.error("send_as", f"{send_as!r} is for user-level keys (a company has no track events)")
     on_exit = table.take_choice("on_exit", "clear", ON_EXIT) if kind == "trait" else "clear"
+    field_type = table.take_str("type") if kind == "trait" else ""
+    if field_type and field_type not in TRAIT_FIELD_TYPES:
+        raise table.error("type", f"must be one of {', '.join(TRAIT_FIELD_TYPES)}; got {field_type!r}")
     table.finish()
     return AudienceSettings(
         name=name,
@@ -410,6 +414,7 @@ def _parse_entry(
         level=level,
         send_as=send_as,
         on_exit=on_exit,
+        field_type=field_type or None,
         definition=definition,
     )
 

@@ -135,6 +135,8 @@ class SourceSettings:
 LEVELS = ("user", "account")
 SEND_AS = ("property", "events", "both")
 ON_EXIT = ("clear", "keep")
+# The Planhat custom field types a trait may declare (`type`), for `audience-sync fields --create`.
+TRAIT_FIELD_TYPES = ("number", "text", "date", "list", "multipicklist", "checkbox")
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class AudienceSettings:
     level: str = "user"  # user (contacts) | account (Planhat companies, keyed on company_id)
     send_as: str = "property"  # property | events | both
     on_exit: str = "clear"  # traits: clear (send null) | keep (the last value stays)
+    field_type: str | None = None  # traits: the Planhat field type declared (`type`); None: inferred
     # Defined on events instead of SQL: the `condition` (audience) or `value` (trait) as written,
     # and its compiled form (events.EventQuery), made when the config loads.
     definition: str | None = None

@@ -7,7 +7,7 @@ a graceful stop. `Daemon` composes its parts, each behind an explicit interface:
                wake-up job that hands a due group to the group runs
     flights    the runs in flight: group runs on a pool of their own, which a stop waits for
                and, past the grace, records as aborted
-    upkeep     the resync poll, history pruning and the reconcile
+    upkeep     the resync poll, history pruning, the reconcile and the API's run requests
     server     /metrics, /healthz and the status page (`http`), when metrics.port is set
 
     start    plan each audience from the state database (`cadence.first_run_at`): never
@@ -43,6 +43,7 @@ from sqlalchemy.engine import Engine
 
 from ..config import PlanhatSettings, Settings, load_settings
 from ..errors import AudienceSyncError, ConfigError
+from ..http.api import RunApi
 from ..http.server import MetricsServer
 from ..http.status_page import StatusPage
 from ..state.database import error_message, translate_errors
@@ -74,8 +75,9 @@ class Daemon:
             timezone=UTC,
             executors={
                 "wake": ThreadPoolExecutor(1),  # picks groups: quick, never behind a long job
-                # The resync poll, the history pruning and the reconcile, which may take minutes.
-                "default": ThreadPoolExecutor(3),
+                # The resync poll, the history pruning, the reconcile and the runs the API asked
+                # for, the last two of which may take minutes.
+                "default": ThreadPoolExecutor(4),
             },
         )
         rng = rng or random.Random()
@@ -116,8 +118,13 @@ class Daemon:
         if self.settings.metrics.port is not None:
             # The page asks for the settings on each request: after a reload it shows the new ones.
             page = StatusPage(self.engine, lambda: self.settings)
+            api = RunApi(self.engine, lambda: self.settings)
             self.server = MetricsServer(
-                self.runtime.metrics, self.settings.metrics.host, self.settings.metrics.port, page=page
+                self.runtime.metrics,
+                self.settings.metrics.host,
+                self.settings.metrics.port,
+                page=page,
+                api=api,
             ).start()
             url = self.server.url
             log.info("status page on %s/, metrics on %s/metrics, health on %s/healthz", url, url, url)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from ..config import Settings
 from ..errors import AudienceSyncError
-from ..state import leases, outbox, resyncs, runs
+from ..state import leases, outbox, pauses, resyncs, runs
 from ..support.clock import format_utc, utcnow
 from ..support.text import names, one_line
 from ..sync.reports import SyncOptions
@@ -168,7 +168,14 @@ class GroupRuns:
         with runtime.engine.connect() as connection:
             requested = set(resyncs.pending_keys(connection))
             finished = runs.last_finished_by_audience(connection, keys)
+            held_back = pauses.paused(connection, keys)
         planned: Planned = {}
+        for key, pause in held_back.items():  # planned as usual: `resume` lets its next run happen
+            log.info("audience %s: not run: %s", key, pause.describe())
+            runtime.metrics.mark_cycled(key)
+            planned[key] = (next_run_at(settings.schedule, self._rng), "paused")
+        keys = [key for key in keys if key not in held_back]
+        requested -= held_back.keys()
         for key in [k for k in keys if k not in requested and self._ran_elsewhere(k, finished.get(k))]:
             last = finished[key]
             runtime.metrics.mark_cycled(key)

@@ -18,7 +18,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ..config import ScheduleSettings
-from ..state import audiences, outbox, resyncs, runs
+from ..state import audiences, outbox, pauses, resyncs, runs
 from ..support.clock import format_utc, utcnow
 from ..support.text import names, span
 from .cadence import Cadence, first_run_at
@@ -62,7 +62,9 @@ class Planner:
             audiences.register(connection, settings.select(keys))
             if initial:
                 audiences.unplan_others(connection, runtime.keys)
-            requested = set(resyncs.pending_keys(connection))
+            held_back = pauses.paused(connection, keys)
+            # A paused audience's resync waits for its resume, not at the head of every plan.
+            requested = set(resyncs.pending_keys(connection)) - held_back.keys()
             finished = runs.last_finished_by_audience(connection, keys)
             synced = audiences.baselined_keys(connection)
             succeeded = runs.last_success_by_audience(connection, keys)
@@ -72,6 +74,7 @@ class Planner:
             last = finished.get(key)
             runtime.metrics.set_last_success(key, succeeded.get(key))
             runtime.metrics.set_pending(key, pending.get(key, (0, 0))[0])
+            runtime.metrics.set_paused(key, key in held_back)
             if key in requested:
                 at, reason = now, "full resync requested"
             else:
@@ -141,7 +144,8 @@ class Planner:
         failed check for one runs soon rather than hours from now."""
         try:
             with self.runtime.engine.connect() as connection:
-                requested: set[str] | None = set(resyncs.pending_keys(connection))
+                held_back = pauses.paused(connection, list(planned))
+                requested: set[str] | None = set(resyncs.pending_keys(connection)) - held_back.keys()
                 finished = runs.last_finished_by_audience(connection, list(planned))
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not check for resync requests: %s", exc.__class__.__name__)

@@ -1,4 +1,5 @@
-"""The daemon's jobs besides the runs: the resync poll, history pruning and the reconcile."""
+"""The daemon's jobs besides the runs: the resync poll, history pruning, the reconcile, and
+the runs asked for over the HTTP API (`run_requests`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ..config import Settings
 from ..errors import AudienceSyncError
-from ..state import changes, leases, resyncs
+from ..state import changes, leases, pauses, resyncs, run_requests
 from ..support.clock import format_utc, utcnow
 from ..support.text import one_line, span
 from .flights import RunsInFlight
@@ -20,6 +21,8 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 POLL_JOB = "resync-poll"
+API_JOB = "api-runs"
+API_HOLDING = "(api request {})"  # its entry among the runs in flight
 PRUNE_JOB = "prune-history"
 RECONCILE_JOB = "reconcile"
 RECONCILE_HOLDING = "(reconcile)"  # its entry among the runs in flight, which stop() waits for
@@ -29,7 +32,8 @@ PRUNE_BATCH = 10_000
 
 class Upkeep:
     """Jobs on the daemon's scheduler: poll `resync_requests` every daemon.resync_poll (and
-    hand what it finds to `request_now`), prune `changes` daily, reconcile every
+    hand what it finds to `request_now`, paused audiences left out; the poll also refreshes
+    the paused metric), prune `changes` daily, reconcile every
     reconcile.interval (registered among the runs in flight while it holds leases)."""
 
     def __init__(
@@ -60,6 +64,16 @@ class Upkeep:
             misfire_grace_time=None,
         )
         self._scheduler.add_job(
+            self.run_requested,
+            "interval",
+            seconds=self.settings.daemon.resync_poll_seconds,
+            id=API_JOB,
+            name="API run requests",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=None,
+        )
+        self._scheduler.add_job(
             self.prune,
             "interval",
             seconds=PRUNE_EVERY.total_seconds(),
@@ -75,9 +89,10 @@ class Upkeep:
     def reconfigure(self, old: Settings) -> None:
         """After a reload: a new poll period or reconcile interval takes effect."""
         if self.settings.daemon.resync_poll_seconds != old.daemon.resync_poll_seconds:
-            self._scheduler.reschedule_job(
-                POLL_JOB, trigger="interval", seconds=self.settings.daemon.resync_poll_seconds
-            )
+            for job in (POLL_JOB, API_JOB):
+                self._scheduler.reschedule_job(
+                    job, trigger="interval", seconds=self.settings.daemon.resync_poll_seconds
+                )
         if self.settings.reconcile.interval != old.reconcile.interval:
             self._arm_reconcile()
 
@@ -108,10 +123,85 @@ class Upkeep:
         try:
             with self.runtime.engine.connect() as connection:
                 requested = resyncs.pending_keys(connection)
+                held_back = pauses.paused(connection)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("could not read resync requests: %s", exc.__class__.__name__)
             return
-        self._request_now(requested)
+        for key in self.runtime.keys:  # a pause or resume by any process shows within the poll
+            self.runtime.metrics.set_paused(key, key in held_back)
+        self._request_now([key for key in requested if key not in held_back])
+
+    def run_requested(self) -> None:
+        """Run what the API asked for (`POST /api/runs`), oldest request first. Each is claimed
+        in the state database first, so of several daemons one runs it. A request naming an
+        audience that a run holds now waits for the next poll: the pipeline's data must be
+        read by a run that starts after it asked."""
+        engine = self.runtime.engine
+        try:
+            with engine.connect() as connection:
+                waiting = [run_requests.find(connection, i) for i in run_requests.pending_ids(connection)]
+            for request in waiting:
+                if self.runtime.stopping.is_set():
+                    return
+                if request is None or self._busy(request.audiences):
+                    continue
+                request_id = request.id
+                holder = leases.new_holder()
+                with engine.begin() as connection:
+                    found = run_requests.claim(connection, request_id, holder)
+                if found is not None:
+                    self._run_request(found, holder)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read the API's run requests: %s", exc.__class__.__name__)
+
+    def _busy(self, keys: list[str]) -> bool:
+        busy = [key for key in keys if leases.current_holder(self.runtime.engine, key) is not None]
+        if busy:
+            log.debug("API run request waits: %s running", ", ".join(busy))
+        return bool(busy)
+
+    def _run_request(self, found: run_requests.RunRequest, holder: str) -> None:
+        from ..sync.reports import RunReport, SyncOptions
+        from ..sync.run import sync
+
+        runtime = self.runtime
+        configured = set(runtime.keys)
+        keys = [key for key in found.audiences if key in configured]
+        problems = [f"no longer configured: {key}" for key in found.audiences if key not in configured]
+        reports: list[RunReport] = []
+        log.info("API run request %d: running %s%s", found.id, ", ".join(keys) or "nothing",
+                 " (full)" if found.full else "")  # fmt: skip
+        with self._flights.holding(API_HOLDING.format(found.id), holder, keys):
+            try:
+                if keys:
+                    reports = sync(
+                        self.settings,
+                        runtime.engine,
+                        keys,
+                        SyncOptions(full=found.full, trigger="api"),
+                        sources=runtime.sources,
+                        sender_factory=runtime.sender,
+                        holder=holder,
+                        should_stop=runtime.stopping.is_set,
+                    )
+                for report in reports:
+                    runtime.metrics.record_run(report.key, report.status, report.sent, report.failed,
+                                               report.duration)  # fmt: skip
+                runtime.refresh_metrics(keys)
+            except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+                problems.append(one_line(exc))
+                log.error("API run request %d failed: %s", found.id, one_line(exc))
+            except Exception:  # a bug: logged in full; the daemon goes on
+                problems.append("unexpected error; see the daemon's log")
+                log.exception("API run request %d: unexpected error", found.id)
+        problems += [f"{r.key}: {r.status}: {r.error}" if r.error else f"{r.key}: {r.status}"
+                     for r in reports if not r.ok]  # fmt: skip
+        run_ids = [r.run_id for r in reports if r.run_id is not None]
+        with runtime.engine.begin() as connection:
+            run_requests.finish(connection, found.id, not problems, run_ids, "; ".join(problems) or None)
+        level = logging.INFO if not problems else logging.WARNING
+        log.log(level, "API run request %d: %s (runs %s)", found.id, "done" if not problems else "failed",
+                ", ".join(map(str, run_ids)) or "none")  # fmt: skip
 
     def reconcile(self) -> None:
         """Read Planhat back and repair drift; an audience mid-run is skipped until next time."""

@@ -3,7 +3,8 @@
 An audience is unhealthy when, past its first run since the daemon started, it has not synced
 successfully within schedule.max_interval + metrics.health_margin. An audience still within its
 first run counts as healthy: a daemon restarted after an outage, or an initial full sync of
-many hours, is not an alert yet.
+many hours, is not an alert yet. A paused audience is healthy: it is not run on purpose, and
+`audience_sync_paused` shows it.
 
 Every metric lives in a `CollectorRegistry` owned by one `Metrics` object, never in
 prometheus-client's global registry, so two daemons (or two tests) in one process never share
@@ -31,6 +32,7 @@ DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 *
 class _AudienceHealth:
     last_success_at: datetime | None = None
     cycled: bool = False  # a run (or a check that another process ran it) ended since start
+    paused: bool = False  # `audience-sync pause`: not run on purpose, so not overdue
 
 
 class Metrics:
@@ -82,12 +84,19 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.paused = Gauge(
+            "audience_sync_paused",
+            "1 while the audience is paused (`audience-sync pause`), else 0",
+            ["audience"],
+            registry=r,
+        )
         self.healthy = Gauge("audience_sync_healthy", "1 while /healthz answers 200, else 0", registry=r)
         self.healthy.set_function(lambda: 1.0 if self.health()[0] else 0.0)
         for key in self._audiences:  # every configured audience shows, at zero, from the start
             self.sent.labels(key)
             self.failed.labels(key)
             self.pending.labels(key)
+            self.paused.labels(key)
 
     # --- updates --------------------------------------------------------------------------
 
@@ -100,6 +109,11 @@ class Metrics:
 
     def set_pending(self, key: str, count: int) -> None:
         self.pending.labels(key).set(count)
+
+    def set_paused(self, key: str, paused: bool) -> None:
+        with self._lock:
+            self._audiences.setdefault(key, _AudienceHealth()).paused = paused
+        self.paused.labels(key).set(1.0 if paused else 0.0)
 
     def set_last_success(self, key: str, at: datetime | None) -> None:
         if at is None:
@@ -133,9 +147,10 @@ class Metrics:
         for key, state in items:
             since = state.last_success_at or self.started_at
             overdue = now - since > self._limit
-            healthy = not state.cycled or not overdue
+            healthy = not state.cycled or not overdue or state.paused
             audiences[key] = {
                 "healthy": healthy,
+                "paused": state.paused,
                 "last_success_at": state.last_success_at.isoformat() if state.last_success_at else None,
                 "first_run_since_start": not state.cycled,
             }

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import Settings
 from ..state.database import create_state_engine
+from .api import RunApi
 from .auth import require_token
 from .server import MetricsServer
 from .status_page import StatusPage
@@ -35,7 +36,8 @@ def serve(
     stop = stop or threading.Event()
     try:
         page = StatusPage(engine, lambda: settings)
-        server = MetricsServer(None, host, port, page=page, setting="--port").start()
+        api = RunApi(engine, lambda: settings)  # requests wait for a daemon to pick them up
+        server = MetricsServer(None, host, port, page=page, api=api, setting="--port").start()
         previous = _on_signals(stop)
         try:
             ready(server.url)

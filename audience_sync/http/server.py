@@ -6,6 +6,7 @@ GET /healthz   200 while the daemon is healthy (`metrics.Metrics.health`), 503 o
 GET /          the status page (`status_page`), when the server is given one; with the
                access token when `metrics.token` is set. /metrics and /healthz are not
                gated: they carry audience keys, counts and times, never names or errors
+/api/runs      the run API (`api`), when the server is given one: always behind the token
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import ConfigError
+from .api import RunApi
 from .auth import MAX_FORM, require_token
 from .metrics import Metrics
 from .status_page import StatusPage
@@ -44,10 +46,12 @@ class MetricsServer:
         port: int,
         *,
         page: StatusPage | None = None,
+        api: RunApi | None = None,
         setting: str = "metrics.port",
     ) -> None:
         self.metrics = metrics
         self.page = page
+        self.api = api
         self._address = (host, port)
         self._setting = setting  # names the port in a "cannot listen" error
         self._server: ThreadingHTTPServer | None = None
@@ -58,7 +62,7 @@ class MetricsServer:
         if self.page is not None:
             require_token(host, self.page.token)
         try:
-            server = _Server(self._address, _Handler, self.metrics, self.page)
+            server = _Server(self._address, _Handler, self.metrics, self.page, self.api)
         except OSError as exc:
             reason = exc.strerror or exc
             raise ConfigError(f"{self._setting}: cannot listen on {host}:{port}: {reason}") from exc
@@ -94,10 +98,11 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], metrics: Metrics | None,
-        page: StatusPage | None,
+        page: StatusPage | None, api: RunApi | None = None,
     ) -> None:  # fmt: skip
         self.metrics = metrics
         self.page = page
+        self.api = api
         super().__init__(address, handler)
 
 
@@ -124,9 +129,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._page("POST", self.rfile.read(length))
 
     def _page(self, method: str, body: bytes) -> None:
-        metrics, page = self.server.metrics, self.server.page
+        metrics, page, api = self.server.metrics, self.server.page, self.server.api
         health = metrics.health if metrics is not None else None
-        answer = page.handle(method, self.path, self.headers, body, health) if page is not None else None
+        answer = api.handle(method, self.path, self.headers, body) if api is not None else None
+        if answer is None and page is not None:
+            answer = page.handle(method, self.path, self.headers, body, health)
         if answer is None:
             known = "/, /metrics or /healthz" if page and metrics else "/" if page else "/metrics or /healthz"
             self._answer(404, json.dumps({"error": f"not found; try {known}"}).encode(), "application/json")

@@ -5,6 +5,10 @@
                         runs with their details (counts, error, a sample of their changes).
                         ?days=N: the charts' window (default 30); ?audience=KEY: one audience;
                         ?runs=N: how many recent runs (default 50)
+    GET  /users/<id>    one user's story (a user_id or an email): per audience and trait, member
+                        now or not, what Planhat was last told and when, what is pending or in
+                        doubt, the recent changes (`state.explain`); 404 when nothing is known.
+                        /users?user=ID (the page's search box) redirects there
     GET  /status.css    the page's stylesheet, shipped in the package
     GET  /login         a form for the access token; POST /login checks it and sets a cookie
     GET  /logout        forgets that cookie
@@ -25,6 +29,7 @@ A host other than loopback without a token is refused at start (`require_token`)
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,14 +38,14 @@ from datetime import datetime, timedelta
 from email.message import Message
 from importlib.resources import files
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import sqlalchemy as sa
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import Settings
-from ..state import changes, history, migrations, resyncs, runs
+from ..state import changes, explain, history, migrations, pauses, resyncs, runs
 from ..state.database import database_error
 from ..support.clock import format_utc, utcnow
 from ..support.redaction import safe_url
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DAYS, MAX_DAYS = 30, 366
 DEFAULT_RUNS, MAX_RUNS = 50, 500
 SAMPLE_CHANGES = 10  # changes shown per run
+USERS = "/users"  # /users/<user_id or email>: one user's story
+MAX_USER = 255  # a user_ref's length in the state database
 CHARTS_INLINE = 30  # audiences in view up to which the page draws their charts inline
 CHART_KINDS = ("full", "incremental")  # runs that measure the audience (not reconcile, retire)
 STATUS_CLASS = {"success": "ok", "partial": "warn", "blocked": "warn", "running": "info"}
@@ -144,6 +151,7 @@ class AudienceView:
     last_success_at: datetime | None = None
     next_run_at: datetime | None = None
     resync_requested: bool = False
+    paused: pauses.Pause | None = None  # `audience-sync pause`: who, when, why
     last_error: dict[str, Any] | None = None  # the newest run in the window with an error
     overdue: bool = False  # the daemon's health says so
     runs_in_window: int = 0
@@ -210,10 +218,15 @@ class StatusPage:
         if path == "/logout":
             cookie = f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
             return Response(303, b"", headers=(("Location", "/login"), ("Set-Cookie", cookie)))
-        if path != "/" or method != "GET":
+        if method != "GET" or not (path == "/" or path == USERS or path.startswith(USERS + "/")):
             return None
         if not authorized(self.token, headers, time.time()):
             return self._login_page(401, target, "")
+        if path == USERS:  # the search box
+            wanted = parse_qs(parts.query).get("user", [""])[-1].strip()
+            return Response(303, b"", headers=(("Location", user_link(wanted) if wanted else "/"),))
+        if path.startswith(USERS + "/"):
+            return self._user(unquote(path[len(USERS) + 1 :]))
         try:
             query = Query.parse(parts.query)
             data = self.build(query, health)
@@ -221,6 +234,26 @@ class StatusPage:
             return self._text(exc.status, str(exc))
         status = 503 if data.error else 404 if data.query.audience and not data.audiences else 200
         return Response(status, self.render(data).encode(), headers=HEADERS)
+
+    def _user(self, user: str) -> Response:
+        """One user's story, or 404 when the state database knows nothing of them."""
+        if not user or len(user) > MAX_USER:
+            return self._text(400, f"a user is a user_id or an email of 1 to {MAX_USER} characters")
+        settings = self.settings()
+        configured = {a.key: (a.name, a.kind) for a in settings.audiences}
+        story: explain.UserStory | None = None
+        error = None
+        try:
+            with self.engine.connect() as connection:
+                story = explain.explain(connection, user, explain.audiences(connection, configured))
+        except sa.exc.SQLAlchemyError as exc:
+            error = database_error("cannot read the state database", self.engine.url, exc)
+            log.warning("status page: %s", error)
+        status = 503 if error else 200 if story and story.known else 404
+        html = self._templates.get_template("user.html").render(
+            user=user, story=story, error=error, now=self._clock(), database=safe_url(settings.database_url)
+        )
+        return Response(status, html.encode(), headers=HEADERS)
 
     def _login(self, method: str, raw_query: str, body: bytes) -> Response:
         back = safe_next(parse_qs(raw_query).get("next", ["/"])[-1])
@@ -313,12 +346,14 @@ class StatusPage:
         for run in runs.since(connection, keys if data.charted else [], since):
             window.setdefault(run["audience"], []).append(run)
         requested = set(resyncs.pending_keys(connection))
+        held_back = pauses.paused(connection)
         for key in keys:
             row = rows.get(key, {})
             seen = summary.get(key, {})
             view = _audience(key, configured, row, by_id.get(row.get("last_run_id") or -1))
             view.in_planhat, view.pending, view.in_doubt = counts.get(key, (0, 0, 0))
             view.resync_requested = key in requested
+            view.paused = held_back.get(key)
             view.overdue = key in overdue
             view.runs_in_window = seen.get("runs", 0)
             view.last_error = by_id.get(seen.get("error_run_id") or -1)
@@ -412,6 +447,11 @@ def _label(run: dict[str, Any], shown: str) -> str:
 # --- templates ----------------------------------------------------------------------------
 
 
+def user_link(user: str) -> str:
+    """/users/<user>, every character that is not plain quoted (an email's @, a slash)."""
+    return f"{USERS}/{quote(user, safe='')}"
+
+
 def _environment() -> Environment:
     # autoescape=True for every template, whatever its name: no text ever becomes markup.
     env = Environment(
@@ -426,7 +466,16 @@ def _environment() -> Environment:
     env.filters["count"] = lambda n: "" if n is None else f"{n:,}"
     env.filters["seconds"] = lambda s: "" if s is None else charts.seconds(s)
     env.globals["status_class"] = lambda status: STATUS_CLASS.get(status, "bad")
+    env.filters["user_link"] = user_link
+    env.filters["shown"] = _shown
     return env
+
+
+def _shown(value: Any, kind: str) -> str:
+    """An audience's true/false, a trait's value as JSON (null: no value)."""
+    if kind != "trait":
+        return "true" if value else "false"
+    return "null" if value is None else json.dumps(value)
 
 
 def _ago(value: datetime | None, now: datetime) -> str:

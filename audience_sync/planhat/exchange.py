@@ -135,13 +135,17 @@ class Exchange:
         """Server text may echo the request; keep the token out of messages and logs."""
         return scrub(text, self._secrets)
 
-    def request(self, method: str, path: str, content: bytes) -> Reply | GaveUp:
+    def request_once(self, method: str, path: str, content: bytes) -> Reply | GaveUp:
+        """Send without retrying: for a request that is not idempotent (creating a field)."""
+        return self.request(method, path, content, attempts=1)
+
+    def request(self, method: str, path: str, content: bytes, attempts: int | None = None) -> Reply | GaveUp:
         """Send with retries. The result remembers whether any attempt may have been applied:
         a request retried after a timeout is in doubt even when its last attempt was refused.
 
         A rejected token halts the exchange and comes back as a `GaveUp` (its error is in
         `auth_error`): a delivery reports it as Outcome.stop, a read raises it."""
-        attempts = self._settings.max_attempts
+        attempts = attempts or self._settings.max_attempts
         fault = Fault("not sent")
         doubt = False
         for attempt in range(attempts):

@@ -3,6 +3,7 @@ field definitions. The segment webhook's tenant token cannot read."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +83,22 @@ class PlanhatReader:
             raise unproven(reply, where, self._exchange.scrub, "without a JSON array of custom fields",
                            "nothing was checked")  # fmt: skip
         return fields
+
+    def create_custom_field(self, field: dict[str, Any]) -> dict[str, Any]:
+        """Create one custom field (`POST /customfields`, sent once: a retried create could make
+        two); returns Planhat's object. PlanhatError when it was refused or the answer lost."""
+        where = self._exchange.where(CUSTOM_FIELDS_PATH)
+        reply = self._exchange.request_once("POST", CUSTOM_FIELDS_PATH, json.dumps(field).encode())
+        self.requests += 1
+        if isinstance(reply, GaveUp):
+            if self._exchange.auth_error is not None:
+                raise self._exchange.auth_error
+            raise PlanhatUnavailable(f"creating {field.get('name')!r} at {where}: {reply.text}")
+        created = json_body(reply.content_type, reply.content)
+        if reply.status not in (200, 201) or not isinstance(created, dict):
+            why = http_error(reply, self._exchange.scrub)
+            raise PlanhatError(f"creating {field.get('name')!r} at {where}: {why}")
+        return created
 
     def _get(self, path: str, what: str) -> Reply:
         """One GET, answered with any status; raises when no answer came or the token was refused."""

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..config import PlanhatSettings
 from ..support.clock import iso_timestamp
+from ..support.logs import carrying_context
 from .answers import http_error, segment_answer_proves, unproven
 from .endpoints import SEGMENT_PATH
 from .exchange import Exchange, GaveUp
@@ -34,11 +35,15 @@ class SegmentDelivery:
         # messageId is fixed per message here, so every retry of the message reuses it.
         futures = [
             self._pool.submit(
-                self._deliver, c.ref, encode(build_identify(c, self._settings, str(uuid.uuid4()), timestamp))
+                carrying_context(self._deliver),
+                c.ref,
+                encode(build_identify(c, self._settings, str(uuid.uuid4()), timestamp)),
             )
             if c.meta is AUDIENCES
             else self._pool.submit(
-                self._deliver_all, c.ref, [encode(m) for m in build_messages(c, self._settings, timestamp)]
+                carrying_context(self._deliver_all),
+                c.ref,
+                [encode(m) for m in build_messages(c, self._settings, timestamp)],
             )
             for c in contacts
         ]

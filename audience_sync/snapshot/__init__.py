@@ -7,4 +7,5 @@ staging      the snapshot streamed into temporary tables of the state database
 diff         an audience's entered and exited users, and its outbox rewritten
 traits       the same for a computed trait's values
 identities   a user known under new identifiers: resent, never told the opposite
+field_types  the Planhat field type a key needs (`audience-sync fields`): declared or inferred
 """

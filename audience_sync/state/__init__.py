@@ -7,5 +7,6 @@ production), with the schema managed by Alembic.
 
 One module per table family writes that table's SQL, and no other module does (a test holds
 it): `audiences`, `baseline`, `outbox` (pending and in_flight), `runs`, `changes`, `leases`,
-`resyncs`. `history` reads across them for `status` and the status page.
+`resyncs`, `pauses`, `run_requests`. `history` reads across them for `status` and the status
+page, `explain` for a user's story.
 """

@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import audiences, baseline, outbox, resyncs, runs
+from . import audiences, baseline, outbox, pauses, resyncs, runs
 from . import models as m
 
 
@@ -33,6 +33,7 @@ class AudienceStatus:
     next_run_at: datetime | None
     resync_requested: bool
     retired_at: datetime | None = None  # set by `audience-sync retire`
+    paused: pauses.Pause | None = None  # set by `audience-sync pause`
 
 
 def status(connection: Connection, configured: dict[str, str]) -> list[AudienceStatus]:
@@ -42,6 +43,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
     pending = outbox.counts(connection)
     told = baseline.counts(connection)
     requested = set(resyncs.pending_keys(connection))
+    held_back = pauses.paused(connection)
     latest = _latest_runs(connection)  # one statement for every audience, not four per audience
     last_runs = runs.by_id(connection, [r.last_run_id for r in latest.values() if r.last_run_id is not None])
     result = []
@@ -62,6 +64,7 @@ def status(connection: Connection, configured: dict[str, str]) -> list[AudienceS
                 next_run_at=row.next_run_at if row else None,
                 resync_requested=key in requested,
                 retired_at=row.retired_at if row else None,
+                paused=held_back.get(key),
             )
         )
     return result

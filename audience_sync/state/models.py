@@ -3,8 +3,8 @@
 Each table's SQL is written in one module of this package, its owner (the table-ownership
 test holds it): audiences (state/audiences.py), baseline (baseline.py), pending and in_flight
 (outbox.py), runs (runs.py), changes (changes.py), leases (leases.py), resync_requests
-(resyncs.py). Read-only views across tables (`status`, `history`, the status page) are in
-history.py.
+(resyncs.py), paused_audiences (pauses.py), run_requests (run_requests.py). Read-only views
+across tables (`status`, `history`, the status page) are in history.py.
 
 audiences        one row per configured audience key; baseline_at set once its first full
                  diff is committed, next_run_at written by the daemon, retired_at set by
@@ -24,6 +24,10 @@ changes          one row per change sent (user, audience, value, outcome, when);
                  pruned after history.retention_days
 leases           one row per audience being run: who holds it and until when
 resync_requests  full resyncs asked for with `audience-sync resync`
+paused_audiences one row per audience paused with `audience-sync pause` (who, when, why);
+                 removed by `audience-sync resume`
+run_requests     runs asked for over the HTTP API (`POST /api/runs`): the audiences, full or
+                 not, and what became of them (status, the runs, the error)
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The Alembic revision these tables are at: the head of migrations/versions. Opening the state
 # database compares it with the database's own, without loading Alembic; a new migration
 # bumps it (tests/test_packaging.py holds it to Alembic's head).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 KEY = 255  # audience keys and user identifiers
 TEXT = 1024  # traits such as name and title
@@ -224,4 +228,30 @@ resync_requests = Table(
     Column("run_id", Integer, nullable=True),
     Column("done_at", UTCDateTime, nullable=True),
     Index("ix_resync_requests_status", "status", "audience_key"),
+)
+
+paused_audiences = Table(
+    "paused_audiences",
+    metadata,
+    Column("audience_key", String(KEY), primary_key=True),
+    Column("paused_at", UTCDateTime, nullable=False),
+    Column("paused_by", String(KEY), nullable=True),  # user@host of the command
+    Column("reason", Text, nullable=True),
+)
+
+run_requests = Table(
+    "run_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audiences", Text, nullable=False),  # a JSON list of audience keys
+    Column("full", Boolean, nullable=False, server_default=sa.false()),
+    Column("status", String(16), nullable=False),  # pending | running | done | failed
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("requested_by", String(KEY), nullable=True),  # api:<client address>
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("holder", String(KEY), nullable=True),  # the daemon that took it (host:pid:id)
+    Column("run_ids", Text, nullable=True),  # a JSON list of the runs it produced
+    Column("error", Text, nullable=True),
+    Index("ix_run_requests_status", "status"),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -143,13 +144,32 @@ def by_id(connection: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
     return {row.id: record(row._mapping) for row in rows}
 
 
-def recent(connection: Connection, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+STATUSES = ("running", "success", "partial", "failed", "blocked", "aborted")
+KINDS = ("full", "incremental", "reconcile", "retire")
+
+
+def recent(
+    connection: Connection,
+    key: str | None = None,
+    limit: int = 20,
+    *,
+    statuses: Sequence[str] = (),
+    kinds: Sequence[str] = (),
+    since: datetime | None = None,
+) -> list[dict[str, Any]]:
     """Run records, newest first (`audience-sync history`, the status page), by an index either
     way: across audiences by id (ids are taken as runs start; runs are never pruned, and sorting
     a year of them by started_at took 175 ms on PostgreSQL), for one audience by
-    ix_runs_audience_started."""
+    ix_runs_audience_started. Only runs of `statuses` and `kinds` (default any), started at
+    or after `since`, when given."""
     r = m.runs.c
     query = sa.select(m.runs).limit(limit)
+    if statuses:
+        query = query.where(r.status.in_(statuses))
+    if kinds:
+        query = query.where(r.kind.in_(kinds))
+    if since is not None:
+        query = query.where(r.started_at >= since)
     if key is None:
         query = query.order_by(r.id.desc())
     else:

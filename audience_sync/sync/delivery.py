@@ -42,6 +42,7 @@ from ..state.database import analyze
 from ..state.outbox import PageRow, SpanMismatch, read_page
 from ..support.clock import utcnow
 from ..support.collector import frozen_gc
+from ..support.logs import carrying_context
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,25 @@ def deliver(
             trace = outbox.mark_in_flight(engine, _keys_of(batch), run_ids, after, last)
             early = prepare and sum(len(rows) for _, rows in batch) >= PREPARE_FROM
             prepared = (
-                helpers.submit(_prepare, engine, batch, run_ids, trace, after, fresh) if early else None
+                helpers.submit(carrying_context(_prepare), engine, batch, run_ids, trace, after, fresh)
+                if early
+                else None
             )
-            reading = helpers.submit(page, last) if early else None  # rows no acknowledgement touches
+            # Rows no acknowledgement touches.
+            reading = helpers.submit(carrying_context(page), last) if early else None
             outcome = _send(engine, sender, batch, trace, prepared)
             acknowledging = None
             if not _commit_prepared(prepared, batch, outcome, counts):
                 acknowledging = helpers.submit(
-                    acknowledge, engine, batch, outcome, run_ids, counts, trace, after=after, fresh=fresh
+                    carrying_context(acknowledge),
+                    engine,
+                    batch,
+                    outcome,
+                    run_ids,
+                    counts,
+                    trace,
+                    after=after,
+                    fresh=fresh,
                 )
             after = last
             upcoming = [] if outcome.stop is not None else reading.result() if reading else page(after)

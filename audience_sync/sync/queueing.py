@@ -25,6 +25,7 @@ from ..snapshot.sources import SourcePool, read_members
 from ..state import audiences, outbox, resyncs, runs
 from ..state.database import begin_write, database_error
 from ..support.clock import utcnow
+from ..support.logs import run_context
 from .guard import blocked
 from .reports import RunReport, SyncOptions, log_run
 
@@ -83,6 +84,20 @@ def queue_one(
         kind, trigger = run_kind(connection, audience.key, options)
         run_id = runs.start(connection, audience.key, kind, trigger, holder, started_at)
     report = RunReport(key=audience.key, name=audience.name, kind=kind, run_id=run_id)
+    with run_context(run_id):  # this thread's lines name the run
+        return _queue_started(engine, pool, audience, report, options, safety, started, started_at)
+
+
+def _queue_started(
+    engine: Engine,
+    pool: SourcePool,
+    audience: AudienceSettings,
+    report: RunReport,
+    options: SyncOptions,
+    safety: SafetySettings,
+    started: float,
+    started_at: datetime,
+) -> RunReport:
     try:
         counts, skipped = _stage_and_queue(engine, pool, audience, report, options, safety, started_at)
     except AudienceSyncError as exc:

@@ -36,7 +36,7 @@ from ..errors import AudienceSyncError
 from ..planhat import PlanhatReader
 from ..snapshot.sources import SourcePool
 from ..snapshot.values import UnusableValue, canonical
-from ..state import audiences, baseline, leases, outbox, runs
+from ..state import audiences, baseline, leases, outbox, pauses, runs
 from ..state.database import begin_write, translate_errors
 from ..state.models import KEY
 from ..support.clock import utcnow
@@ -125,7 +125,12 @@ def reconcile(
     with translate_errors("state database", str(engine.url)):
         with engine.begin() as connection:
             audiences.register(connection, chosen)
-        held = _acquire(engine, chosen, reports, holder, ttl) if fix else list(chosen)
+            held_back = pauses.paused(connection, [a.key for a in chosen]) if fix else {}
+        for key, pause in held_back.items():  # a repair sends: not while paused
+            reports[key].status = "skipped"
+            reports[key].error = f"{pause.describe()}; not repaired (`audience-sync resume {key}` first)"
+        fixable = [a for a in chosen if a.key not in held_back]
+        held = _acquire(engine, fixable, reports, holder, ttl) if fix else list(chosen)
         try:
             if held:
                 # Reporting reads without leases (a run may change things meanwhile); fixing holds

@@ -6,9 +6,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..support.logs import run_context
+
 log = logging.getLogger("audience_sync.sync")
 
-OK_STATUSES = ("success", "dry-run")
+OK_STATUSES = ("success", "dry-run", "paused")  # paused: not run, on purpose
+# Not run, on purpose or because another process runs it: not a failure, logged at INFO.
+QUIET_STATUSES = (*OK_STATUSES, "skipped")
 
 
 class Progress(Protocol):
@@ -53,8 +57,16 @@ class RunReport:
 
 
 def log_run(report: RunReport) -> None:
-    """The one log line per audience per run."""
-    log.info(
+    """The one log line per audience per run: INFO when it succeeded, WARNING when it did not
+    (partial, failed, blocked, aborted), so that a failed run stands out at the default level."""
+    level = logging.INFO if report.status in QUIET_STATUSES else logging.WARNING
+    with run_context(report.run_id):
+        _log_run(level, report)
+
+
+def _log_run(level: int, report: RunReport) -> None:
+    log.log(
+        level,
         "run audience=%s kind=%s status=%s members=%d entered=%d exited=%d sent=%d failed=%d "
         "skipped=%d pending=%d in_doubt=%d duration=%.2fs%s",
         report.key,

@@ -31,6 +31,7 @@ from ..planhat.payloads import Contact, build_enduser, build_identify
 from ..state import audiences, leases, outbox, runs
 from ..state.database import begin_write, translate_errors
 from ..support.clock import iso_timestamp, utcnow
+from ..support.logs import run_context
 from .dry_run import SAMPLES
 from .lease_keeper import LeaseKeeper
 from .reports import Progress, RunReport
@@ -179,12 +180,13 @@ def _retire_leased(
         report.users, report.users_in_doubt = outbox.queue_retirement(connection, key, run_id, utcnow())
         runs.update(connection, run_id, members=0, entered=0, exited=report.users)
         connection.commit()
-    log.info(
-        "audience %r: retiring, %d users to tell `false` (%d in doubt)",
-        key,
-        report.users,
-        report.users_in_doubt,
-    )
+    with run_context(run_id):
+        log.info(
+            "audience %r: retiring, %d users to tell `false` (%d in doubt)",
+            key,
+            report.users,
+            report.users_in_doubt,
+        )
     run = RunReport(key=key, name=report.name, kind=KIND, run_id=run_id, exited=report.users)
 
     def stop() -> bool:

@@ -18,11 +18,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..config import AudienceSettings, Settings
-from ..errors import StateDatabaseError
+from ..errors import AudienceSyncError, StateDatabaseError
 from ..snapshot.sources import SourcePool
-from ..state import audiences, leases, outbox, resyncs, runs
+from ..state import audiences, leases, outbox, pauses, resyncs, runs
 from ..state.database import database_error, translate_errors
 from ..support.clock import utcnow
+from ..support.logs import run_context
 from ..support.text import first_line
 from .dry_run import dry_run
 from .lease_keeper import LeaseKeeper
@@ -56,15 +57,43 @@ def sync(
         with translate_errors("state database", str(engine.url)):
             with engine.begin() as connection:
                 audiences.register(connection, chosen)
+                # A dry run changes nothing: it may look at a paused audience.
+                held_back = {} if options.dry_run else pauses.paused(connection, [a.key for a in chosen])
             if options.dry_run:
                 return [dry_run(engine, pool, a, options, settings) for a in chosen]
-            return _sync_leased(
-                settings, engine, pool, chosen, options, sender_factory, holder or leases.new_holder(),
+            skipped = {key: paused_report(settings.audience(key), pause) for key, pause in held_back.items()}
+            runnable = [a for a in chosen if a.key not in held_back]
+            reports = _sync_leased(
+                settings, engine, pool, runnable, options, sender_factory, holder or leases.new_holder(),
                 progress, should_stop,
-            )  # fmt: skip
+            ) if runnable else []  # fmt: skip
+            done = {r.key: r for r in reports} | skipped
+            return [done[a.key] for a in chosen if a.key in done]
     finally:
         if sources is None:
             pool.close()
+
+
+def paused_report(audience: AudienceSettings, pause: pauses.Pause) -> RunReport:
+    """The report of an audience not run because it is paused (no run is recorded)."""
+    log.info("audience %s: not run: %s", audience.key, pause.describe())
+    return RunReport(
+        key=audience.key,
+        name=audience.name,
+        status="paused",
+        error=f"{pause.describe()}; `audience-sync resume {audience.key}` to run it again",
+    )
+
+
+def refuse_paused(engine: Engine, keys: list[str]) -> None:
+    """Refuse a run asked for by name of an audience that is paused, saying the way out."""
+    with translate_errors("state database", str(engine.url)), engine.connect() as connection:
+        found = pauses.paused(connection, keys)
+    if found:
+        named = ", ".join(f"{key} ({pause.describe()})" for key, pause in found.items())
+        raise AudienceSyncError(
+            f"{named}: not run. Run `audience-sync resume {' '.join(found)}` first, or leave the audience out"
+        )
 
 
 def _sync_leased(
@@ -118,7 +147,11 @@ def deliver_and_finish(
     `runs.abort_stale`)."""
     try:
         if ready:
-            deliver_runs(engine, settings.planhat, ready, sender_factory, progress, should_stop, configured)
+            # The audiences go out together: the delivery's lines name every run of the group.
+            with run_context(*(report.run_id for report in ready.values())):
+                deliver_runs(
+                    engine, settings.planhat, ready, sender_factory, progress, should_stop, configured
+                )
     except (Exception, KeyboardInterrupt) as exc:
         status = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
         finish_all(engine, ready, time.monotonic() - started, f"{status}: {first_line(exc)}")
@@ -141,14 +174,15 @@ def finish_all(
         except sa.exc.SQLAlchemyError as exc:
             failure = failure or database_error("state database", engine.url, exc)
             report.status, report.error = "failed", report.error or failure
-            log.error("audience %s: could not record the run's end: %s", report.key, failure)
+            with run_context(report.run_id):
+                log.error("audience %s: could not record the run's end: %s", report.key, failure)
     if failure is not None:
         raise StateDatabaseError(failure)
 
 
 def _finish(engine: Engine, report: RunReport, duration: float) -> None:
     assert report.run_id is not None
-    with engine.begin() as connection:
+    with run_context(report.run_id), engine.begin() as connection:
         report.pending, report.in_doubt = outbox.count(connection, report.key)
         if report.pending == 0 and not report.error:
             report.status = "success"
