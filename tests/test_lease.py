@@ -123,6 +123,13 @@ def test_sync_while_the_daemon_runs_the_audience_says_already_running(
         line = "pro_plan: audience 'pro_plan' is already running (lease held by "
         assert line in result.err and f":{daemon.pid}:" in result.err, result.err
 
+    # Past its (slow) query before the SIGTERM: on a busy machine the query can outlast the
+    # three commands above, and a run stopped while reading its source has nothing to count.
+    wait_for(
+        lambda: count(project.state_url, m.pending) or count(project.state_url, m.changes),
+        timeout=60,
+        what="the run's changes queued",
+    )
     code, _ = daemon.signal(signal.SIGTERM)
     assert code == 0, daemon.log()
     [run] = runs(project.state_url)  # recorded: delivered, or stopped by the SIGTERM and pending
