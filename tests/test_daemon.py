@@ -52,7 +52,7 @@ def count(url: str, table: sa.Table, *where: Any) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("state_url", ["sqlite"], indirect=True)
-def test_a_resync_request_is_run_at_once_not_at_the_next_plan(project: Project, spawn: Spawn, cli: Cli) -> None:
+def test_a_resync_request_runs_at_once_not_at_the_plan(project: Project, spawn: Spawn, cli: Cli) -> None:
     fake = project.planhat
     project.source.set_users(users(range(1, 6), plan="pro", orders=1))
     project.write(extra=schedule("1h", "2h"))  # the default resync poll: 5 s
