@@ -11,11 +11,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +34,26 @@ from tests.fake_planhat import API_TOKEN, TENANT_TOKEN, FakePlanhat
 POSTGRES_URL = os.environ.get(
     "AUDIENCE_SYNC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-# CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
-REQUIRE_POSTGRES = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
+# The outside tools a run requires, read once here, when pytest loads this file and before the
+# autouse fixture below clears every AUDIENCE_SYNC_* variable. CI (.ci/run) requires all three:
+# there a missing tool fails the run instead of skipping its tests.
+TOOLS = ("postgres", "browser", "promtool")
+REQUIRED_TOOLS = frozenset(
+    tool for tool in TOOLS if os.environ.get(f"AUDIENCE_SYNC_REQUIRE_{tool.upper()}", "").strip() == "1"
+)
+REQUIRE_POSTGRES = "postgres" in REQUIRED_TOOLS
+
+
+def skip_without(tool: str, problem: str | None) -> None:
+    """Skip the test, saying why, when `problem` says `tool` cannot be used; fail it loudly
+    instead when the run requires the tool (AUDIENCE_SYNC_REQUIRE_<TOOL>=1)."""
+    assert tool in TOOLS, tool
+    if problem is None:
+        return
+    if tool in REQUIRED_TOOLS:
+        pytest.fail(f"{problem}, and AUDIENCE_SYNC_REQUIRE_{tool.upper()}=1 requires it", pytrace=False)
+    pytest.skip(problem)
+
 
 _postgres_error: str | bool | None = False  # False: not probed yet
 
@@ -55,23 +74,33 @@ def postgres_unavailable() -> str | None:
 
 
 def require_postgres() -> None:
-    reason = postgres_unavailable()
-    if reason:
-        if REQUIRE_POSTGRES:
-            pytest.fail(reason + " (AUDIENCE_SYNC_REQUIRE_POSTGRES=1)")
-        pytest.skip(reason)
+    skip_without("postgres", postgres_unavailable())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed."""
+    from tests.sim_walk import RUN_SEED
+
+    terminalreporter.write_line(
+        f"simulation seed {RUN_SEED} (replay its walks and examples: AUDIENCE_SYNC_SIM_SEED={RUN_SEED} "
+        "AUDIENCE_SYNC_SIM_SEEDS=2 pytest tests/test_simulation.py)"
+    )
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No machine setting leaks into a test; each test works in its own directory."""
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No machine setting leaks into a test; each test works in its own directory. (What the
+    run requires was read at import: REQUIRED_TOOLS.) Nor does one test's logging leak into
+    the next: a CLI run in-process sets the package's logger up (its own handler, no
+    propagation), which would hide the next test's records from caplog."""
     for name in list(os.environ):
-        if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name not in (
-            "AUDIENCE_SYNC_TEST_POSTGRES",
-            "AUDIENCE_SYNC_REQUIRE_POSTGRES",
-        ):
+        if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name != "AUDIENCE_SYNC_TEST_POSTGRES":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    package = logging.getLogger("audience_sync")
+    saved = (package.handlers[:], package.level, package.propagate)
+    yield
+    package.handlers[:], package.level, package.propagate = saved
 
 
 @pytest.fixture
@@ -241,9 +270,12 @@ class Project:
     state_url: str
     source: SourceDB
     planhat: FakePlanhat
+    written: dict[str, Any] = field(default_factory=dict)  # the last write's arguments
 
     def write(self, audiences: list[dict[str, str]] | None = None, transport: str = "segment",
               extra: str = "", tokens: bool = True, planhat: str = "", source: str = "") -> Path:  # fmt: skip
+        self.written = {"audiences": audiences, "transport": transport, "extra": extra, "tokens": tokens,
+                        "planhat": planhat, "source": source}  # fmt: skip
         audiences = audiences if audiences is not None else [
             {"name": "Pro Plan", "query": PRO_QUERY},
             {"name": "Buyers", "query": BUYERS_QUERY},
@@ -267,6 +299,25 @@ class Project:
             lines.append("")
         self.path.write_text("\n".join(lines) + "\n" + extra)
         return self.path
+
+    @contextmanager
+    def one_shot(self, timeout_seconds: float = 0.3) -> Iterator[None]:
+        """The runs inside have one attempt and a short timeout, so that the fault the test
+        scripts (an answer held past the timeout, a refusal) ends the run. Every other run
+        keeps the retries it would have in production (as `write` sets them): a busy machine
+        slows a run that must succeed, it does not fail it."""
+        before = dict(self.written)
+        shot = {"max_attempts": "1", "timeout_seconds": f"{timeout_seconds:g}"}
+        kept = [line for line in before["planhat"].splitlines() if _setting(line) not in shot]
+        self.write(**{**before, "planhat": "\n".join([*kept, *(f"{k} = {v}" for k, v in shot.items())])})
+        try:
+            yield
+        finally:
+            self.write(**before)
+
+
+def _setting(line: str) -> str:
+    return line.split("=", 1)[0].strip()
 
 
 def _toml_string(value: str) -> str:
@@ -329,6 +380,53 @@ def last_run(cli: Cli, key: str | None = None) -> dict[str, Any]:
     """The newest run (of one audience), as `history --json` shows it."""
     audience = ("--audience", key) if key else ()
     return json.loads(run(cli, "history", "--json", *audience).out)[0]
+
+
+class KeeperClock:
+    """Time the test moves, for a LeaseKeeper (`timer=`): its clock and its waits between
+    renewals. Given freezegun's `frozen`, moving it moves the wall clock leases expire by too.
+    `advance` returns once the keeper has done what fell due and waits again, so a test asserts
+    on renewals in order, whatever the machine's load."""
+
+    def __init__(self, frozen: Any = None) -> None:
+        self.now = 0.0
+        self.frozen = frozen
+        self._changed = threading.Condition()
+        self._waits = 0
+        self._parked = False
+        self._due = float("inf")
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        with self._changed:
+            self._due = self.now + seconds
+            self._waits += 1
+            self._parked = True
+            self._changed.notify_all()
+            while not stop.is_set() and self.now < self._due:
+                self._changed.wait(0.01)  # a stop is an Event: look at it now and then
+            self._parked = False
+            return stop.is_set()
+
+    def advance(self, seconds: float, *, settle: bool = True) -> None:
+        """Move time on; with `settle`, return once the keeper waits again (a keeper that
+        stopped for good never does: give settle=False)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._parked, timeout=30):
+                raise AssertionError("the lease keeper never waited")
+            before = self._waits
+            self.now += seconds
+            if self.frozen is not None:
+                self.frozen.tick(seconds)
+            self._changed.notify_all()
+            if (
+                settle
+                and self.now >= self._due
+                and not self._changed.wait_for(lambda: self._waits > before and self._parked, timeout=30)
+            ):
+                raise AssertionError("the lease keeper did not finish its renewals")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

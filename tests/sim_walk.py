@@ -1,39 +1,56 @@
 """A seeded convergence simulation: the real engine against the fake Planhat, through long
 random sequences of source changes, faults, crashes and drift.
 
-The promise checked: whatever fails on the way, once the faults stop and one clean
-`audience-sync sync` (and `reconcile --fix`, when drift was injected) has run, Planhat holds
-exactly the audiences' truth, the outbox is empty, no run is left 'running', and the history
-counts no more deliveries than Planhat saw.
+The promise checked: whatever fails on the way, once the faults stop, one clean
+`audience-sync sync` leaves Planhat holding exactly the audiences' truth for every pair that
+drift (Planhat edited behind audience-sync's back, on purpose) did not touch; after
+`reconcile --fix` every pair, drifted or not, is right. "Every pair" is each contact the fake
+holds (whatever identifier it was written under) and each the walk ever produced, and "right"
+is exact: `true` for a member, `false` or no value otherwise. Then the outbox is empty, no run
+is left 'running', and the history counts no more deliveries than Planhat saw.
 
 A walk is a list of operations (`Op`) generated from the seed alone, before anything runs, so
 that the walk of n steps is a prefix of the walk of n + 1 steps, whatever the engine does.
 `Simulation.apply` runs one operation; the random walk (`simulate`) and the hypothesis state
 machine in tests/test_simulation.py both drive the same `Simulation`.
 
-Faults come from the fake (tests/fake_planhat.py, scripted per request position) and from the
-HTTP transport the engine's client is given (`SimTransport`): a `SimulatedCrash` raised there
-before a request is forwarded (nothing applied) or after the fake answered (applied, the
-acknowledgement lost). A crash can also hit while the source is read (`CrashingSourcePool`:
-the source's cursor raises mid-stream) or at the n-th statement the engine runs on the state
-database (a SQLAlchemy event). In-process the exception unwinds; the dead process's lease is
-then expired by hand and the next operation runs as a new process (new lease holder, new
-engine).
+The engine runs with the production settings that shape its requests (10 segment requests in
+flight), so requests arrive at the fake in an order the scheduler picks. Faults are therefore
+scripted per *unit* and attempt, not per arrival: a unit is one contact the engine handed to
+its client (in the order it handed them, which is deterministic), or one bulk chunk or one read
+(these go one at a time). `Fault(at=2)` hits the first attempt of the op's third unit; a second
+fault at the same unit hits its retry. (The bulk transport sends one request at a time: there a
+fault hits the op's request at its place, retries counted.) The fake serves a faulted request
+alone (the others wait at `FaultGate`), so the fault scripted for it meets it and no other. Only
+a request scripted to time out has the short client timeout: on a busy machine no other request
+times out. What stays to chance at concurrency 10 is what production leaves to it: which other
+requests were already on the wire when a run halts (a 2xx without a body) or dies.
+
+Faults come from the fake (tests/fake_planhat.py) and from the HTTP transport the engine's
+client is given (`SimTransport`): a `SimulatedCrash` raised there before a request is
+forwarded (nothing applied) or after the fake answered (applied, the acknowledgement lost);
+after that the process is dead, and no further request of the op leaves it. A crash can also
+hit while the source is read (`CrashingSourcePool`: the source's cursor raises mid-stream) or at
+the n-th statement the engine runs on the state database (a SQLAlchemy event). In-process the
+exception unwinds; the dead process's lease is then expired by hand and the next operation runs
+as a new process (new lease holder, new engine).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import io
+import json
+import os
 import random
+import secrets
 import shutil
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,9 +62,10 @@ import sqlalchemy as sa
 import audience_sync
 from audience_sync.config import Settings, load_settings
 from audience_sync.errors import AudienceSyncError
-from audience_sync.planhat import PlanhatClient
+from audience_sync.planhat import PlanhatClient, PlanhatReader
 from audience_sync.snapshot.sources import SourcePool
 from audience_sync.state import database
+from audience_sync.sync.reconcile import reconcile
 from audience_sync.sync.reports import SyncOptions
 from audience_sync.sync.run import sync as engine_sync
 from tests.fake_planhat import FakePlanhat
@@ -77,8 +95,12 @@ ATTRIBUTES: dict[str, tuple[Any, ...]] = {
     "beta": (0, 1),
 }
 
-CLIENT_TIMEOUT = 0.2  # seconds; the fake holds a timed-out request a little longer
+# The client's timeout for a request scripted to time out (the fake holds it a little longer);
+# every other request has WALK_TIMEOUT, so that a busy machine does not time out requests the
+# walk did not mean to (the walk would not replay).
+CLIENT_TIMEOUT = 0.2
 HOLD = CLIENT_TIMEOUT + 0.15
+WALK_TIMEOUT = 10
 SOURCE_CHUNK = 5  # rows per source fetch, so that a crash can land mid-stream
 READ_PAGE = 10  # contacts per page a reconcile asks for (the fake may answer fewer: page_cap)
 
@@ -98,12 +120,19 @@ FAULT_KINDS = (
     "partial",  # endusers: 206 naming the user at `at` as not written
 )
 CRASH_KINDS = ("http_before", "http_after", "source", "state")
-FAULT_POSITIONS = 8  # faults land on one of the op's first requests
+FAULT_POSITIONS = 8  # faults land on one of the op's first units (see the module's docstring)
 CRASH_AT = {"http_before": 8, "http_after": 8, "source": 4, "state": 60}
 
 
-def reconcile_available() -> bool:
-    return importlib.util.find_spec("audience_sync.reconcile") is not None
+def _run_seed() -> int:
+    """This run's seed: AUDIENCE_SYNC_SIM_SEED replays one, else a fresh one per run (printed at
+    the end of the run by tests/conftest.py, and in every failing walk's report)."""
+    given = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
+    return int(given) if given else secrets.randbelow(1_000_000)
+
+
+# Read at import: the autouse fixture of conftest clears AUDIENCE_SYNC_* before each test runs.
+RUN_SEED = _run_seed()
 
 
 class SimulatedCrash(BaseException):
@@ -207,14 +236,13 @@ def generate_ops(
     steps: int,
     transport: str,
     *,
-    with_reconcile: bool | None = None,
+    with_reconcile: bool = True,
     fault_kinds: tuple[str, ...] | None = None,
     crash_kinds: tuple[str, ...] | None = None,
 ) -> list[Op]:
     """The walk: `steps` operations drawn from a random.Random seeded with (seed, transport)
     and nothing else, so the walk of n steps is the prefix of every longer one."""
     rng = random.Random(f"walk-{seed}-{transport}")
-    with_reconcile = reconcile_available() if with_reconcile is None else with_reconcile
     kinds = fault_kinds if fault_kinds is not None else FAULT_KINDS
     if transport != "endusers":
         kinds = tuple(k for k in kinds if k != "partial")  # the webhook has no partial answer
@@ -388,19 +416,79 @@ class CrashingSourcePool(SourcePool):
 # --- the HTTP transport -------------------------------------------------------------------
 
 
+class FaultGate:
+    """Requests pass side by side; a faulted one passes alone, so that the fault scripted on
+    the fake (whose queue serves requests in arrival order) meets that request and no other."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._passing = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def side_by_side(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone)
+            self._passing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._passing -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._alone)
+            self._alone = True
+            self._changed.wait_for(lambda: self._passing == 0)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
+def unit_key(request: httpx.Request) -> Hashable:
+    """What a request carries: the contact of a Segment message, the contacts of a bulk chunk,
+    or the read it makes. Its retries carry the same."""
+    if request.method in ("POST", "PUT") and request.content:
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            body = None
+        if isinstance(body, dict):  # one Segment message
+            traits = body.get("traits") or {}
+            return ("contact", body.get("userId") or traits.get("email"))
+        if isinstance(body, list):  # a bulk chunk
+            refs = tuple(str(item.get("externalId") or item.get("email")) for item in body)
+            return (request.method, request.url.path, refs)
+    return (request.method, request.url.path, request.url.query)
+
+
 class SimTransport(httpx.BaseTransport):
-    """The real HTTP transport, with a crash before forwarding a request or after its answer."""
+    """The real HTTP transport, with the op's scripted faults and crash: a crash before
+    forwarding a request or after its answer, and nothing sent once the process is dead."""
 
     def __init__(self, sim: Simulation) -> None:
         self.inner = httpx.HTTPTransport()
         self.sim = sim
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        index = self.sim.next_request()
-        self.sim.maybe_crash("http_before", index)
-        response = self.inner.handle_request(request)
+        sim = self.sim
+        slot = sim.slot_of(unit_key(request))
+        sim.maybe_crash("http_before", slot)
+        fault = sim.fault_at(slot)
+        with sim.gate.alone() if fault else sim.gate.side_by_side():
+            if fault:
+                sim.script_fault(fault)
+                if fault.startswith("timeout"):
+                    request.extensions["timeout"] = httpx.Timeout(CLIENT_TIMEOUT).as_dict()
+            response = self.inner.handle_request(request)
         try:
-            self.sim.maybe_crash("http_after", index)
+            sim.maybe_crash("http_after", slot)
         except SimulatedCrash:
             response.read()  # the fake has written and answered; the answer is lost
             response.close()
@@ -409,6 +497,32 @@ class SimTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class SimSender:
+    """The engine's client, telling the simulation which contacts it is handed, in order."""
+
+    def __init__(self, sim: Simulation, client: PlanhatClient) -> None:
+        self.sim = sim
+        self.client = client
+        self.chunk_size = client.chunk_size
+
+    @property
+    def exhausted(self) -> bool:
+        return self.client.exhausted
+
+    def send(self, contacts: Sequence[Any]) -> Any:
+        self.sim.hand_out(contacts)
+        return self.client.send(contacts)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> SimSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
 
 
 def _describe(report: Any) -> str:
@@ -434,7 +548,8 @@ class SimResult:
     transport: str
     backend: str
     ops: list[str] = field(default_factory=list)
-    mismatches: list[tuple[str, str, bool, bool | None]] = field(default_factory=list)
+    # (ref, key, expected, what Planhat held, after which clean command)
+    mismatches: list[tuple[str, str, bool, Any, str]] = field(default_factory=list)
     # "[category] text": exit (the clean run failed), belief (see Simulation.diverged),
     # pending, running, accounting (runs.sent), phantom (delivered but never written)
     violations: list[str] = field(default_factory=list)
@@ -475,8 +590,8 @@ class SimResult:
         if self.mismatches:
             lines.append(f"Planhat differs from the audiences' truth ({len(self.mismatches)} pairs):")
             lines += [
-                f"  {ref} {key}: expected {expected}, Planhat {held!r}"
-                for ref, key, expected, held in self.mismatches[:40]
+                f"  {ref} {key}: expected {expected}, Planhat {held!r} (after the clean {after})"
+                for ref, key, expected, held, after in self.mismatches[:40]
             ]
         if self.violations:
             lines.append("violations:")
@@ -547,7 +662,9 @@ class Simulation:
         self.fake.page_cap = rng.choice((None, 4, 7))  # Planhat may answer shorter pages
         self.source = SimSource(workdir / "source.db", rng, users, email_only)
         self.config = workdir / "audience_sync.toml"
-        self._write_config()
+        self._write_config(self.config, walk=True)
+        self.clean_config = workdir / "audience_sync.clean.toml"
+        self._write_config(self.clean_config, walk=False)
         self.settings: Settings = load_settings(self.config, environ={})
         self.engine = self._open_engine()
         self.holder_number = 0
@@ -564,13 +681,29 @@ class Simulation:
         # The plan of the operation running now.
         self._lock = threading.Lock()
         self._crash: Crash | None = None
-        self._requests = 0
+        self._dead = False
         self._fetches = 0
         self._statements = 0
+        self.gate = FaultGate()
+        self._units: dict[Hashable, int] = {}
+        self._attempts: Counter[Hashable] = Counter()
+        self._arrivals = 0
+        self._slots: dict[tuple[int, int], str] = {}  # (unit, attempt) -> fault kind
 
     # --- setup ----------------------------------------------------------------------------
 
-    def _write_config(self) -> None:
+    def _write_config(self, path: Path, *, walk: bool) -> None:
+        """The walk's config (short timeouts, one or two attempts: faults end runs) or, with
+        walk=False, the final clean run's: production's timeouts and retries, so that a busy
+        machine does not fail the run that must succeed. Both leave `concurrency` at
+        production's default."""
+        retries = [
+            f"timeout_seconds = {WALK_TIMEOUT}",
+            f"max_attempts = {self.max_attempts}",
+            "backoff_base_seconds = 0.001",
+            "backoff_max_seconds = 0.01",
+            "retry_budget_seconds = 1",
+        ]
         lines = [
             "[database]",
             f'url = "{self.state_url}"',
@@ -580,13 +713,8 @@ class Simulation:
             f'base_url = "{self.fake.url}"',
             f'tenant_token = "{TENANT_TOKEN}"',
             f'api_token = "{API_TOKEN}"',
-            f"timeout_seconds = {CLIENT_TIMEOUT}",
-            f"max_attempts = {self.max_attempts}",
-            "backoff_base_seconds = 0.001",
-            "backoff_max_seconds = 0.01",
-            "retry_budget_seconds = 1",
+            *(retries if walk else ["backoff_base_seconds = 0.05", "backoff_max_seconds = 0.5"]),
             "max_requests_per_second = 150",
-            "concurrency = 1",  # one request at a time: scripted faults hit the same request each run
             f"batch_size = {self.batch_size}",
             "",
             "[safety]",
@@ -597,12 +725,11 @@ class Simulation:
             *(['planner_schema = "main"'] if self.planner else []),
             "",
         ]
-        if reconcile_available():  # a section older code would refuse as unknown
-            lines += ["[reconcile]", f"page_size = {READ_PAGE}", "max_requests_per_second = 150", ""]
+        lines += ["[reconcile]", f"page_size = {READ_PAGE}", "max_requests_per_second = 150", ""]
         for key, (name, query) in AUDIENCES.items():
             lines += ["[[audiences]]", f'name = "{name}"', f'key = "{key}"', 'source = "app"']
             lines += [f'query = "{query}"', ""]
-        self.config.write_text("\n".join(lines))
+        path.write_text("\n".join(lines))
 
     def _open_engine(self) -> sa.Engine:
         engine = database.open_state(self.state_url)
@@ -619,19 +746,22 @@ class Simulation:
 
     # --- crash points ---------------------------------------------------------------------
 
-    def next_request(self) -> int:
+    def maybe_crash(self, where: str, at: int | tuple[int, int]) -> None:
+        """Die here if the op's crash is scripted here; an HTTP crash point is the first
+        attempt of a unit. Once dead, no request leaves the process."""
         with self._lock:
-            index = self._requests
-            self._requests += 1
-            return index
-
-    def maybe_crash(self, where: str, index: int) -> None:
-        with self._lock:
+            if self._dead and where == "http_before":
+                raise SimulatedCrash("the process is dead")
             crash = self._crash
-            if crash is None or crash.where != where or crash.at != index:
+            if (
+                crash is None
+                or crash.where != where
+                or (crash.at, 0) != (at if isinstance(at, tuple) else (at, 0))
+            ):
                 return
             self._crash = None  # a process dies once
-        raise SimulatedCrash(f"{where} at {index}")
+            self._dead = True
+        raise SimulatedCrash(f"{where} at {crash.at}")
 
     def source_fetch(self) -> None:
         with self._lock:
@@ -647,8 +777,32 @@ class Simulation:
 
     # --- the client the engine is given ---------------------------------------------------
 
-    def sender_factory(self, planhat: Any) -> PlanhatClient:
-        return PlanhatClient(planhat, transport=SimTransport(self), sleep=_no_sleep)
+    def sender_factory(self, planhat: Any) -> SimSender:
+        return SimSender(self, PlanhatClient(planhat, transport=SimTransport(self), sleep=_no_sleep))
+
+    def hand_out(self, contacts: Sequence[Any]) -> None:
+        """The engine hands these contacts to its client, in this order: each is a unit."""
+        with self._lock:
+            for contact in contacts:
+                self._units.setdefault(("contact", contact.ref), len(self._units))
+
+    def slot_of(self, key: Hashable) -> tuple[int, int]:
+        """(unit, attempt) of a request: which unit it carries (a unit not handed out before
+        is numbered on arrival: reads and bulk chunks go one at a time) and how many requests
+        carried it before in this op. The bulk transport sends one request at a time, so
+        there a request's slot is simply its place in the op's requests, retries counted."""
+        with self._lock:
+            if self.transport == "endusers":
+                self._arrivals += 1
+                return self._arrivals - 1, 0
+            unit = self._units.setdefault(key, len(self._units))
+            attempt = self._attempts[key]
+            self._attempts[key] += 1
+            return unit, attempt
+
+    def fault_at(self, slot: tuple[int, int]) -> str | None:
+        with self._lock:
+            return self._slots.pop(slot, None)
 
     # --- operations -----------------------------------------------------------------------
 
@@ -700,7 +854,7 @@ class Simulation:
     def _run(self, faults: tuple[Fault, ...], crash: Crash | None, body: Callable[[SourcePool], str]) -> str:
         self._script(faults)
         with self._lock:
-            self._crash, self._requests, self._fetches, self._statements = crash, 0, 0, 0
+            self._crash, self._dead, self._fetches, self._statements = crash, False, 0, 0
         pool = CrashingSourcePool(self)
         try:
             outcome = body(pool)
@@ -726,36 +880,45 @@ class Simulation:
         return outcome
 
     def _script(self, faults: tuple[Fault, ...]) -> None:
-        fake = self.fake
-        slots: dict[int, str] = {}
+        """The op's faults: per contact on the fake (bad, partial), per (unit, attempt) for the
+        rest, scripted on the fake when the request carrying them comes (`script_fault`)."""
+        slots: dict[tuple[int, int], str] = {}
         for fault in faults:
             if fault.kind == "bad":
-                fake.bad_items({self.source.ref(fault.at)})
+                self.fake.bad_items({self.source.ref(fault.at)})
             elif fault.kind == "partial":
-                fake.partial_fail({self.source.ref(fault.at)})
+                self.fake.partial_fail({self.source.ref(fault.at)})
             else:
-                at = fault.at
-                while at in slots:
-                    at += 1
-                slots[at] = fault.kind
-        for position in range(max(slots, default=-1) + 1):
-            kind = slots.get(position)
-            if kind is None:
-                fake.delay_next(1, 0.0)  # served normally
-            elif kind in ("500", "502", "503"):
-                fake.fail_next(1, status=int(kind))
-            elif kind == "429":
-                fake.fail_next(1, status=429, retry_after="0")
-            elif kind.startswith("timeout"):
-                fake.timeout_next(1, applied=kind.endswith("after"), seconds=HOLD)
-            elif kind.startswith("reset"):
-                fake.reset_next(1, applied=kind.endswith("after"))
-            elif kind.startswith("html"):
-                fake.html_next(1, status=int(kind[4:]))
-            elif kind == "empty200":
-                fake.empty_next(1, status=200)
-            else:
-                raise ValueError(f"unknown fault {kind!r}")
+                unit, attempt = fault.at, 0
+                while (unit, attempt) in slots:  # a second fault on a unit hits its retry
+                    if self.transport == "endusers":
+                        unit += 1  # ... its next request, there
+                    else:
+                        attempt += 1
+                slots[(unit, attempt)] = fault.kind
+        with self._lock:
+            self._slots = slots
+            self._units = {}
+            self._attempts = Counter()
+            self._arrivals = 0
+
+    def script_fault(self, kind: str) -> None:
+        """Script one fault on the fake, for the request about to pass alone."""
+        fake = self.fake
+        if kind in ("500", "502", "503"):
+            fake.fail_next(1, status=int(kind))
+        elif kind == "429":
+            fake.fail_next(1, status=429, retry_after="0")
+        elif kind.startswith("timeout"):
+            fake.timeout_next(1, applied=kind.endswith("after"), seconds=HOLD)
+        elif kind.startswith("reset"):
+            fake.reset_next(1, applied=kind.endswith("after"))
+        elif kind.startswith("html"):
+            fake.html_next(1, status=int(kind[4:]))
+        elif kind == "empty200":
+            fake.empty_next(1, status=200)
+        else:
+            raise ValueError(f"unknown fault {kind!r}")
 
     def _sync(self, op: Sync, pool: SourcePool) -> str:
         options = SyncOptions(full=op.mode == "full", force=op.mode == "force")
@@ -773,29 +936,20 @@ class Simulation:
         )
 
     def _reconcile(self, pool: SourcePool) -> str:
-        import inspect
+        def reader(settings: Settings) -> PlanhatReader:
+            return PlanhatReader(
+                settings.planhat, page_size=READ_PAGE, transport=SimTransport(self), sleep=_no_sleep
+            )
 
-        from audience_sync.sync import reconcile
-
-        accepted = inspect.signature(reconcile.reconcile).parameters
-        extra: dict[str, Any] = {}
-        if "reader_factory" in accepted:
-            from audience_sync.planhat import PlanhatReader
-
-            def reader(settings: Settings) -> Any:
-                return PlanhatReader(
-                    settings.planhat, page_size=READ_PAGE, transport=SimTransport(self), sleep=_no_sleep
-                )
-
-            extra["reader_factory"] = reader
-        else:
-            extra["reader_transport"] = SimTransport(self)
-        if "sources" in accepted:
-            extra["sources"] = pool
-        if "holder" in accepted:
-            extra["holder"] = self.holder
-        reports = reconcile.reconcile(
-            self.settings, self.engine, None, fix=True, sender_factory=self.sender_factory, **extra
+        reports = reconcile(
+            self.settings,
+            self.engine,
+            None,
+            fix=True,
+            sources=pool,
+            reader_factory=reader,
+            sender_factory=self.sender_factory,
+            holder=self.holder,
         )
         if all(getattr(report, "status", None) in ("agree", "fixed") for report in reports):
             self.drifted.clear()  # repaired: what Planhat holds is known again
@@ -861,6 +1015,33 @@ class Simulation:
                     pairs.append(f"{ref}.{key} Planhat={held} baseline={not held}")
         return pairs
 
+    def _clean_run(self, command: list[str], output: io.StringIO, result: SimResult) -> None:
+        from audience_sync.cli import main
+
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = main(["--config", str(self.clean_config), *command])
+        if code != 0:
+            result.violations.append(f"[exit] `audience-sync {' '.join(command)}` exited {code}")
+        self.fake.wait_idle()
+
+    def compare(self, result: SimResult, *, after: str, skip: set[tuple[str, str]]) -> None:
+        """Planhat against the audiences' truth, exactly: a member's value is `true`, anyone
+        else's `false` or absent. Every contact the fake holds is looked at (whatever
+        identifier it was written under), and every identifier the walk ever produced."""
+        truth = self.source.truth()
+        held: dict[str, dict[str, Any]] = {ref: {} for ref in self.ever_seen}
+        for contact in list(self.fake.contacts.values()):
+            ref = contact.get("externalId") or contact.get("email") or f"<no identifier: {contact}>"
+            held[str(ref)] = contact.get("custom") or {}
+        for ref in sorted(held):
+            for key in AUDIENCES:
+                if (ref, key) in skip:
+                    continue
+                value = held[ref].get(key)
+                member = ref in truth[key]
+                if not (value is True if member else value is False or value is None):
+                    result.mismatches.append((ref, key, member, value, after))
+
     def miscounted(self) -> list[str]:
         """Audiences whose kept baseline_count (what `status` shows as "in Planhat") is not
         the rows of their baseline; a count not kept (NULL) is counted live, never wrong."""
@@ -872,22 +1053,17 @@ class Simulation:
         return [f"{key} kept {count}, has {rows}" for key, count, rows in kept if count != rows]
 
     def final_check(self, result: SimResult) -> None:
-        """Clear the faults, run one clean `audience-sync sync` (and `reconcile --fix` after
-        drift) through the CLI, then check convergence and the bookkeeping."""
-        from audience_sync.cli import main
-
+        """Clear the faults and run one clean `audience-sync sync` through the CLI: every pair
+        drift did not touch must then be right. Then `reconcile --fix` (after drift): every
+        pair must be right. Then the bookkeeping."""
         self.fake.clear_faults()
         self.engine.dispose()
         output = io.StringIO()
-        commands = [["sync"]]
+        self._clean_run(["sync"], output, result)
+        self.compare(result, after="sync", skip=self.drifted)
         if self.drift_injected:
-            commands.append(["reconcile", "--fix"])
-        for command in commands:
-            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-                code = main(["--config", str(self.config), *command])
-            if code != 0:
-                result.violations.append(f"[exit] `audience-sync {' '.join(command)}` exited {code}")
-        self.fake.wait_idle()
+            self._clean_run(["reconcile", "--fix"], output, result)
+            self.compare(result, after="reconcile --fix", skip=set())
         result.final_output = output.getvalue()
         if self.track_divergence and self.first_divergence is None and (pairs := self.diverged()):
             self.first_divergence = (len(self.log) + 1, pairs)  # the clean run itself
@@ -904,14 +1080,6 @@ class Simulation:
         if self.first_miscount is not None:
             step, wrong = self.first_miscount
             result.violations.append(f"[count] after step {step} a kept baseline count was wrong: {wrong}")
-
-        truth = self.source.truth()
-        for ref in sorted(self.ever_seen):
-            for key in AUDIENCES:
-                expected = ref in truth[key]
-                held = self.fake.value(ref, key)
-                if bool(held) != expected:
-                    result.mismatches.append((ref, key, expected, held))
 
         pending = self._query("SELECT audience_key, user_ref, value FROM pending ORDER BY 1, 2")
         if pending:

@@ -187,11 +187,11 @@ def test_an_account_query_without_company_id_is_one_line(project: Project, cli: 
 @pytest.mark.parametrize("transport", ["segment", "endusers"])
 def test_a_company_change_in_doubt_is_resent(project: Project, cli: Cli, transport: str) -> None:
     fake = project.planhat
-    one_shot = "max_attempts = 1\ntimeout_seconds = 0.3\nmax_requests_per_second = 150"
-    project.write([ENTERPRISE], transport=transport, planhat=one_shot)
+    project.write([ENTERPRISE], transport=transport, planhat="max_requests_per_second = 150")
     set_accounts(project, [("c1", "Acme", 250000)])
     fake.timeout_next(1, applied=True)
-    assert sync(cli).code != 0
+    with project.one_shot():
+        assert sync(cli).code != 0
     assert query(project.state_url, "SELECT in_doubt FROM pending") in ([(True,)], [(1,)])
     set_accounts(project, [])  # c1 leaves while Planhat may hold `true`: `false` must go out
     assert sync(cli).code == 0

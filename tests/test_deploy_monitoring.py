@@ -4,7 +4,6 @@ metrics the daemon exposes, and (where promtool is installed) parse and fire as 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,18 +16,23 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from audience_sync.http.metrics import Metrics
+from tests.conftest import skip_without
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 RULES = DEPLOY / "alerts.yml"
 RULE_TESTS = DEPLOY / "alerts.test.yml"
 PROMTOOL = shutil.which("promtool")
-# CI (.ci/run) installs promtool and sets this: there a missing promtool fails instead of skipping.
-REQUIRE_PROMTOOL = os.environ.get("AUDIENCE_SYNC_REQUIRE_PROMTOOL") == "1"
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None and not REQUIRE_PROMTOOL,
-    reason="promtool is not installed (Debian: apt-get install prometheus)",
-)
+
+
+@pytest.fixture
+def needs_promtool() -> None:
+    """Skip without promtool, saying why; fail when the run requires it (CI: .ci/run)."""
+    skip_without(
+        "promtool", None if PROMTOOL else "promtool is not installed (Debian: apt-get install prometheus)"
+    )
+
+
 # Series Prometheus makes itself, not the daemon.
 PROMETHEUS_SERIES = {"up"}
 # A dashboard's template variables, as Grafana would fill them in, so that its queries parse.
@@ -141,7 +145,7 @@ def test_every_metric_the_dashboard_and_the_rules_name_is_exposed() -> None:
     assert "audience_sync_last_success_timestamp_seconds" in named["rules"]  # the extraction works
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_the_dashboard_queries_parse(tmp_path: Path) -> None:
     """Each panel query, variables filled in as Grafana would, checked by promtool as a rule."""
     records = []
@@ -187,7 +191,7 @@ def test_every_alert_has_a_test_that_fires_it_and_one_that_does_not() -> None:
     assert alerts - quiet == set(), "alerts no test keeps quiet"
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_promtool_accepts_the_rules() -> None:
     result = promtool("check", "rules", str(RULES))
 
@@ -195,7 +199,7 @@ def test_promtool_accepts_the_rules() -> None:
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
-@needs_promtool
+@pytest.mark.usefixtures("needs_promtool")
 def test_the_alerts_fire_on_the_series_that_should_raise_them() -> None:
     result = promtool("test", "rules", str(RULE_TESTS))
 

@@ -5,7 +5,6 @@ check that is retried, and database errors in the read commands as one line."""
 from __future__ import annotations
 
 import logging
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from audience_sync.errors import StateDatabaseError
 from audience_sync.state import database, leases, resyncs
 from audience_sync.support import clock, redaction
 from audience_sync.sync import lease_keeper
-from tests.conftest import Cli, CliResult, Project, schedule, users, wait_for
+from tests.conftest import Cli, CliResult, KeeperClock, Project, schedule, users, wait_for
 
 PASSWORD = "hunter2-pw"
 SSL_PASSWORD = "xyzzy-sslpw"
@@ -147,8 +146,10 @@ def test_an_unexpected_renewal_error_marks_every_lease_lost(
         raise RuntimeError("renewal bug\nsecond line")
 
     monkeypatch.setattr(leases, "renew", broken)
-    with lease_keeper.LeaseKeeper(state, ["a", "b"], "holder-1", 0.3) as keeper:
-        wait_for(lambda: keeper.lost == {"a", "b"}, timeout=5, what="leases marked lost")
+    clock = KeeperClock()
+    with lease_keeper.LeaseKeeper(state, ["a", "b"], "holder-1", 60, timer=clock) as keeper:
+        clock.advance(20, settle=False)  # the keeper's thread ends
+        wait_for(lambda: keeper.lost == {"a", "b"}, what="leases marked lost")
     errors = [r.getMessage() for r in logs.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "RuntimeError: renewal bug" in errors[0], errors
     assert "second line" not in errors[0] and "'a'" in errors[0] and "'b'" in errors[0]
@@ -157,32 +158,31 @@ def test_an_unexpected_renewal_error_marks_every_lease_lost(
 def test_renewals_failing_until_the_lease_expires_mark_it_lost(
     state: Engine, monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
 ) -> None:
-    ttl = 0.3
-    assert leases.try_acquire(state, "a", "holder-1", ttl)
+    assert leases.try_acquire(state, "a", "holder-1", 60)
     failures: list[float] = []
+    clock = KeeperClock()
 
     def down(*_args: object) -> bool:
-        failures.append(time.monotonic())
+        failures.append(clock.now)
         raise operational_error("server closed the connection unexpectedly")
 
     monkeypatch.setattr(leases, "renew", down)
-    started = time.monotonic()
-    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
-        wait_for(lambda: failures, timeout=5, what="a failed renewal")
-        assert not keeper.lost  # one failure is transient: tried again next tick
-        wait_for(lambda: keeper.lost, timeout=5, what="lease marked lost")
-        lost_after = time.monotonic() - started
-    assert keeper.lost == {"a"} and lost_after >= ttl and len(failures) >= 3
+    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", 60, timer=clock) as keeper:
+        clock.advance(20)
+        assert failures == [20] and not keeper.lost  # one failure is transient: tried again next tick
+        clock.advance(20)
+        assert failures == [20, 40] and not keeper.lost  # 40 s unrenewed: the lease still holds
+        clock.advance(20)
+        assert failures == [20, 40, 60] and keeper.lost == {"a"}  # 60 s: it may be taken now
     messages = logs.text
     assert "could not renew the lease on 'a': OperationalError" in messages
-    assert "lost the lease on audience 'a': not renewed for" in messages
+    assert "lost the lease on audience 'a': not renewed for 60.0s" in messages
 
 
 def test_transient_renewal_failures_within_the_lease_keep_it(
     state: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ttl = 0.6
-    assert leases.try_acquire(state, "a", "holder-1", ttl)
+    assert leases.try_acquire(state, "a", "holder-1", 60)
     real, calls = leases.renew, []
 
     def flaky(*args: object) -> bool:
@@ -192,9 +192,12 @@ def test_transient_renewal_failures_within_the_lease_keep_it(
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(leases, "renew", flaky)
-    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", ttl) as keeper:
-        time.sleep(ttl * 4)
-        assert not keeper.lost and len(calls) >= 9
+    clock = KeeperClock()
+    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", 60, timer=clock) as keeper:
+        for _ in range(12):  # four times the lease
+            clock.advance(20)
+            assert not keeper.lost
+        assert len(calls) == 12
 
 
 # --- 5. the resync check after a run --------------------------------------------------------

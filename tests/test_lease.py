@@ -5,15 +5,26 @@ from __future__ import annotations
 import itertools
 import re
 import signal
-import time
 
 import pytest
+from freezegun import freeze_time
 from sqlalchemy.engine import Engine
 
 from audience_sync.state import leases
 from audience_sync.state import models as m
 from audience_sync.sync import lease_keeper
-from tests.conftest import POSTGRES, Cli, Project, Spawn, finished, runs, schedule, users, wait_for
+from tests.conftest import (
+    POSTGRES,
+    Cli,
+    KeeperClock,
+    Project,
+    Spawn,
+    finished,
+    runs,
+    schedule,
+    users,
+    wait_for,
+)
 from tests.test_daemon import SLOW_PRO_QUERY, count
 
 
@@ -31,23 +42,31 @@ def test_one_holder_at_a_time_until_released(state: Engine) -> None:
 
 
 def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it(state: Engine) -> None:
-    assert leases.try_acquire(state, "a", "holder-1", 0.2)
-    assert not leases.try_acquire(state, "a", "holder-2", 60)
-    time.sleep(0.3)
-    assert leases.current_holder(state, "a") is None
-    assert leases.try_acquire(state, "a", "holder-2", 60)
-    assert not leases.renew(state, "a", "holder-1", 60)  # it lost the lease
-    assert leases.renew(state, "a", "holder-2", 60)
+    with freeze_time("2026-12-01 10:00:00") as frozen:
+        assert leases.try_acquire(state, "a", "holder-1", 60)
+        frozen.tick(59)
+        assert not leases.try_acquire(state, "a", "holder-2", 60)
+        frozen.tick(2)
+        assert leases.current_holder(state, "a") is None
+        assert leases.try_acquire(state, "a", "holder-2", 60)
+        assert not leases.renew(state, "a", "holder-1", 60)  # it lost the lease
+        assert leases.renew(state, "a", "holder-2", 60)
 
 
 def test_the_keeper_renews_a_lease_for_as_long_as_the_run_lives(state: Engine) -> None:
-    assert leases.try_acquire(state, "a", "holder-1", 0.2)
-    with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", 0.2) as keeper:
-        time.sleep(0.6)  # three times the lease
-        assert not leases.try_acquire(state, "a", "holder-2", 0.2)
-        assert not keeper.lost
-    time.sleep(0.3)
-    assert leases.try_acquire(state, "a", "holder-2", 0.2)  # no longer renewed: it expired
+    with freeze_time("2026-12-01 10:00:00") as frozen:
+        clock = KeeperClock(frozen)
+        assert leases.try_acquire(state, "a", "holder-1", 60)
+        with lease_keeper.LeaseKeeper(state, ["a"], "holder-1", 60, timer=clock) as keeper:
+            for _ in range(9):  # three times the lease, renewed every third of it
+                clock.advance(20)
+                assert not leases.try_acquire(state, "a", "holder-2", 60)
+                assert leases.current_holder(state, "a") == "holder-1"
+            assert not keeper.lost
+        frozen.tick(59)
+        assert not leases.try_acquire(state, "a", "holder-2", 60)  # renewed at its last tick
+        frozen.tick(2)
+        assert leases.try_acquire(state, "a", "holder-2", 60)  # no longer renewed: it expired
 
 
 # --- across processes ---------------------------------------------------------------------
@@ -104,6 +123,13 @@ def test_sync_while_the_daemon_runs_the_audience_says_already_running(
         line = "pro_plan: audience 'pro_plan' is already running (lease held by "
         assert line in result.err and f":{daemon.pid}:" in result.err, result.err
 
+    # Past its (slow) query before the SIGTERM: on a busy machine the query can outlast the
+    # three commands above, and a run stopped while reading its source has nothing to count.
+    wait_for(
+        lambda: count(project.state_url, m.pending) or count(project.state_url, m.changes),
+        timeout=60,
+        what="the run's changes queued",
+    )
     code, _ = daemon.signal(signal.SIGTERM)
     assert code == 0, daemon.log()
     [run] = runs(project.state_url)  # recorded: delivered, or stopped by the SIGTERM and pending

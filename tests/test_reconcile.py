@@ -129,11 +129,11 @@ def test_reconcile_pages_until_an_empty_page(project: Project, cli: Cli) -> None
 def test_reconcile_resolves_in_doubt_changes_from_what_planhat_holds(project: Project, cli: Cli) -> None:
     fake = project.planhat
     synced(project, cli, "endusers")
-    one_shot = FAST + "\nmax_attempts = 1\ntimeout_seconds = 0.3"
-    project.write(transport="endusers", planhat=one_shot, extra=FAST_READS)
+    project.write(transport="endusers", planhat=FAST, extra=FAST_READS)
     project.source.set_users(users(range(1, 8), plan="pro"))  # u7 enters
     fake.timeout_next(1, applied=True, seconds=1.0)
-    assert run(cli, "sync", "--audience", "pro_plan").code != 0
+    with project.one_shot():
+        assert run(cli, "sync", "--audience", "pro_plan").code != 0
     assert fake.wait_idle()
     assert query(project.state_url, "SELECT user_ref FROM pending WHERE in_doubt") == [("u7",)]
 

@@ -31,8 +31,9 @@ from tests.conftest import (
 
 PRO = {"name": "Pro Plan", "query": PRO_QUERY}
 BUYERS = {"name": "Buyers", "query": BUYERS_QUERY}
-# One attempt and a short timeout, so a fault ends the delivery of its chunk at once.
-ONE_SHOT = "max_attempts = 1\ntimeout_seconds = 0.3\nbatch_size = 2\nmax_requests_per_second = 150"
+# Chunks of two. A run meant to meet a fault is `project.one_shot()` (one attempt, a short
+# timeout: the fault ends the delivery of its chunk at once); the others retry.
+BATCHES = "batch_size = 2\nmax_requests_per_second = 150"
 
 
 def status_of(cli: Cli, key: str) -> dict[str, Any]:
@@ -166,12 +167,13 @@ def test_sending_needs_the_token_the_dry_run_does_not(project: Project, cli: Cli
 
 def test_a_fault_mid_retire_leaves_it_not_retired_and_a_rerun_finishes(project: Project, cli: Cli) -> None:
     fake = project.planhat
-    synced_then_removed(project, cli, planhat=ONE_SHOT, transport="endusers")
+    synced_then_removed(project, cli, planhat=BATCHES, transport="endusers")
     # Chunks of two: u1-u2 time out after Planhat applied them (in doubt), u3-u4 are refused
     # (503: in doubt too), u5 goes through.
     fake.timeout_next(1, applied=True, seconds=0.8)
     fake.fail_next(1, 503)
-    result = run(cli, "retire", "pro_plan", "--yes")
+    with project.one_shot():
+        result = run(cli, "retire", "pro_plan", "--yes")
     fake.wait_idle()
     assert result.code == 1
     assert "not retired" in result.out and "retire pro_plan --yes` again" in result.err
@@ -223,13 +225,14 @@ def test_users_planhat_may_have_as_true_are_told_false(project: Project, cli: Cl
     """Beyond the baseline: a change in doubt (written by Planhat after the client gave up),
     and a chunk a killed run left on the wire. A change refused outright is not sent."""
     fake = project.planhat
-    project.write([PRO], transport="endusers", planhat=ONE_SHOT.replace("batch_size = 2", "batch_size = 1"))
+    project.write([PRO], transport="endusers", planhat=BATCHES.replace("batch_size = 2", "batch_size = 1"))
     project.source.set_users(users(range(1, 4), plan="pro"))
     assert run(cli, "sync").code == 0
     project.source.set_users(users(range(1, 6), plan="pro"))  # u4 and u5 enter
     fake.timeout_next(1, applied=True, seconds=0.8)  # u4: written, answered too late
     fake.fail_next(1, 429)  # u5: refused, never written
-    assert run(cli, "sync").code == 1
+    with project.one_shot():
+        assert run(cli, "sync").code == 1
     fake.wait_idle()
     assert (fake.value("u4", "pro_plan"), fake.value("u5", "pro_plan")) == (True, None)
     # A run killed with u6's `true` on the wire (and Planhat having written it).

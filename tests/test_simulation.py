@@ -2,12 +2,15 @@
 walks and a hypothesis state machine (tests/sim_walk.py), the minimal sequences they found kept
 as regression tests, and the fake Planhat's read endpoint, drift helpers and faults.
 
-Default run (well under a minute): seeds 0 and 1, 80 steps, per state backend (SQLite,
-PostgreSQL) and transport; the pinned sequences; 6 hypothesis examples of 20 steps per
-transport, without shrinking. Long runs:
+Default run (one to two minutes): two walks of 64 steps per state backend (SQLite,
+PostgreSQL) and transport, their seeds drawn afresh per run (RUN_SEED and the next; the run's
+seed is printed at its end); the pinned sequences; 6 hypothesis examples of 20 steps per
+transport, without shrinking, seeded with the same RUN_SEED. Long runs:
 
     AUDIENCE_SYNC_SIM_SEEDS=50 AUDIENCE_SYNC_SIM_STEPS=400 pytest tests/test_simulation.py -k walk
     AUDIENCE_SYNC_SIM_SEED=7 AUDIENCE_SYNC_SIM_STEPS=120 pytest tests/test_simulation.py -k walk
+    (a given AUDIENCE_SYNC_SIM_SEED replays that walk alone, and the hypothesis examples of
+    that run; with AUDIENCE_SYNC_SIM_SEEDS=n too, the n walks from that seed on)
     AUDIENCE_SYNC_SIM_EXAMPLES=300 pytest tests/test_simulation.py -k hypothesis   # and shrinks
     (AUDIENCE_SYNC_SIM_HYPOTHESIS_STEPS sets the machine's steps; AUDIENCE_SYNC_SIM_SHRINK=1
     shrinks with the default number of examples; shrinking can take minutes)
@@ -23,7 +26,6 @@ import itertools
 import json
 import os
 import sqlite3
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import httpx
 import pytest
 
 try:  # the walks run without it; only the state machine needs it (the `test` extra should have it)
-    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis import HealthCheck, Phase, seed, settings
     from hypothesis import strategies as st
     from hypothesis.stateful import (
         RuleBasedStateMachine,
@@ -54,6 +56,7 @@ from tests.sim_walk import (
     CRASH_KINDS,
     FAULT_KINDS,
     FAULT_POSITIONS,
+    RUN_SEED,
     ChangeEmail,
     Crash,
     DeleteRow,
@@ -67,7 +70,6 @@ from tests.sim_walk import (
     Simulation,
     Sync,
     fresh_sqlite_state,
-    reconcile_available,
     simulate,
 )
 
@@ -80,9 +82,9 @@ def _env_int(name: str, default: int) -> int:
 
 
 # Read at import: the autouse fixture of conftest clears AUDIENCE_SYNC_* before each test runs.
-_ONE_SEED = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
-SEEDS = [int(_ONE_SEED)] if _ONE_SEED else list(range(_env_int("AUDIENCE_SYNC_SIM_SEEDS", 2)))
-STEPS = _env_int("AUDIENCE_SYNC_SIM_STEPS", 80)
+_ONE_SEED = bool(os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip())
+SEEDS = [RUN_SEED + n for n in range(_env_int("AUDIENCE_SYNC_SIM_SEEDS", 1 if _ONE_SEED else 2))]
+STEPS = _env_int("AUDIENCE_SYNC_SIM_STEPS", 64)  # drift and reconcile run too; fresh seeds each run add up
 LONG = any(
     os.environ.get(name)
     for name in ("AUDIENCE_SYNC_SIM_SEED", "AUDIENCE_SYNC_SIM_SEEDS", "AUDIENCE_SYNC_SIM_STEPS")
@@ -97,9 +99,9 @@ SHRINK = "AUDIENCE_SYNC_SIM_EXAMPLES" in os.environ or os.environ.get("AUDIENCE_
 
 @pytest.mark.timeout(0 if LONG else 120)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: f"seed{seed}")
-def test_walk_converges(state_url: str, transport: str, seed: int, tmp_path: Path) -> None:
-    result = simulate(seed, STEPS, state_url, transport, tmp_path)
+@pytest.mark.parametrize("walk_seed", SEEDS, ids=lambda walk_seed: f"seed{walk_seed}")
+def test_walk_converges(state_url: str, transport: str, walk_seed: int, tmp_path: Path) -> None:
+    result = simulate(walk_seed, STEPS, state_url, transport, tmp_path)
     assert result.ok, "\n" + result.report()
 
 
@@ -132,15 +134,15 @@ def test_a_walk_is_a_function_of_its_seed_and_longer_walks_extend_shorter_ones()
     assert short != generate_ops(12, 40, "endusers")
     kinds = {type(op).__name__ for op in generate_ops(3, 400, "segment")}
     assert {"SetAttr", "DeleteRow", "RestoreRow", "ChangeEmail", "Sync"} <= kinds
-    assert ("Drift" in kinds) == reconcile_available()
+    assert {"Drift", "Reconcile"} <= kinds  # never dropped from a walk
 
 
 def test_the_report_carries_seed_operations_pairs_and_replay_line() -> None:
     result = SimResult(seed=5, steps=3, transport="endusers", backend="sqlite")
     result.ops = ["   1 set u4.plan='pro' -> member of ['pro_plan']", "   2 sync plain -> ..."]
-    result.mismatches = [("u4", "pro_plan", False, True)]
+    result.mismatches = [("u4", "pro_plan", False, True, "sync")]
     text = result.report()
-    assert "seed=5" in text and "u4 pro_plan: expected False, Planhat True" in text
+    assert "seed=5" in text and "u4 pro_plan: expected False, Planhat True (after the clean sync)" in text
     assert "set u4.plan='pro'" in text
     assert (
         "AUDIENCE_SYNC_SIM_SEED=5 AUDIENCE_SYNC_SIM_STEPS=3 pytest tests/test_simulation.py "
@@ -242,7 +244,7 @@ def machine_class(
     fault_kinds: tuple[str, ...] = FAULT_KINDS,
     crash_kinds: tuple[str, ...] = CRASH_KINDS,
     ignored: frozenset[str] = frozenset(),
-    with_reconcile: bool | None = None,
+    with_reconcile: bool = True,
 ) -> type[RuleBasedStateMachine]:
     """The walk's operations as rules of a state machine, the final clean run and its checks at
     teardown, the belief check (Simulation.diverged) after every step. `ignored` names result
@@ -262,7 +264,7 @@ def machine_class(
     )
     attributes = st.sampled_from([(attr, value) for attr, values in ATTRIBUTES.items() for value in values])
     examples = itertools.count()
-    reconciling = reconcile_available() if with_reconcile is None else with_reconcile
+    reconciling = with_reconcile
 
     class Machine(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -370,7 +372,7 @@ def machine_settings(examples: int, steps: int, shrink: bool) -> settings:
     return settings(
         max_examples=examples,
         stateful_step_count=steps,
-        derandomize=True,
+        derandomize=False,  # a fresh seed per run: RUN_SEED, given to each machine (@seed)
         database=None,
         deadline=None,
         phases=phases,
@@ -384,9 +386,14 @@ def machine_settings(examples: int, steps: int, shrink: bool) -> settings:
 def test_hypothesis_state_machine_converges(transport: str, tmp_path: Path) -> None:
     if settings is None:
         pytest.skip("hypothesis is not installed")
-    run_state_machine_as_test(
-        machine_class(transport, tmp_path), settings=machine_settings(EXAMPLES, HYPOTHESIS_STEPS, SHRINK)
-    )
+    machine = seed(RUN_SEED)(machine_class(transport, tmp_path))
+    try:
+        run_state_machine_as_test(machine, settings=machine_settings(EXAMPLES, HYPOTHESIS_STEPS, SHRINK))
+    except BaseException as failure:
+        failure.add_note(
+            f"replay: AUDIENCE_SYNC_SIM_SEED={RUN_SEED} pytest tests/test_simulation.py -k hypothesis"
+        )
+        raise
 
 
 # --- the fake's read endpoint, drift helpers and faults ----------------------------------
@@ -438,18 +445,17 @@ def test_get_endusers_pages_in_creation_order_with_ids(fake_planhat: FakePlanhat
     ]
 
 
-def test_get_endusers_answers_at_most_5000_and_stays_fast_at_scale() -> None:
+def test_get_endusers_answers_at_most_5000_pages_at_scale() -> None:
+    """(How fast it pages is measured by benchmarks/bench_fake.py, not asserted here.)"""
     with FakePlanhat(keep_bodies=False) as fake:
         for n in range(100_000):
             fake.add_contact(f"u{n}", None, {"a": True})
-        started = time.monotonic()
         with _client(fake, timeout=30) as client:
             first = client.get("/endusers", params={"limit": 9000, "offset": 0}).json()
             for offset in range(5000, 100_000, 25_000):  # each page a slice, not a copy of all
                 assert len(client.get("/endusers", params={"limit": 5000, "offset": offset}).json()) == 5000
             last = client.get("/endusers", params={"limit": 5000, "offset": 95_000}).json()
         assert len(first) == 5000 and len(last) == 5000 and last[-1]["externalId"] == "u99999"
-        assert time.monotonic() - started < 2.0
 
 
 def test_drift_helpers_keep_the_email_index_and_the_order(fake_planhat: FakePlanhat) -> None:

@@ -45,14 +45,13 @@ from tests.conftest import (
     Project,
     SourceDB,
     postgres_schema,
+    skip_without,
     users,
 )
 from tests.fake_planhat import FakePlanhat
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-# Read at import: the autouse fixture clears AUDIENCE_SYNC_* variables before each test.
-REQUIRE_BROWSER = os.environ.get("AUDIENCE_SYNC_REQUIRE_BROWSER") == "1"
 CHROMIUM = os.environ.get("AUDIENCE_SYNC_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -143,11 +142,7 @@ def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     directory = tmp_path_factory.mktemp(f"status-page-{request.param}")
     with pytest.MonkeyPatch.context() as env, ExitStack() as stack:
         for name in list(os.environ):  # as the autouse clean_environment does for each test
-            if (
-                name.startswith(("PLANHAT_", "AUDIENCE_SYNC_"))
-                and "_TEST_" not in name
-                and "REQUIRE" not in name
-            ):
+            if name.startswith(("PLANHAT_", "AUDIENCE_SYNC_")) and name != "AUDIENCE_SYNC_TEST_POSTGRES":
                 env.delenv(name)
         if request.param == "sqlite":
             url = f"sqlite:///{directory / 'state.db'}"
@@ -503,11 +498,7 @@ def browser_unavailable() -> str | None:
 @pytest.fixture
 def browser_page() -> Iterator[Any]:
     """A fresh page of a headless Chromium from the machine's packages."""
-    reason = browser_unavailable()
-    if reason:
-        if REQUIRE_BROWSER:
-            pytest.fail(reason + " (AUDIENCE_SYNC_REQUIRE_BROWSER=1)")
-        pytest.skip(reason)
+    skip_without("browser", browser_unavailable())
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

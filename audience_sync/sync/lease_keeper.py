@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -15,18 +16,45 @@ from ..support.text import first_line
 log = logging.getLogger(__name__)
 
 
+class Timer(Protocol):
+    """The keeper's time: when now is, and the wait between two renewals."""
+
+    def monotonic(self) -> float: ...
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        """Wait `seconds` or until `stop` is set; True when it is set."""
+        ...
+
+
+class WallTimer:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        return stop.wait(seconds)
+
+
 class LeaseKeeper:
     """Renews a set of held leases in a background thread until stopped."""
 
-    def __init__(self, engine: Engine, keys: list[str], holder: str, ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        keys: list[str],
+        holder: str,
+        ttl_seconds: float,
+        *,
+        timer: Timer | None = None,  # a test gives one it controls
+    ) -> None:
         self.engine = engine
         self.keys = list(keys)
         self.holder = holder
         self.ttl = ttl_seconds
         self.lost: set[str] = set()
+        self._timer = timer or WallTimer()
         # When each lease was last renewed (monotonic; a call's start, erring early). It was
         # taken just before the keeper was made, which counts as the first renewal.
-        self._renewed = dict.fromkeys(self.keys, time.monotonic())
+        self._renewed = dict.fromkeys(self.keys, self._timer.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
 
@@ -40,7 +68,7 @@ class LeaseKeeper:
 
     def _loop(self) -> None:
         try:
-            while not self._stop.wait(self.ttl / 3):
+            while not self._timer.wait(self._stop, self.ttl / 3):
                 for key in self.keys:
                     if key not in self.lost:
                         self._renew(key)
@@ -54,7 +82,7 @@ class LeaseKeeper:
             self.lost.update(self.keys)
 
     def _renew(self, key: str) -> None:
-        started = time.monotonic()
+        started = self._timer.monotonic()
         try:
             if leases.renew(self.engine, key, self.holder, self.ttl):
                 self._renewed[key] = started
@@ -64,7 +92,7 @@ class LeaseKeeper:
         except sa.exc.SQLAlchemyError as exc:  # transient: try again next tick ...
             log.warning("could not renew the lease on %r: %s", key, exc.__class__.__name__)
             # ... unless the lease has run out meanwhile: another process may take it now.
-            unrenewed = time.monotonic() - self._renewed[key]
+            unrenewed = self._timer.monotonic() - self._renewed[key]
             if unrenewed >= self.ttl:
                 log.error("lost the lease on audience %r: not renewed for %.1fs", key, unrenewed)
                 self.lost.add(key)
