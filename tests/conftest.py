@@ -78,7 +78,10 @@ def require_postgres() -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed."""
+    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed.
+    Printed only when the simulation ran (sim_walk is imported by it alone)."""
+    if "tests.sim_walk" not in sys.modules:
+        return
     from tests.sim_walk import RUN_SEED
 
     terminalreporter.write_line(

@@ -24,12 +24,15 @@ def test_history_filters_by_status_since_and_kind(project: Project, cli: Cli) ->
     assert sync(cli, "--audience", "pro_plan").code == 1  # run 3: incremental, failed
     project.planhat.clear_faults()
     assert sync(cli, "--full", "--audience", "buyers").code == 0  # run 4: full, success
-    query(project.state_url, "UPDATE runs SET started_at = '2026-01-01 00:00:00' WHERE id = 1")
+    # Backdate pro_plan's full run: runs 1 and 2 start together, in either order.
+    (old,) = [r["id"] for r in history(cli, "--audience", "pro_plan", "--kind", "full")]
+    other = 3 - old
+    query(project.state_url, f"UPDATE runs SET started_at = '2026-01-01 00:00:00' WHERE id = {old}")
 
     assert [(r["id"], r["status"]) for r in history(cli, "--status", "failed")] == [(3, "failed")]
     assert [r["id"] for r in history(cli, "--status", "failed", "--status", "success")] == [4, 3, 2, 1]
     assert [r["id"] for r in history(cli, "--kind", "full")] == [4, 2, 1]
-    assert [r["id"] for r in history(cli, "--kind", "full", "--since", "1d")] == [4, 2]
+    assert [r["id"] for r in history(cli, "--kind", "full", "--since", "1d")] == [4, other]
     assert [r["id"] for r in history(cli, "--since", "2025-12-31")] == [4, 3, 2, 1]
     assert [r["id"] for r in history(cli, "--since", "2026-06-01 00:00", "--audience", "pro_plan")] == [3]
     table = run(cli, "history", "--status", "failed").out
