@@ -25,7 +25,7 @@ def test_history_filters_by_status_since_and_kind(project: Project, cli: Cli) ->
     project.planhat.clear_faults()
     assert sync(cli, "--full", "--audience", "buyers").code == 0  # run 4: full, success
     # Backdate pro_plan's full run: runs 1 and 2 start together, in either order.
-    (old,) = [r["id"] for r in history(cli, "--audience", "pro_plan", "--kind", "full")]
+    (old,) = [int(str(r["id"])) for r in history(cli, "--audience", "pro_plan", "--kind", "full")]
     other = 3 - old
     query(project.state_url, f"UPDATE runs SET started_at = '2026-01-01 00:00:00' WHERE id = {old}")
 
