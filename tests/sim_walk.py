@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import io
 import json
 import os
@@ -362,7 +363,11 @@ class SimSource:
             }
             for user, attrs in sorted(self.rows.items())
         ]
-        with contextlib.closing(sqlite3.connect(self.path)) as connection, connection:
+        # A run the walk crashed in-process may still hold a read of the source: in a cycle with
+        # its exception (collected) or in a helper thread finishing (waited for, briefly). A
+        # killed process would hold nothing.
+        gc.collect()
+        with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as connection, connection:
             connection.execute("DELETE FROM people")
             connection.executemany(
                 "INSERT INTO people VALUES (:id, :email, :name, :plan, :orders, :beta)", rows
