@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -53,37 +54,11 @@ class Upkeep:
         return self.runtime.settings
 
     def start(self) -> None:
-        self._scheduler.add_job(
-            self.poll_resync,
-            "interval",
-            seconds=self.settings.daemon.resync_poll_seconds,
-            id=POLL_JOB,
-            name="resync poll",
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
-        self._scheduler.add_job(
-            self.run_requested,
-            "interval",
-            seconds=self.settings.daemon.resync_poll_seconds,
-            id=API_JOB,
-            name="API run requests",
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
-        self._scheduler.add_job(
-            self.prune,
-            "interval",
-            seconds=PRUNE_EVERY.total_seconds(),
-            next_run_time=utcnow(),
-            id=PRUNE_JOB,
-            name="history pruning",
-            coalesce=True,
-            max_instances=1,
-            misfire_grace_time=None,
-        )
+        poll = self.settings.daemon.resync_poll_seconds
+        self._every(self.poll_resync, poll, POLL_JOB, "resync poll")
+        self._every(self.run_requested, poll, API_JOB, "API run requests")
+        prune = PRUNE_EVERY.total_seconds()
+        self._every(self.prune, prune, PRUNE_JOB, "history pruning", next_run_time=utcnow())
         self._arm_reconcile()
 
     def reconfigure(self, old: Settings) -> None:
@@ -102,18 +77,23 @@ class Upkeep:
             if self._scheduler.get_job(RECONCILE_JOB) is not None:
                 self._scheduler.remove_job(RECONCILE_JOB)
             return
+        seconds = interval.total_seconds()
+        self._every(self.reconcile, seconds, RECONCILE_JOB, "reconcile", replace_existing=True)
+        log.info("reconciling with Planhat every %s", span(interval.total_seconds()))
+
+    def _every(self, job: Callable[[], None], seconds: float, job_id: str, name: str, **options: Any) -> None:
+        """An upkeep job on an interval: one at a time, late runs folded into one, never dropped."""
         self._scheduler.add_job(
-            self.reconcile,
+            job,
             "interval",
-            seconds=interval.total_seconds(),
-            id=RECONCILE_JOB,
-            name="reconcile",
-            replace_existing=True,
+            seconds=seconds,
+            id=job_id,
+            name=name,
             coalesce=True,
             max_instances=1,
             misfire_grace_time=None,
+            **options,
         )
-        log.info("reconciling with Planhat every %s", span(interval.total_seconds()))
 
     # --- the jobs -------------------------------------------------------------------------
 
