@@ -363,9 +363,10 @@ class SimSource:
             }
             for user, attrs in sorted(self.rows.items())
         ]
-        # A run the walk crashed in-process may still hold a read of the source: in a cycle with
-        # its exception (collected) or in a helper thread finishing (waited for, briefly). A
-        # killed process would hold nothing.
+        # A run the walk crashed in-process (a BaseException, as a kill) leaves its source cursor
+        # open: SQLAlchemy takes such an exception for a disconnect and invalidates the
+        # connection without closing the cursor, whose read keeps a SQLite source locked until
+        # it is collected with the exception's frames. A killed process would hold nothing.
         gc.collect()
         with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as connection, connection:
             connection.execute("DELETE FROM people")

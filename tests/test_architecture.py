@@ -218,3 +218,40 @@ def test_no_private_name_crosses_modules() -> None:
                     if alias.name.startswith("_") and not alias.name.startswith("__")
                 ]
     assert crossing == []
+
+
+_LOG_METHODS = frozenset({"debug", "info", "warning", "error", "exception", "critical", "log"})
+
+
+def _logged_exceptions(tree: ast.AST) -> list[str]:
+    """Log calls given a caught exception object itself as an argument."""
+    found = []
+    for handler in ast.walk(tree):
+        if not isinstance(handler, ast.ExceptHandler) or not handler.name:
+            continue
+        for call in ast.walk(handler):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+                continue
+            if call.func.attr not in _LOG_METHODS:
+                continue
+            if any(isinstance(arg, ast.Name) and arg.id == handler.name for arg in call.args):
+                found.append(f"line {call.lineno}: {ast.unparse(call)}")
+    return found
+
+
+def test_no_log_call_keeps_a_caught_exception() -> None:
+    """A log record keeps its arguments: any handler that holds records (a test's capture, a
+    memory handler) would hold the exception, its traceback, the frames and an open source cursor
+    with them, and a SQLite source stays locked for as long. Logs get the text (`first_line`)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        found += [f"{module_name(path)} {hit}" for hit in _logged_exceptions(ast.parse(path.read_text()))]
+    assert found == []
+
+
+def test_the_log_scan_finds_an_exception_passed_to_a_log_call() -> None:
+    sample = (
+        "try:\n    pass\nexcept OSError as exc:\n"
+        "    log.warning('%s: %s', key, exc)\n    log.info('%s', first_line(exc))\n"
+    )
+    assert _logged_exceptions(ast.parse(sample)) == ["line 4: log.warning('%s: %s', key, exc)"]

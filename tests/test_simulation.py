@@ -107,12 +107,6 @@ def test_walk_converges(state_url: str, transport: str, walk_seed: int, tmp_path
 
 @pytest.mark.timeout(0 if LONG else 120)
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda seed: f"seed{seed}")
-@pytest.mark.xfail(
-    raises=sqlite3.OperationalError,
-    strict=False,
-    reason="open bug (issue 20): after some walks' faults the walk's own write to the SQLite "
-    "source finds it still locked by the planner path; any other failure fails this test",
-)
 def test_walk_converges_with_the_source_diffed_in_its_planner_schema(
     state_url: str, seed: int, tmp_path: Path
 ) -> None:

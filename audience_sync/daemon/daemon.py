@@ -47,6 +47,7 @@ from ..http.api import RunApi
 from ..http.server import MetricsServer
 from ..http.status_page import StatusPage
 from ..state.database import error_message, translate_errors
+from ..support.text import first_line
 from ..sync.sending import sender_for
 from .cadence import Cadence
 from .flights import GroupRuns
@@ -176,7 +177,7 @@ class Daemon:
             require_token(new)
             _refuse_restart_only_changes(old, new)
         except AudienceSyncError as exc:
-            log.error("reload refused, the running config stays in force: %s", exc)
+            log.error("reload refused, the running config stays in force: %s", first_line(exc))
             return False
         added = [key for key in (a.key for a in new.audiences) if key not in set(self.keys)]
         removed = [key for key in self.keys if key not in {a.key for a in new.audiences}]

@@ -46,6 +46,7 @@ from ..state import audiences, outbox, runs
 from ..state import planner as planner_state
 from ..state.database import begin_write, driver_message
 from ..support.clock import utcnow
+from ..support.text import first_line
 from .guard import blocked
 from .queueing import discard_stage, queue_changes, stage_and_measure
 from .reports import RunReport, SyncOptions
@@ -260,7 +261,7 @@ def discard(pool: SourcePool, audience: AudienceSettings, current: planner.Gener
             planner.drop(connection, current.schema, current.changes.name)
             planner.drop(connection, current.schema, current.snapshot.name)
     except SourceError as exc:
-        log.warning("audience %r: %s (dropped by its next run)", audience.key, exc)
+        log.warning("audience %r: %s (dropped by its next run)", audience.key, first_line(exc))
 
 
 def drop_tables(pool: SourcePool, key: str, source: str, schema: str) -> list[str]:

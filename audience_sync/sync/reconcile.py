@@ -46,6 +46,7 @@ from ..state.database import begin_write, translate_errors
 from ..state.models import KEY
 from ..support.clock import utcnow
 from ..support.collector import frozen_gc
+from ..support.text import first_line
 from .lease_keeper import LeaseKeeper
 from .reports import Progress, RunReport, SyncOptions
 from .run import sync
@@ -276,7 +277,7 @@ def _count_without_company(
                             without += 1
             except AudienceSyncError as exc:
                 log.warning("%s: could not read the source to explain the missing contacts: %s",
-                            audience.key, exc)  # fmt: skip
+                            audience.key, first_line(exc))  # fmt: skip
                 continue
             reports[audience.key].missing_without_company = without
             if without:
