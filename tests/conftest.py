@@ -86,7 +86,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
     terminalreporter.write_line(
         f"simulation seed {RUN_SEED} (replay its walks and examples: AUDIENCE_SYNC_SIM_SEED={RUN_SEED} "
-        "AUDIENCE_SYNC_SIM_SEEDS=2 pytest tests/test_simulation.py)"
+        "pytest tests/test_simulation.py)"
     )
 
 

@@ -363,11 +363,6 @@ class SimSource:
             }
             for user, attrs in sorted(self.rows.items())
         ]
-        # A run the walk crashed in-process (a BaseException, as a kill) leaves its source cursor
-        # open: SQLAlchemy takes such an exception for a disconnect and invalidates the
-        # connection without closing the cursor, whose read keeps a SQLite source locked until
-        # it is collected with the exception's frames. A killed process would hold nothing.
-        gc.collect()
         with contextlib.closing(sqlite3.connect(self.path, timeout=10)) as connection, connection:
             connection.execute("DELETE FROM people")
             connection.executemany(
@@ -862,20 +857,27 @@ class Simulation:
         with self._lock:
             self._crash, self._dead, self._fetches, self._statements = crash, False, 0, 0
         pool = CrashingSourcePool(self)
+        died = False
         try:
             outcome = body(pool)
         except SimulatedCrash as crashed:
-            outcome = f"CRASHED ({crashed})"
+            outcome, died = f"CRASHED ({crashed})", True
             self._after_crash()
         except AudienceSyncError as exc:  # an expected failure, one line in the CLI
             outcome = f"FAILED {type(exc).__name__}: {exc}"
         except Exception as exc:  # a bug: recorded, then the next op is a new process
             error = f"{type(exc).__name__}: {exc}"
             self.errors.append(f"step {len(self.log) + 1}: {error}")
-            outcome = f"RAISED {error}"
+            outcome, died = f"RAISED {error}", True
             self._after_crash()
         finally:
             pool.close()
+            if died or self._dead:
+                # What the dead process held goes with it. In-process, a run crashed by a
+                # BaseException leaves its source cursor open (SQLAlchemy takes the exception for
+                # a disconnect and invalidates the connection without closing the cursor), and
+                # its read would keep a SQLite source locked until the frames are collected.
+                gc.collect()
             with self._lock:
                 fired_not = self._crash
                 self._crash = None
