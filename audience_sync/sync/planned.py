@@ -122,12 +122,21 @@ def diff_in_warehouse(
             and keep is not None
             and planner.exists(connection, schema, keep)
         )
+        started = time.perf_counter()
         connection.execute(
             planner.build_snapshot(current, audience), planner.audience_params(audience, as_of)
         )
+        built = time.perf_counter()
         columns = planner.contract_columns(audience, planner.columns_of(connection, current.snapshot))
         if fits and previous is not None:
             connection.execute(planner.changed_refs(audience, previous, current, columns))
+        log.info(
+            "audience %r: planner schema: snapshot %d built in %.2fs, changed identifiers in %.2fs",
+            audience.key,
+            number,
+            built - started,
+            time.perf_counter() - built if fits else 0.0,
+        )
     return Plan(current, previous if fits else None, columns, committed)
 
 
