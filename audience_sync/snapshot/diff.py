@@ -53,18 +53,10 @@ def measure(connection: Connection, key: str) -> DiffCounts:
     queue_changes() does not walk the whole stage against the baseline a second time."""
     members = staged_count(connection)
     previous = baseline.count(connection, key)
-    connection.info.pop(MEASURED_FOR, None)
-    connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+    _forget_entered(connection)
     if previous == 0:  # a first sync: everyone enters, and a full sync queues the stage itself
         return DiffCounts(members=members, previous=0, entered=members, exited=0)
-    # Kept aside: the users not in the baseline, and those in it under other identifiers
-    # (a new email, say), whose `true` is sent again.
-    entered = connection.execute(
-        sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_MEMBER}"),
-        {"key": key},
-    ).rowcount
-    connection.info[MEASURED_FOR] = key
-    resent = count_in_baseline(connection, key)
+    entered, resent = _keep_entered(connection, key)
     # Members also in the baseline are members - entered; the rest of the baseline exited.
     exited = previous - (members - (entered - resent))
     return DiffCounts(members, previous, entered - resent, exited, resent)
@@ -75,16 +67,28 @@ def measure_changed(connection: Connection, key: str, scope: str, members: int) 
     `scope` names (those whose rows changed in the warehouse): entered among the staged,
     exited among the scope; `members` is the snapshot's, counted by the caller."""
     previous = baseline.count_kept(connection, key)
+    _forget_entered(connection)
+    entered, resent = _keep_entered(connection, key)
+    exited = baseline.count_left(connection, key, scope, STAGE)
+    return DiffCounts(members, previous, entered - resent, exited, resent)
+
+
+def _forget_entered(connection: Connection) -> None:
+    """Empty ENTERED, which an earlier measure of another audience may have filled."""
     connection.info.pop(MEASURED_FOR, None)
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+
+
+def _keep_entered(connection: Connection, key: str) -> tuple[int, int]:
+    """Keep aside in ENTERED the staged users not in the baseline, and those in it under other
+    identifiers (a new email, say), whose `true` is sent again. Returns how many were kept and
+    how many of those were resends."""
     entered = connection.execute(
         sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_MEMBER}"),
         {"key": key},
     ).rowcount
     connection.info[MEASURED_FOR] = key
-    resent = count_in_baseline(connection, key)
-    exited = baseline.count_left(connection, key, scope, STAGE)
-    return DiffCounts(members, previous, entered - resent, exited, resent)
+    return entered, count_in_baseline(connection, key)
 
 
 def count_in_baseline(connection: Connection, key: str) -> int:

@@ -42,13 +42,11 @@ from ..errors import SourceError
 from ..snapshot import diff, identities, planner, staging, traits
 from ..snapshot.contract import ReadStats
 from ..snapshot.sources import SourcePool, read_members
-from ..state import audiences, outbox, runs
+from ..state import outbox, runs
 from ..state import planner as planner_state
 from ..state.database import begin_write, driver_message
-from ..support.clock import utcnow
 from ..support.text import first_line
-from .guard import blocked
-from .queueing import discard_stage, queue_changes, stage_and_measure
+from .queueing import discard_stage, queue_unless_blocked, stage_and_measure
 from .reports import RunReport, SyncOptions
 
 log = logging.getLogger(__name__)
@@ -174,23 +172,12 @@ def _queue(
             else:
                 whole = planner.reading(audience, planner.every_row(plan.current.snapshot, plan.columns))
                 counts, skipped = stage_and_measure(connection, pool, whole, as_of, write=True)
-            reason = blocked(counts, safety, audience.key, force=options.force)
-            if reason:
-                report.status, report.error = "blocked", reason
-                connection.rollback()
-                return counts, skipped
-            now = utcnow()
-            assert report.run_id is not None
-            queue_changes(connection, audience, report.run_id, now, full=report.kind == "full", scope=scope)
-            audiences.mark_baselined(connection, audience.key, now)
-            runs.update(
-                connection,
-                report.run_id,
-                members=counts.members,
-                entered=counts.entered,
-                exited=counts.exited,
-                skipped=skipped,
+            now = queue_unless_blocked(
+                connection, audience, report, options, safety, counts, skipped, scope=scope
             )
+            if now is None:
+                return counts, skipped
+            assert report.run_id is not None
             source = pool.settings(audience.source)
             assert source.planner_schema is not None
             done = planner_state.Committed(

@@ -141,27 +141,45 @@ def _stage_and_queue(
     with engine.connect() as connection:
         try:
             counts, skipped = stage_and_measure(connection, pool, audience, as_of, write=True)
-            reason = blocked(counts, safety, audience.key, force=options.force)
-            if reason:
-                report.status, report.error = "blocked", reason
-                connection.rollback()
-                return counts, skipped
-            now = utcnow()
-            queue_changes(connection, audience, report.run_id, now, full=report.kind == "full")
-            audiences.mark_baselined(connection, audience.key, now)
-            assert report.run_id is not None
-            runs.update(
-                connection,
-                report.run_id,
-                members=counts.members,
-                entered=counts.entered,
-                exited=counts.exited,
-                skipped=skipped,
-            )
-            connection.commit()
+            if queue_unless_blocked(connection, audience, report, options, safety, counts, skipped):
+                connection.commit()
             return counts, skipped
         finally:
             discard_stage(connection)
+
+
+def queue_unless_blocked(
+    connection: Connection,
+    audience: AudienceSettings,
+    report: RunReport,
+    options: SyncOptions,
+    safety: SafetySettings,
+    counts: diff.DiffCounts,
+    skipped: int,
+    *,
+    scope: str | None = None,
+) -> datetime | None:
+    """The guard, then the measured changes into the outbox and the counts onto the run's record,
+    in the caller's write transaction (the caller commits). Returns when they were queued, or
+    None when the guard blocked the run (the report says why; the transaction is rolled back)."""
+    reason = blocked(counts, safety, audience.key, force=options.force)
+    if reason:
+        report.status, report.error = "blocked", reason
+        connection.rollback()
+        return None
+    now = utcnow()
+    assert report.run_id is not None
+    queue_changes(connection, audience, report.run_id, now, full=report.kind == "full", scope=scope)
+    audiences.mark_baselined(connection, audience.key, now)
+    runs.update(
+        connection,
+        report.run_id,
+        members=counts.members,
+        entered=counts.entered,
+        exited=counts.exited,
+        skipped=skipped,
+    )
+    return now
 
 
 def stage_and_measure(
