@@ -106,14 +106,7 @@ def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Wareho
         pytest.importorskip("duckdb_engine")
         yield Warehouse(f"duckdb:///{tmp_path / 'warehouse.duckdb'}", None)
         return
-    url = request.getfixturevalue("warehouse_database")
-    source_schema = f"src_{uuid.uuid4().hex[:8]}"
-    house = Warehouse(url, source_schema)
-    yield house
-    with house.engine.begin() as connection:
-        connection.exec_driver_sql(f"DROP SCHEMA {source_schema} CASCADE")
-        connection.exec_driver_sql(f"DROP SCHEMA IF EXISTS {PLANNER} CASCADE")
-    house.engine.dispose()
+    yield request.getfixturevalue("pg_warehouse")  # dropped by that fixture's teardown
 
 
 @pytest.fixture
