@@ -17,6 +17,9 @@ contract's columns, measured with pg_column_size).
 
     flock /work/bench.lock python benchmarks/bench_planner.py                 # 1M members
     flock /work/bench.lock python benchmarks/bench_planner.py --n 100000 --runs 3
+
+`--py-spy DIR` runs each incremental sync under `py-spy record` (installed separately), writing
+its collapsed stacks and its log there; times measured that way include the sampler's overhead.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, state_database
+from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, spied, state_database
 
 KEY = "bench_members"
 QUERY = "SELECT id AS user_id, email, name, company_id FROM users WHERE member"
@@ -135,9 +138,12 @@ def write_config(path: Path, state_url: str, source_url: str, planhat_url: str, 
     )
 
 
-def run_sync(path: Path, *args: str) -> tuple[float, float, str]:
-    """One sync in its own process: wall seconds, peak RSS in MB, its log."""
+def run_sync(path: Path, *args: str, py_spy: Path | None = None) -> tuple[float, float, str]:
+    """One sync in its own process: wall seconds, peak RSS in MB, its log; with `py_spy`, under
+    the sampler, its stacks written to that file."""
     command = [*CLI, "--config", str(path), "--log-level", "info", "sync", *args]
+    if py_spy is not None:
+        command = spied(command, py_spy)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -163,6 +169,7 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=1_000_000, help="members")
     parser.add_argument("--runs", type=int, default=3, help="incremental runs per path")
+    parser.add_argument("--py-spy", type=Path, default=None, help="profile the incremental runs here")
     args = parser.parse_args()
     n, moved = args.n, max(1, int(args.n * CHURN))
     spare = moved * args.runs * 2 + 100
@@ -193,7 +200,10 @@ def main() -> None:
                 leavers += moved
                 members, _ = counts(source_url)
                 for path_ in paths:
-                    seconds, rss, log = run_sync(path_.config)
+                    profile = args.py_spy / f"{path_.label}-{rep}.txt" if args.py_spy else None
+                    seconds, rss, log = run_sync(path_.config, py_spy=profile)
+                    if profile is not None:
+                        profile.with_suffix(".log").write_text(log)
                     path_.incremental.append(seconds)
                     path_.rss.append(rss)
                     found = READ_OUT.search(log)

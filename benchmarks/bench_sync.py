@@ -269,16 +269,21 @@ def write_config(path: Path, state_url: str, source: Path, planhat_url: str) -> 
 CLI = [str(Path(sys.executable).with_name("audience-sync"))]
 
 
+def spied(command: list[str], out: Path) -> list[str]:
+    """`command` under `py-spy record` (installed separately), collapsed stacks written to `out`.
+    --idle --threads: waits (on the database, on Planhat) count too, per thread."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return [spy, "record", "--rate", "200", "--subprocesses", "--idle", "--threads", "--format", "raw",
+            "-o", str(out), "--", *command]  # fmt: skip
+
+
 def run_cli(config: Path, label: str, py_spy: Path | None) -> tuple[float, float, float]:
     """Run one sync through the CLI; returns wall seconds, CPU seconds and peak RSS in MB of
     that process."""
     command = [*CLI, "--config", str(config), "sync"]
     if py_spy is not None:
-        py_spy.mkdir(parents=True, exist_ok=True)
-        # --idle --threads: waits (on the database, on Planhat) count too, per thread.
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        command = [spy, "record", "--rate", "200", "--subprocesses", "--idle", "--threads", "--format", "raw",
-                   "-o", str(py_spy / f"{label}.txt"), "--", *command]  # fmt: skip
+        command = spied(command, py_spy / f"{label}.txt")
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)

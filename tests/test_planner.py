@@ -5,6 +5,7 @@ DuckDB (a file); state on SQLite and PostgreSQL; Planhat the loopback fake."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import signal
 import subprocess
 import sys
@@ -240,6 +241,31 @@ def test_reconcile_fix_repairs_a_planner_audience(
     assert sync(cli).code == 0  # the repairing run's generation is the one diffed against
     assert project.planhat.value("u10", "pro_plan") is False
     assert last_run(cli, "pro_plan")["exited"] == 1
+
+
+def test_a_snapshot_of_an_earlier_shape_is_read_anew_not_diffed_against(
+    project: Project, cli: Cli, pg_warehouse: Warehouse
+) -> None:
+    """A snapshot an earlier version wrote (the query's columns, no stored identifier, the
+    fingerprint of the query alone) is not joined against: the run reads its new snapshot whole
+    and Planhat still gets every change."""
+    planned_project(project, pg_warehouse)
+    pg_warehouse.set_users(people(range(1, 11)))
+    assert sync(cli).code == 0
+    with pg_warehouse.engine.begin() as connection:
+        connection.exec_driver_sql(f"ALTER TABLE {PLANNER}.as_snap_pro_plan_1 DROP COLUMN planner_ref")
+    pg_warehouse.engine.dispose()
+    text = "\0".join(("audience", "user", pg_warehouse.pro_query, ""))
+    query(
+        project.state_url,
+        f"UPDATE planner_snapshots SET fingerprint = '{hashlib.sha256(text.encode()).hexdigest()}'",
+    )
+
+    pg_warehouse.set_users(people(range(2, 12)))
+    result = sync(cli)
+    assert result.code == 0, result.err
+    assert [project.planhat.value(f"u{n}", "pro_plan") for n in (1, 11)] == [False, True]
+    assert pg_warehouse.planner_tables() == ["as_snap_pro_plan_2"]
 
 
 def test_retire_drops_the_planner_tables(project: Project, cli: Cli, pg_warehouse: Warehouse) -> None:

@@ -72,16 +72,18 @@ def _generations(key: str) -> tuple[planner.Generation, planner.Generation]:
 
 
 STATEMENTS: dict[str, Callable[[], Any]] = {
-    "snapshot_sql_audience": lambda: planner.build_snapshot(CURRENT, PRO),
-    "snapshot_event_audience": lambda: planner.build_snapshot(_generations("buyers")[1], BUYERS),
-    "changed_refs_audience": lambda: planner.changed_refs(PRO, PREVIOUS, CURRENT, USER_COLUMNS),
-    "changed_refs_trait": lambda: planner.changed_refs(
-        REVENUE, *_generations("revenue"), ["user_id", "value"]
+    "snapshot_sql_audience": lambda: planner.build_snapshot(CURRENT, PRO, USER_COLUMNS),
+    "snapshot_event_audience": lambda: planner.build_snapshot(
+        _generations("buyers")[1],
+        BUYERS,
+        planner.contract_columns(BUYERS, list(BUYERS.compiled.select.selected_columns.keys())),
     ),
+    "changed_refs_audience": lambda: planner.changed_refs(PREVIOUS, CURRENT, USER_COLUMNS),
+    "changed_refs_trait": lambda: planner.changed_refs(*_generations("revenue"), ["user_id", "value"]),
     "changed_refs_account": lambda: planner.changed_refs(
-        ACCOUNTS, *_generations("big_accounts"), ["company_id", "name"]
+        *_generations("big_accounts"), ["company_id", "name"]
     ),
-    "rows_of_changed": lambda: planner.rows_of_changed(PRO, CURRENT.snapshot, CURRENT.changes, USER_COLUMNS),
+    "rows_of_changed": lambda: planner.rows_of_changed(CURRENT.snapshot, CURRENT.changes, USER_COLUMNS),
 }
 
 

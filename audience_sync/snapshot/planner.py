@@ -1,13 +1,14 @@
 """The planner: an audience's snapshot kept in its source's `planner_schema`, and diffed there.
 
 For a source with `planner_schema`, each run of an audience or trait writes its query's rows
-into a table of that schema (`CREATE TABLE ... AS <query>`, or the compiled definition on
-events), then finds the identifiers whose rows changed since the previous generation's table
-with set-based SQL in the warehouse: the rows of either table with no equal row in the other
-(a full outer join on the identifier), projected on the identifier, into a per-run table. Only
-the rows of those identifiers travel to the state database, through the query contract as a streamed query's
-do (`contract`), so both paths read a row the same way. The hand-off protocol (which
-generation counts, when the older tables go) is in sync/planned.py and docs/design.md.
+into a table of that schema (`CREATE TABLE ... AS` the contract's columns of `<query>`, or of
+the compiled definition on events, with each row's identifier computed once), then finds the
+identifiers whose rows changed since the previous generation's table with set-based SQL in the
+warehouse: the rows of either table with no equal row in the other (a full outer join on the
+identifier), projected on the identifier, into a per-run table. Only the rows of those
+identifiers travel to the state database, through the query contract as a streamed query's do
+(`contract`), so both paths read a row the same way. The hand-off protocol (which generation
+counts, when the older tables go) is in sync/planned.py and docs/design.md.
 
 Tables, per audience key and generation N (1, 2, ...), in the planner schema:
 
@@ -109,10 +110,17 @@ def exists(connection: Connection, schema: str, name: str) -> bool:
 # --- what the query is --------------------------------------------------------------------------
 
 
+# The shape of a snapshot table: a snapshot of another shape is not diffed against, but read
+# anew (v2: the contract columns only, and the identifier computed once, when it is written).
+SNAPSHOT_SHAPE = "v2"
+
+
 def fingerprint(audience: AudienceSettings) -> str:
     """What the audience's rows mean: a changed query (or definition, kind, level) is not diffed
     against a snapshot of the old one, whose columns may not even compare."""
-    text = "\0".join((audience.kind, audience.level, audience.query, audience.definition or ""))
+    text = "\0".join(
+        (SNAPSHOT_SHAPE, audience.kind, audience.level, audience.query, audience.definition or "")
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -143,7 +151,7 @@ def contract_columns(audience: AudienceSettings, names: list[str]) -> list[str]:
 
 
 def ref_expression(
-    audience: AudienceSettings, source: sa.TableClause, columns: list[str]
+    audience: AudienceSettings, source: sa.TableClause | None, columns: list[str]
 ) -> sa.ColumnElement[Any]:
     """A row's identifier in the warehouse, as the contract takes it: company_id for an account,
     else user_id when given, else email, as trimmed text."""
@@ -156,8 +164,8 @@ def ref_expression(
 
     parts = [text("company_id")] if audience.level == "account" else [text("user_id"), text("email")]
     present = [part for part in parts if part is not None]
-    if not present:
-        return sa.null()
+    if not present:  # no identifier at all: the contract refuses every row
+        return sa.cast(sa.null(), sa.String)
     return present[0] if len(present) == 1 else sa.func.coalesce(*present)
 
 
@@ -181,36 +189,44 @@ class Generation:
         return table(self.schema, table_name(CHANGES, self.key, self.number))
 
 
-def build_snapshot(generation: Generation, audience: AudienceSettings) -> CreateTableAs:
-    return CreateTableAs(generation.snapshot, audience_select(audience))
+def query_columns(audience: AudienceSettings) -> sa.Select[Any]:
+    """The audience's query with no rows: what its columns are called, before the snapshot is
+    written (the warehouse plans it; it reads nothing)."""
+    return sa.select(sa.literal_column("*")).select_from(audience_select(audience).subquery()).limit(0)
 
 
-def columns_of(connection: Connection, snapshot: sa.TableClause) -> list[str]:
-    result: sa.CursorResult[Any] = connection.execute(
-        sa.select(sa.literal_column("*")).select_from(snapshot).limit(0)
-    )
+def columns_of(result: sa.CursorResult[Any]) -> list[str]:
     names = list(result.keys())
     result.close()
     return names
 
 
-def _rows(audience: AudienceSettings, snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
-    ref = ref_expression(audience, snapshot, columns).label(REF)
-    return sa.select(ref, *(sa.column(c, _selectable=snapshot) for c in columns)).select_from(snapshot)
+def build_snapshot(generation: Generation, audience: AudienceSettings, columns: list[str]) -> CreateTableAs:
+    """The snapshot: each row's identifier (REF, computed here once, so that the diff and the
+    read-out compare a stored column instead of trimming and casting every row again) and the
+    contract `columns` of the query's rows; the query's other columns are not kept."""
+    rows = audience_select(audience).subquery("audience_rows")
+    ref = ref_expression(audience, None, columns).label(REF)  # unqualified: the one FROM is `rows`
+    picked: list[sa.ColumnClause[Any]] = [sa.column(c) for c in columns]
+    return CreateTableAs(generation.snapshot, sa.select(ref, *picked).select_from(rows))
 
 
-def changed_refs(
-    audience: AudienceSettings, previous: Generation, current: Generation, columns: list[str]
-) -> CreateTableAs:
+def _rows(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
+    picked: list[sa.ColumnClause[Any]] = [sa.column(c, _selectable=snapshot) for c in (REF, *columns)]
+    return sa.select(*picked).select_from(snapshot)
+
+
+def changed_refs(previous: Generation, current: Generation, columns: list[str]) -> CreateTableAs:
     """The per-run table: every identifier with a row in one snapshot and not the same row in the
     other (entered, exited, or any contract column changed), each once.
 
-    One full outer join on the identifier (a hash join in the warehouse), the rows' other columns
-    compared NULL-safely in its condition: a row that finds no equal row on the other side is a
-    change. Two EXCEPTs gave the same set, but sorted or hashed whole rows of both snapshots
-    twice: 3.8x the time at 1M members on PostgreSQL (docs/performance.md)."""
-    new = _rows(audience, current.snapshot, columns).subquery("new_rows")
-    old = _rows(audience, previous.snapshot, columns).subquery("old_rows")
+    One full outer join on the identifier (stored in each snapshot; a hash join in the
+    warehouse), the rows' other columns compared NULL-safely in its condition: a row that finds
+    no equal row on the other side is a change. Two EXCEPTs gave the same set, but sorted or
+    hashed whole rows of both snapshots twice: 3.8x the time at 1M members on PostgreSQL
+    (docs/performance.md)."""
+    new = _rows(current.snapshot, columns).subquery("new_rows")
+    old = _rows(previous.snapshot, columns).subquery("old_rows")
     same = sa.and_(new.c[REF] == old.c[REF], *(new.c[c].is_not_distinct_from(old.c[c]) for c in columns))
     ref = sa.func.coalesce(new.c[REF], old.c[REF])
     changed = (
@@ -222,12 +238,10 @@ def changed_refs(
     return CreateTableAs(current.changes, changed)
 
 
-def rows_of_changed(
-    audience: AudienceSettings, snapshot: sa.TableClause, changes: sa.TableClause, columns: list[str]
-) -> sa.Select[Any]:
+def rows_of_changed(snapshot: sa.TableClause, changes: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
     """The snapshot's rows (contract columns only) of the identifiers in the per-run table."""
-    ref = ref_expression(audience, snapshot, columns)
     changed: sa.Select[Any] = sa.select(sa.column(REF, _selectable=changes)).select_from(changes)
+    ref: sa.ColumnClause[Any] = sa.column(REF, _selectable=snapshot)
     return every_row(snapshot, columns).where(ref.in_(changed.scalar_subquery()))
 
 

@@ -120,14 +120,14 @@ def diff_in_warehouse(
             and keep is not None
             and planner.exists(connection, schema, keep)
         )
+        params = planner.audience_params(audience, as_of)
+        named = planner.columns_of(connection.execute(planner.query_columns(audience), params))
+        columns = planner.contract_columns(audience, named)
         started = time.perf_counter()
-        connection.execute(
-            planner.build_snapshot(current, audience), planner.audience_params(audience, as_of)
-        )
+        connection.execute(planner.build_snapshot(current, audience, columns), params)
         built = time.perf_counter()
-        columns = planner.contract_columns(audience, planner.columns_of(connection, current.snapshot))
         if fits and previous is not None:
-            connection.execute(planner.changed_refs(audience, previous, current, columns))
+            connection.execute(planner.changed_refs(previous, current, columns))
         log.info(
             "audience %r: planner schema: snapshot %d built in %.2fs, changed identifiers in %.2fs",
             audience.key,
@@ -203,13 +203,13 @@ def _stage_changes(
     assert plan.previous is not None and plan.committed is not None
     current, previous = plan.current, plan.previous
     staging.create_stage(connection)
-    before = planner.rows_of_changed(audience, previous.snapshot, current.changes, plan.columns)
+    before = planner.rows_of_changed(previous.snapshot, current.changes, plan.columns)
     earlier = ReadStats()
     staging.load_stage(connection, _read(pool, audience, before, earlier, as_of), with_value=audience.trait)
     were = staging.add_stage_to_scope(connection)  # the changed users who were members
     stats = ReadStats()
     staging.create_stage(connection)
-    after = planner.rows_of_changed(audience, current.snapshot, current.changes, plan.columns)
+    after = planner.rows_of_changed(current.snapshot, current.changes, plan.columns)
     given = staging.load_stage(
         connection, _read(pool, audience, after, stats, as_of), with_value=audience.trait
     )
