@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import Cli
 
@@ -136,6 +137,37 @@ def test_baselines_from_revision_0005_upgrade_with_their_counts_kept(state_url: 
     assert {e["key"]: e["baseline"] for e in shown} == {"churned": 0, "vip": 3}
 
 
+def test_a_baseline_from_revision_0008_keeps_its_rows_in_its_new_form(state_url: str, cli: Cli) -> None:
+    """0009 rebuilds the SQLite baseline WITHOUT ROWID: every row and the email index carry over,
+    and a downgrade gives the rowid table back with them."""
+    from alembic import command
+
+    from audience_sync.state import migrations
+
+    members = [
+        "INSERT INTO baseline (audience_key, user_ref, email, told_at, value_json) "
+        f"VALUES ('vip', 'u{n}', 'u{n}@example.com', '2026-11-01 00:00:00', {value})"
+        for n, value in enumerate(("'7'", "NULL", "NULL"))
+    ]
+    rows = "SELECT user_ref, email, value_json FROM baseline ORDER BY user_ref"
+    expected = [("u0", "u0@example.com", "7"), ("u1", "u1@example.com", None), ("u2", "u2@example.com", None)]
+    with state_at(state_url, "0008", *members) as (config, engine):
+        assert cli("--config", str(config), "db", "upgrade").code == 0
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql(rows).all() == expected
+            indexes = {ix["name"] for ix in sa.inspect(connection).get_indexes("baseline")}
+            assert "ix_baseline_email" in indexes
+            if engine.dialect.name == "sqlite":
+                with pytest.raises(sa.exc.OperationalError, match="no such column: rowid"):
+                    connection.exec_driver_sql("SELECT rowid FROM baseline")
+        with engine.begin() as connection:
+            command.downgrade(migrations.alembic_config(connection), "0008")
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql(rows).all() == expected
+            if engine.dialect.name == "sqlite":
+                assert len(connection.exec_driver_sql("SELECT rowid FROM baseline").all()) == 3
+
+
 def test_the_schema_revision_constant_is_alembics_head() -> None:
     """Opening the state database compares its revision with models.SCHEMA_REVISION instead of
     asking Alembic for the head (which costs every command ~0.3 s): a new migration must bump it."""
@@ -151,7 +183,6 @@ def test_the_schema_revision_constant_is_alembics_head() -> None:
 def test_the_current_revision_is_read_as_alembic_reads_it(state_url: str) -> None:
     """migrations.current_revision (a plain SELECT) agrees with Alembic's MigrationContext with no
     version table, at each revision, and with the table left empty by a downgrade to base."""
-    import sqlalchemy as sa
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
