@@ -243,6 +243,32 @@ def test_reconcile_fix_repairs_a_planner_audience(
     assert last_run(cli, "pro_plan")["exited"] == 1
 
 
+def test_an_email_only_user_who_gains_a_user_id_is_resent_and_never_told_false(
+    project: Project, cli: Cli, warehouse: Warehouse
+) -> None:
+    """The planner run keeps its exits aside when it counts them; a re-identified user's old
+    identity, counted as an exit first, must leave that set too, or it is told `false`."""
+    planned_project(project, warehouse)
+    fake = project.planhat
+    ann = {"id": None, "email": "ann@example.com", "company_id": "c1"}
+    bob = {"id": "u2", "email": "bob@example.com", "company_id": "c1"}
+    warehouse.set_users([ann, bob])
+    assert sync(cli).code == 0
+    assert fake.value("ann@example.com", "pro_plan") is True
+
+    warehouse.set_users([{**ann, "id": "u1"}, bob])  # Ann gains u1
+    fake.requests.clear()
+    result = sync(cli)
+    assert result.code == 0, result.err
+    written = [
+        (item.get("externalId"), item["custom"].get("pro_plan")) for r in fake.requests for item in r.body
+    ]
+    assert written == [("u1", True)]  # resent under the new id; no `false` to the old identity
+    assert fake.value("u1", "pro_plan") is True and len(fake.contacts) == 2
+    record = last_run(cli, "pro_plan")
+    assert (record["entered"], record["exited"]) == (0, 0)
+
+
 def test_a_snapshot_of_an_earlier_shape_is_read_anew_not_diffed_against(
     project: Project, cli: Cli, pg_warehouse: Warehouse
 ) -> None:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..state import baseline, outbox
-from .staging import ENTERED, MEASURED_FOR, STAGE
+from .staging import ENTERED, EXITED, EXITED_FOR, MEASURED_FOR, STAGE
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,36 @@ def measure_changed(connection: Connection, key: str, scope: str, members: int) 
     previous = baseline.count_kept(connection, key)
     _forget_entered(connection)
     entered, resent = _keep_entered(connection, key)
-    exited = baseline.count_left(connection, key, scope, STAGE)
+    exited = _keep_exited(connection, key, scope)
     return DiffCounts(members, previous, entered - resent, exited, resent)
 
 
 def _forget_entered(connection: Connection) -> None:
     """Empty ENTERED, which an earlier measure of another audience may have filled."""
     connection.info.pop(MEASURED_FOR, None)
+    connection.info.pop(EXITED_FOR, None)
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
+
+
+def _keep_exited(connection: Connection, key: str, scope: str) -> int:
+    """Keep aside in EXITED the scope's users who exited (a planner run's), for queue_changes();
+    returns how many."""
+    kind = "TEXT" if connection.dialect.name == "sqlite" else "VARCHAR(255)"
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {EXITED} "
+        f"(user_ref {kind} NOT NULL PRIMARY KEY, user_id {kind}, email {kind})"
+    )
+    connection.exec_driver_sql(f"DELETE FROM {EXITED}")
+    exited = baseline.keep_left(connection, key, scope, STAGE, EXITED)
+    connection.info[EXITED_FOR] = key
+    return exited
+
+
+def forget_moved_exits(connection: Connection, key: str, moved: str) -> None:
+    """Users who exited under an old identity that moved to a new one (`moved`: old_ref,
+    new_ref; identities.carry_over) are no exits: nothing is sent to the old identity."""
+    if connection.info.get(EXITED_FOR) == key:
+        connection.exec_driver_sql(f"DELETE FROM {EXITED} WHERE user_ref IN (SELECT old_ref FROM {moved})")
 
 
 def _keep_entered(connection: Connection, key: str) -> tuple[int, int]:
@@ -119,5 +141,6 @@ def queue_changes(connection: Connection, key: str, run_id: int | None, now: dat
     # more on PostgreSQL (a speculative insertion, its lock and one more WAL record each).
     upsert = outbox.has_rows(connection, key)
     queued = outbox.queue_entries(connection, key, run_id, now, source, condition, upsert=upsert)
-    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert, scope=scope)
+    kept = EXITED if scope is not None and connection.info.get(EXITED_FOR) == key else None
+    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert, scope=scope, kept=kept)
     outbox.analyze_after_queueing(connection, queued)

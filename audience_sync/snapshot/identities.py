@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..state import baseline, outbox
-from .diff import DiffCounts
+from .diff import DiffCounts, forget_moved_exits
 from .staging import ENTERED, STAGE
 
 MOVED = "stage_moved"  # (old_ref, new_ref) of this run's re-identified users
@@ -99,3 +99,4 @@ def _move(connection: Connection, params: dict[str, str]) -> None:
     # with it: nothing is sent to the old identity at all.
     baseline.move_refs(connection, params["key"], MOVED)
     outbox.move_refs(connection, params["key"], MOVED)
+    forget_moved_exits(connection, params["key"], MOVED)

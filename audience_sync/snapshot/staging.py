@@ -33,6 +33,10 @@ ENTERED = "stage_entered"  # the staged rows not in the baseline, kept by measur
 # A planner run's changed users (snapshot/planner.py): the stage then holds only their current
 # rows, and the outbox and the measures touch only them.
 SCOPE = "stage_scope"
+# A planner run's exits (user_ref, user_id, email), kept aside by diff.measure_changed() for
+# queue_changes(); connection.info[EXITED_FOR] names the audience they are of.
+EXITED = "stage_exited"
+EXITED_FOR = "audience_sync.stage_exited_for"
 # connection.info: the audience (or trait) whose rows ENTERED holds, measured in this transaction
 MEASURED_FOR = "audience_sync.stage_entered_for"
 _RAW_COLUMNS = ", ".join(MEMBER_FIELDS)
@@ -45,6 +49,7 @@ _STAGE_COLUMNS = f"{_RAW_COLUMNS}, {VALUE_FIELD}"
 def create_stage(connection: Connection) -> None:
     """The stage's tables, empty (a planner run's scope, when there is one, stays)."""
     connection.info.pop(MEASURED_FOR, None)
+    connection.info.pop(EXITED_FOR, None)
     for table in (RAW, STAGE, ENTERED):
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     sqlite = connection.dialect.name == "sqlite"
@@ -67,7 +72,8 @@ def create_stage(connection: Connection) -> None:
 
 def drop_stage(connection: Connection) -> None:
     connection.info.pop(MEASURED_FOR, None)
-    for table in (RAW, STAGE, ENTERED, SCOPE):
+    connection.info.pop(EXITED_FOR, None)
+    for table in (RAW, STAGE, ENTERED, SCOPE, EXITED):
         connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
 
 
