@@ -74,7 +74,8 @@ def measure_changed(connection: Connection, key: str, scope: str, members: int) 
 
 
 def _forget_entered(connection: Connection) -> None:
-    """Empty ENTERED, which an earlier measure of another audience may have filled."""
+    """Empty ENTERED, which an earlier measure of another audience may have filled, and forget
+    whose rows ENTERED and EXITED hold (EXITED is emptied when it is filled again)."""
     connection.info.pop(MEASURED_FOR, None)
     connection.info.pop(EXITED_FOR, None)
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
