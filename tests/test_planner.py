@@ -176,6 +176,8 @@ def test_a_planner_source_sends_the_members_then_only_the_changes(
     )
     assert [fake.value(f"u{n}", "pro_plan") for n in (1, 2, 3, 21, 22)] == [False, False, False, True, True]
     assert fake.value("u6", "orders") == 7 and fake.value("u1", "orders") is None
+    trait = last_run(cli, "orders")  # u1..u3 cleared; u6's value and u21..u22's sent
+    assert (trait["members"], trait["entered"], trait["exited"]) == (19, 3, 3)
     assert len(fake.requests) > sent_before
     # only this generation's snapshot is left in the planner schema
     assert warehouse.planner_tables() == ["as_snap_orders_2", "as_snap_pro_plan_2"]

@@ -69,7 +69,7 @@ def measure_changed(connection: Connection, key: str, scope: str, members: int) 
     previous = baseline.count_kept(connection, key)
     _forget_entered(connection)
     entered, resent = _keep_entered(connection, key)
-    exited = _keep_exited(connection, key, scope)
+    exited = keep_exited(connection, key, scope)
     return DiffCounts(members, previous, entered - resent, exited, resent)
 
 
@@ -81,9 +81,9 @@ def _forget_entered(connection: Connection) -> None:
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
 
 
-def _keep_exited(connection: Connection, key: str, scope: str) -> int:
-    """Keep aside in EXITED the scope's users who exited (a planner run's), for queue_changes();
-    returns how many."""
+def keep_exited(connection: Connection, key: str, scope: str) -> int:
+    """Keep aside in EXITED the scope's users who exited (a planner run's), for queue_changes():
+    one walk of the baseline for both the count and the queueing. Returns how many."""
     kind = "TEXT" if connection.dialect.name == "sqlite" else "VARCHAR(255)"
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {EXITED} "
@@ -93,6 +93,13 @@ def _keep_exited(connection: Connection, key: str, scope: str) -> int:
     exited = baseline.keep_left(connection, key, scope, STAGE, EXITED)
     connection.info[EXITED_FOR] = key
     return exited
+
+
+def kept_exits(connection: Connection, key: str, scope: str) -> str:
+    """The table of the scope's exits, kept aside when measured in this transaction, else now."""
+    if connection.info.get(EXITED_FOR) != key:
+        keep_exited(connection, key, scope)
+    return EXITED
 
 
 def forget_moved_exits(connection: Connection, key: str, moved: str) -> None:
@@ -142,6 +149,6 @@ def queue_changes(connection: Connection, key: str, run_id: int | None, now: dat
     # more on PostgreSQL (a speculative insertion, its lock and one more WAL record each).
     upsert = outbox.has_rows(connection, key)
     queued = outbox.queue_entries(connection, key, run_id, now, source, condition, upsert=upsert)
-    kept = EXITED if scope is not None and connection.info.get(EXITED_FOR) == key else None
-    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert, scope=scope, kept=kept)
+    kept = kept_exits(connection, key, scope) if scope is not None else None
+    queued += outbox.queue_exits(connection, key, run_id, now, STAGE, upsert=upsert, kept=kept)
     outbox.analyze_after_queueing(connection, queued)

@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..state import baseline, outbox
-from .diff import DiffCounts, count_in_baseline, staged_count
-from .staging import ENTERED, MEASURED_FOR, STAGE
+from .diff import DiffCounts, count_in_baseline, keep_exited, kept_exits, staged_count
+from .staging import ENTERED, EXITED_FOR, MEASURED_FOR, STAGE
 from .values import NULL
 
 # connection.info: the trait ENTERED holds (its own mark: an audience's ENTERED holds other rows)
@@ -54,12 +54,14 @@ def measure_changed(connection: Connection, key: str, on_exit: str, scope: str, 
     `scope` names (diff.measure_changed)."""
     previous = baseline.count_kept(connection, key)
     connection.info.pop(_TRAIT_MEASURED, None)
+    connection.info.pop(EXITED_FOR, None)
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
     entered = connection.execute(
         sa.text(f"INSERT INTO {ENTERED} SELECT * FROM {STAGE} s WHERE NOT {baseline.HAS_VALUE}"), {"key": key}
     ).rowcount
     connection.info[_TRAIT_MEASURED] = key
-    exited = baseline.count_left(connection, key, scope, STAGE) if on_exit == "clear" else 0
+    # The users who left are kept aside (as an audience's exits) for queue_changes() to clear.
+    exited = keep_exited(connection, key, scope) if on_exit == "clear" else 0
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
 
 
@@ -91,7 +93,8 @@ def queue_changes(
         source, condition = STAGE, f"NOT {baseline.HAS_VALUE}"
     queued = outbox.queue_values(connection, key, run_id, now, source, condition)
     if cleared is not None:
+        kept = kept_exits(connection, key, scope) if scope is not None else None
         queued += outbox.queue_exits(
-            connection, key, run_id, now, STAGE, upsert=True, cleared=cleared, scope=scope
+            connection, key, run_id, now, STAGE, upsert=True, cleared=cleared, kept=kept
         )
     outbox.analyze_after_queueing(connection, queued)

@@ -73,11 +73,6 @@ def _left(scope: str, stage: str, columns: str) -> str:
     """
 
 
-def count_left(connection: Connection, key: str, scope: str, stage: str) -> int:
-    """How many of the scope's users exited (`_left`)."""
-    return int(connection.execute(sa.text(_left(scope, stage, "count(*)")), {"key": key}).scalar_one())
-
-
 def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: str) -> int:
     """Keep the scope's users who exited (`_left`) aside in the table `kept` (user_ref, user_id,
     email), for the outbox to queue their exits from there: one walk of the baseline for both

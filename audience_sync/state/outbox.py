@@ -175,21 +175,17 @@ def queue_entries(connection: Connection, key: str, run_id: int | None, now: dat
 
 
 def queue_exits(connection: Connection, key: str, run_id: int | None, now: datetime, stage: str, *,
-                upsert: bool, cleared: str | None = None, scope: str | None = None,
-                kept: str | None = None) -> int:  # fmt: skip
+                upsert: bool, cleared: str | None = None, kept: str | None = None) -> int:  # fmt: skip
     """Queue `false` for every user of the audience's baseline who is not staged (for a
     computed trait, `value_json` = `cleared`, the JSON null that clears the field); with
-    `scope`, of the users it names, walked from there (CROSS JOIN: SQLite probes the baseline's
-    key per user rather than reading the audience's baseline); with `kept`, for the users of
-    that table (user_ref, user_id, email), which the diff already found to be those
-    (baseline.keep_left). Returns the rows."""
+    `kept`, for the users of that table (user_ref, user_id, email), which a planner run's diff
+    found to be those among its changed users (baseline.keep_left). Returns the rows."""
     if kept is not None:
         source, condition = f"{kept} b", "TRUE"
     else:
-        source = f"{scope} x CROSS JOIN baseline b" if scope else "baseline b"
+        source = "baseline b"
         condition = (
-            f"b.audience_key = :key{' AND b.user_ref = x.user_ref' if scope else ''} "
-            f"AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)"
+            f"b.audience_key = :key AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)"
         )
     statement = f"""
         {_INSERT}
