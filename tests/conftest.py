@@ -77,16 +77,37 @@ def require_postgres() -> None:
     skip_without("postgres", postgres_unavailable())
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed.
-    Printed only when the simulation ran (sim_walk is imported by it alone)."""
-    if "tests.sim_walk" not in sys.modules:
-        return
-    from tests.sim_walk import RUN_SEED
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the controller names the run (its workers draw the simulation's seed
+    from that name, sim_walk.seed_of_run), so that it can print the seed they used."""
+    if hasattr(config.option, "testrunuid") and not hasattr(config, "workerinput"):
+        config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
 
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The convergence simulation's seed, drawn afresh per run: a failure can be replayed.
+    Printed only when the simulation ran (sim_walk is imported by it alone; under
+    pytest-xdist, in the workers, and the controller finds the seed from the run's name)."""
+    if "tests.sim_walk" in sys.modules:
+        from tests.sim_walk import RUN_SEED as seed
+    elif _simulation_ran(terminalreporter) and getattr(config.option, "testrunuid", None):
+        from tests.sim_walk import seed_of_run
+
+        given = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
+        seed = int(given) if given else seed_of_run(config.option.testrunuid)
+    else:
+        return
     terminalreporter.write_line(
-        f"simulation seed {RUN_SEED} (replay its walks and examples: AUDIENCE_SYNC_SIM_SEED={RUN_SEED} "
+        f"simulation seed {seed} (replay its walks and examples: AUDIENCE_SYNC_SIM_SEED={seed} "
         "pytest tests/test_simulation.py)"
+    )
+
+
+def _simulation_ran(terminalreporter: Any) -> bool:
+    return any(
+        getattr(report, "nodeid", "").startswith("tests/test_simulation.py")
+        for reports in terminalreporter.stats.values()
+        for report in reports
     )
 
 

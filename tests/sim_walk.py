@@ -41,6 +41,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import os
@@ -129,7 +130,17 @@ def _run_seed() -> int:
     """This run's seed: AUDIENCE_SYNC_SIM_SEED replays one, else a fresh one per run (printed at
     the end of the run by tests/conftest.py, and in every failing walk's report)."""
     given = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
-    return int(given) if given else secrets.randbelow(1_000_000)
+    if given:
+        return int(given)
+    # pytest-xdist's workers each import this module and must collect the same seeded tests:
+    # they share the run's id (tests/conftest.py), so the seed is drawn from it.
+    shared = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return seed_of_run(shared) if shared else secrets.randbelow(1_000_000)
+
+
+def seed_of_run(run_id: str) -> int:
+    """The seed every pytest-xdist worker of the run `run_id` draws."""
+    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1_000_000
 
 
 # Read at import: the autouse fixture of conftest clears AUDIENCE_SYNC_* before each test runs.
