@@ -143,7 +143,9 @@ def load_stage(
             "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
             "ON CONFLICT (user_ref) DO NOTHING"
         )
-        connection.exec_driver_sql(f"DROP TABLE {RAW}")
+        # RAW stays: the run's end closes the connection, which deletes the temporary
+        # database whole (sync.queueing.discard_stage), and create_stage() drops it for
+        # another stage on the same connection; a DROP here would free its pages one by one.
         return given
 
 

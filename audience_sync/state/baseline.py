@@ -63,23 +63,19 @@ def count_kept(connection: Connection, key: str) -> int:
     return int(kept) if kept is not None else count(connection, key)
 
 
-def _left(scope: str, stage: str, columns: str) -> str:
-    """Of the users `scope` names (a planner run's changed users), those in the baseline and not
-    in `stage` (their current rows): the users who exited, walked from the scope."""
-    return f"""
-        SELECT {columns} FROM {scope} x CROSS JOIN baseline b
+def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: str) -> int:
+    """Keep aside in the table `kept` (user_ref, user_id, email) the users `scope` names (a
+    planner run's changed users) who are in the baseline and not in `stage` (their current
+    rows): the users who exited, walked from the scope (CROSS JOIN: SQLite probes the
+    baseline's key per user). The outbox queues their exits from there: one walk of the
+    baseline for both the count and the queueing (at 10M members, each walk of 100,000 changed
+    users cost seconds). Returns how many."""
+    statement = f"""
+        INSERT INTO {kept} (user_ref, user_id, email)
+        SELECT b.user_ref, b.user_id, b.email FROM {scope} x CROSS JOIN baseline b
         WHERE b.audience_key = :key AND b.user_ref = x.user_ref
           AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)
     """
-
-
-def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: str) -> int:
-    """Keep the scope's users who exited (`_left`) aside in the table `kept` (user_ref, user_id,
-    email), for the outbox to queue their exits from there: one walk of the baseline for both
-    the count and the queueing (at 10M members, each walk of 100,000 changed users cost
-    seconds). Returns how many."""
-    rows = _left(scope, stage, "b.user_ref, b.user_id, b.email")
-    statement = f"INSERT INTO {kept} (user_ref, user_id, email) {rows}"
     return connection.execute(sa.text(statement), {"key": key}).rowcount
 
 

@@ -223,9 +223,17 @@ def queue_changes(connection: Connection, audience: AudienceSettings, run_id: in
 
 
 def discard_stage(connection: Connection) -> None:
-    """Roll back and drop the staging table without masking the error that got us here."""
+    """Roll back and drop the staging tables without masking the error that got us here.
+
+    SQLite keeps them in the connection's temporary database, a file of its own that closing
+    the connection deletes whole; dropping them instead freed their pages one by one (0.34 s
+    of a 5.2 s incremental run of 1M members). So the connection is closed (invalidated: the
+    pool opens another next time)."""
     try:
         connection.rollback()
+        if connection.dialect.name == "sqlite":
+            connection.invalidate()
+            return
         staging.drop_stage(connection)
         connection.commit()
     except sa.exc.SQLAlchemyError as exc:  # the temp table dies with the connection anyway
