@@ -48,6 +48,19 @@ HAS_VALUE = (
 )
 
 
+def not_staged(dialect: str, stage: str) -> str:
+    """The baseline row `b` (of the audience `:key`) is of a user not in `stage`: one who left.
+    SQLite walks the audience's baseline and the stage side by side in key order (a MERGE of
+    an EXCEPT), where a search of the stage per baseline row took twice as long at 1M members;
+    PostgreSQL hashes the anti-join."""
+    if dialect == "sqlite":
+        return (
+            "b.user_ref IN (SELECT user_ref FROM baseline WHERE audience_key = :key "
+            f"EXCEPT SELECT user_ref FROM {stage} ORDER BY 1)"
+        )
+    return f"NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)"
+
+
 # --- counts -----------------------------------------------------------------------------------
 
 

@@ -184,9 +184,7 @@ def queue_exits(connection: Connection, key: str, run_id: int | None, now: datet
         source, condition = f"{kept} b", "TRUE"
     else:
         source = "baseline b"
-        condition = (
-            f"b.audience_key = :key AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.user_ref = b.user_ref)"
-        )
+        condition = f"b.audience_key = :key AND {baseline.not_staged(connection.dialect.name, stage)}"
     statement = f"""
         {_INSERT}
         SELECT :key, b.user_ref, FALSE, :cleared, b.user_id, b.email, NULL, NULL, NULL, :run_id, :now, 0
