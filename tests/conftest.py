@@ -79,7 +79,7 @@ def require_postgres() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist the controller names the run (its workers draw the simulation's seed
-    from that name, sim_walk.seed_of_run), so that it can print the seed they used."""
+    from that name, sim_walk.run_seed), so that it can print the seed they used."""
     if hasattr(config.option, "testrunuid") and not hasattr(config, "workerinput"):
         config.option.testrunuid = config.option.testrunuid or uuid.uuid4().hex
 
@@ -91,10 +91,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if "tests.sim_walk" in sys.modules:
         from tests.sim_walk import RUN_SEED as seed
     elif _simulation_ran(terminalreporter) and getattr(config.option, "testrunuid", None):
-        from tests.sim_walk import seed_of_run
+        from tests.sim_walk import run_seed
 
-        given = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
-        seed = int(given) if given else seed_of_run(config.option.testrunuid)
+        seed = run_seed(config.option.testrunuid)
     else:
         return
     terminalreporter.write_line(

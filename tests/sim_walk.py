@@ -126,25 +126,21 @@ FAULT_POSITIONS = 8  # faults land on one of the op's first units (see the modul
 CRASH_AT = {"http_before": 8, "http_after": 8, "source": 4, "state": 60}
 
 
-def _run_seed() -> int:
-    """This run's seed: AUDIENCE_SYNC_SIM_SEED replays one, else a fresh one per run (printed at
-    the end of the run by tests/conftest.py, and in every failing walk's report)."""
+def run_seed(run_id: str | None) -> int:
+    """This run's seed: AUDIENCE_SYNC_SIM_SEED replays one; else, under pytest-xdist, one drawn
+    from the run's id `run_id`, so that every worker collects the same seeded tests and the
+    controller can print the seed (tests/conftest.py); else a fresh one per run (printed at the
+    end of the run, and in every failing walk's report)."""
     given = os.environ.get("AUDIENCE_SYNC_SIM_SEED", "").strip()
     if given:
         return int(given)
-    # pytest-xdist's workers each import this module and must collect the same seeded tests:
-    # they share the run's id (tests/conftest.py), so the seed is drawn from it.
-    shared = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    return seed_of_run(shared) if shared else secrets.randbelow(1_000_000)
-
-
-def seed_of_run(run_id: str) -> int:
-    """The seed every pytest-xdist worker of the run `run_id` draws."""
-    return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1_000_000
+    if run_id:
+        return int(hashlib.sha256(run_id.encode()).hexdigest(), 16) % 1_000_000
+    return secrets.randbelow(1_000_000)
 
 
 # Read at import: the autouse fixture of conftest clears AUDIENCE_SYNC_* before each test runs.
-RUN_SEED = _run_seed()
+RUN_SEED = run_seed(os.environ.get("PYTEST_XDIST_TESTRUNUID"))
 
 
 class SimulatedCrash(BaseException):
