@@ -14,13 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from audience_sync.config import PlanhatSettings, load_settings
-from audience_sync.state import database
+from audience_sync.state import database, outbox
 from audience_sync.sync import delivery
 from audience_sync.sync import run as sync_run
 from tests.conftest import (
     BUYERS_QUERY,
+    POSTGRES,
     PRO_QUERY,
     Cli,
     CliResult,
@@ -28,6 +30,7 @@ from tests.conftest import (
     SenderAround,
     expire_leases,
     query,
+    run,
     sync,
     sync_killed,
     users,
@@ -192,3 +195,68 @@ def test_a_chunk_across_audiences_counts_each_change_in_its_own_run(
         "GROUP BY c.audience_key, r.audience_key ORDER BY c.audience_key",
     )
     assert logged == [("buyers", "buyers", 8), ("everyone", "everyone", 13), ("pro_plan", "pro_plan", 8)]
+
+
+# --- after a large delivery, PostgreSQL's outbox gives back the deleted rows' space -----------
+
+
+@pytest.fixture
+def reclaim_small_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox, "RECLAIM_FROM", 10)
+
+
+def sync_logged(cli: Cli) -> CliResult:
+    return run(cli, "--log-level", "info", "sync", "--audience", "pro_plan")
+
+
+@pytest.mark.parametrize("state_url", [POSTGRES], indirect=True)
+@pytest.mark.usefixtures("reclaim_small_deliveries")
+def test_an_outbox_emptied_by_a_large_delivery_is_truncated(project: Project, cli: Cli) -> None:
+    """The deleted rows of a full sync are gone before the next run walks them (autovacuum is
+    off on the test server, as it may be on a user's); the next runs deliver as before."""
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users(range(1, 24), plan="pro"))
+    result = sync_logged(cli)
+    assert result.code == 0
+    assert "outbox truncated after the delivery" in result.err
+    assert query(project.state_url, "SELECT pg_relation_size('pending')") == [(0,)]
+    project.source.set_users(users(range(3, 30), plan="pro"))
+    assert "outbox" not in sync_logged(cli).err  # 8 changes: below the threshold
+    assert counts(project.state_url) == (27, 0, 0, 23 + 8)
+    assert project.planhat.value("u1", "pro_plan") is False
+
+
+@pytest.mark.parametrize("state_url", [POSTGRES], indirect=True)
+@pytest.mark.usefixtures("reclaim_small_deliveries")
+def test_an_outbox_still_holding_rows_is_vacuumed_not_truncated(project: Project, cli: Cli) -> None:
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users(range(1, 24), plan="pro"))
+    project.planhat.partial_fail(["u7"])
+    result = sync_logged(cli)
+    assert result.code != 0
+    assert "outbox vacuumed after the delivery" in result.err
+    assert query(project.state_url, "SELECT user_ref, in_doubt FROM pending") == [("u7", False)]
+    project.planhat.clear_faults()
+    assert sync_pro_plan(cli).code == 0
+    assert counts(project.state_url) == (23, 0, 0, 23)
+
+
+@pytest.mark.parametrize("state_url", [POSTGRES], indirect=True)
+@pytest.mark.usefixtures("reclaim_small_deliveries")
+def test_a_reader_of_the_outbox_never_holds_up_the_end_of_a_delivery(project: Project, cli: Cli) -> None:
+    """Truncating needs the outbox to itself: a reader in an open transaction (the status
+    page, psql) makes the delivery vacuum instead, without waiting for it."""
+    project.write(transport="endusers", planhat=BULK)
+    project.source.set_users(users(range(1, 24), plan="pro"))
+    database.open_state(project.state_url).dispose()  # the schema, as `db upgrade` makes it
+    reader = sa.create_engine(project.state_url)
+    try:
+        with reader.connect() as connection:
+            connection.exec_driver_sql("SELECT count(*) FROM pending").scalar_one()  # transaction open
+            result = sync_logged(cli)
+            assert connection.exec_driver_sql("SELECT count(*) FROM pending").scalar_one() == 0
+    finally:
+        reader.dispose()
+    assert result.code == 0
+    assert "outbox vacuumed after the delivery" in result.err
+    assert counts(project.state_url) == (23, 0, 0, 23)

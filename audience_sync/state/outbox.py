@@ -523,6 +523,53 @@ def record_refusals(connection: Connection, refused: list[tuple[int, str, bool]]
     )
 
 
+# --- after a large delivery (sync.delivery) -----------------------------------------------------
+
+# Acknowledged rows removed by one delivery from which PostgreSQL's outbox is reclaimed.
+RECLAIM_FROM = 100_000
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a NOWAIT lock refused
+
+
+def reclaim(engine: Engine, removed: int) -> str | None:
+    """After a delivery removed `removed` outbox rows (PostgreSQL): give back the space of the
+    deleted rows now, not when autovacuum comes (never, where it is off). Until then every
+    range scan of the outbox walks them: at 10M members, the incremental run right after the
+    full sync read each delivery page in 0.18 s. An empty outbox is truncated (milliseconds);
+    one that still holds rows (another audience's, refused ones) is vacuumed (7 s after 10M
+    deletes). Returns which, or None; a failure is logged, never raised: everything it could
+    tidy is already acknowledged."""
+    if engine.dialect.name != "postgresql" or removed < RECLAIM_FROM:
+        return None
+    try:
+        with engine.connect() as connection:
+            if _truncate_if_empty(connection):
+                return "truncated"
+            autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+            autocommit.exec_driver_sql("VACUUM (ANALYZE) pending")
+            return "vacuumed"
+    except sa.exc.SQLAlchemyError as exc:
+        log.warning("could not reclaim the outbox's deleted rows: %s", exc.__class__.__name__)
+        return None
+
+
+def _truncate_if_empty(connection: Connection) -> bool:
+    """TRUNCATE the outbox if it holds no row. The lock is taken without waiting: a writer's
+    open transaction (rows not yet committed) or a reader in its way means vacuum instead.
+    (TRUNCATE is not MVCC-safe: a REPEATABLE READ reader that has not read the outbox yet,
+    the status page, then sees it empty, as it is.)"""
+    try:
+        with connection.begin():
+            connection.exec_driver_sql("LOCK TABLE pending IN ACCESS EXCLUSIVE MODE NOWAIT")
+            if connection.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pending)").scalar_one():
+                return False
+            connection.exec_driver_sql("TRUNCATE pending")
+            return True
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            return False
+        raise
+
+
 # --- repairs ------------------------------------------------------------------------------------
 
 

@@ -215,6 +215,9 @@ def deliver(
     with engine.begin() as connection:
         baseline.recount(connection, keys)
         analyze(connection, "baseline", sum(c.sent for c in counts.values()))  # the next diff plans on it
+    reclaimed = outbox.reclaim(engine, sum(c.sent for c in counts.values()))
+    if reclaimed:
+        log.info("outbox %s after the delivery", reclaimed)
 
 
 def first_baselines(engine: Engine, keys: list[str]) -> frozenset[str]:
