@@ -42,7 +42,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, spied, state_database
+from bench_sync import CLI, POSTGRES, TOKEN, fake_planhat, planhat_state, quiesce, spied, state_database
 
 KEY = "bench_members"
 QUERY = "SELECT id AS user_id, email, name, company_id FROM users WHERE member"
@@ -144,6 +144,7 @@ def run_sync(path: Path, *args: str, py_spy: Path | None = None) -> tuple[float,
     command = [*CLI, "--config", str(path), "--log-level", "info", "sync", *args]
     if py_spy is not None:
         command = spied(command, py_spy)
+    quiesce()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
