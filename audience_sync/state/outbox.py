@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from ..support.clock import utcnow
 from . import baseline, changes
 from . import models as m
-from .database import analyze
+from .database import analyze, driver_message
 from .models import UTCDateTime
 
 log = logging.getLogger(__name__)
@@ -547,8 +547,9 @@ def reclaim(engine: Engine, removed: int) -> str | None:
             autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
             autocommit.exec_driver_sql("VACUUM (ANALYZE) pending")
             return "vacuumed"
-    except sa.exc.SQLAlchemyError as exc:
-        log.warning("could not reclaim the outbox's deleted rows: %s", exc.__class__.__name__)
+    except sa.exc.SQLAlchemyError as exc:  # e.g. no TRUNCATE right: autovacuum does it later
+        reason = driver_message(exc) if isinstance(exc, sa.exc.DBAPIError) else exc.__class__.__name__
+        log.warning("could not reclaim the outbox's deleted rows: %s", reason)
         return None
 
 

@@ -22,6 +22,7 @@ outbox in doubt. So at most the chunk on the wire is sent twice, and never forgo
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -215,9 +216,10 @@ def deliver(
     with engine.begin() as connection:
         baseline.recount(connection, keys)
         analyze(connection, "baseline", sum(c.sent for c in counts.values()))  # the next diff plans on it
+    started = time.monotonic()
     reclaimed = outbox.reclaim(engine, sum(c.sent for c in counts.values()))
     if reclaimed:
-        log.info("outbox %s after the delivery", reclaimed)
+        log.info("outbox %s after the delivery in %.2fs", reclaimed, time.monotonic() - started)
 
 
 def first_baselines(engine: Engine, keys: list[str]) -> frozenset[str]:
