@@ -18,6 +18,7 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
+from audience_sync.state import baseline
 from tests.conftest import (
     POSTGRES_URL,
     Cli,
@@ -187,11 +188,19 @@ def test_a_planner_source_sends_the_members_then_only_the_changes(
     assert warehouse.planner_tables() == ["as_snap_orders_3", "as_snap_pro_plan_3"]
 
 
+@pytest.mark.parametrize("probe_share", [0.0, 1.0], ids=["exits-hashed", "exits-probed"])
 def test_the_planner_and_the_streaming_path_leave_planhat_the_same(
-    project: Project, cli: Cli, warehouse: Warehouse, tmp_path: Path
+    project: Project,
+    cli: Cli,
+    warehouse: Warehouse,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    probe_share: float,
 ) -> None:
     """The same source changes, synced once through the planner and once streamed (a second
-    state database and a second fake Planhat): Planhat ends up holding the same values."""
+    state database and a second fake Planhat): Planhat ends up holding the same values. On
+    PostgreSQL, with the exits found either way (`baseline.PROBE_SHARE`)."""
+    monkeypatch.setattr(baseline, "PROBE_SHARE", probe_share)
     steps = [
         people(range(1, 31), orders=2),
         people(range(5, 36), orders=2)
