@@ -216,8 +216,13 @@ def deliver(
     with engine.begin() as connection:
         baseline.recount(connection, keys)
         analyze(connection, "baseline", sum(c.sent for c in counts.values()))  # the next diff plans on it
+    if not should_stop():  # a stopping daemon does not wait for a vacuum
+        _reclaim_outbox(engine, sum(c.sent for c in counts.values()))
+
+
+def _reclaim_outbox(engine: Engine, removed: int) -> None:
     started = time.monotonic()
-    reclaimed = outbox.reclaim(engine, sum(c.sent for c in counts.values()))
+    reclaimed = outbox.reclaim(engine, removed)
     if reclaimed:
         log.info("outbox %s after the delivery in %.2fs", reclaimed, time.monotonic() - started)
 
