@@ -11,6 +11,8 @@ wire). Every statement that writes either table is here.
     repair         `reconcile --fix` clears the doubt its read settled (`settle_after_read`);
                    a user known under a new identifier takes the old one's rows (`move_refs`)
     counts         `counts` is the one answer to "how many pending, how many in doubt"
+    upkeep         after a large delivery, `reclaim` gives the deleted rows' space back
+                   (PostgreSQL: truncated when empty, else vacuumed)
 
 A row in doubt (sent, no definite answer: Planhat may hold its value) is never dropped as
 stale, only set to the truth and sent again; it leaves only on a confirmed delivery (or when a
@@ -556,6 +558,7 @@ def reclaim(engine: Engine, removed: int) -> str | None:
 def _truncate_if_empty(connection: Connection) -> bool:
     """TRUNCATE the outbox if it holds no row. The lock is taken without waiting: a writer's
     open transaction (rows not yet committed) or a reader in its way means vacuum instead.
+    Once taken, others wait for the emptiness check (1.4 s after 10M deletes, in psql).
     (TRUNCATE is not MVCC-safe: a REPEATABLE READ reader that has not read the outbox yet,
     the status page, then sees it empty, as it is.)"""
     try:
