@@ -69,7 +69,7 @@ def measure_changed(connection: Connection, key: str, scope: str, members: int) 
     previous = baseline.count_kept(connection, key)
     _forget_entered(connection)
     entered, resent = _keep_entered(connection, key)
-    exited = keep_exited(connection, key, scope)
+    exited = keep_exited(connection, key, scope, previous)
     return DiffCounts(members, previous, entered - resent, exited, resent)
 
 
@@ -81,16 +81,17 @@ def _forget_entered(connection: Connection) -> None:
     connection.exec_driver_sql(f"DELETE FROM {ENTERED}")
 
 
-def keep_exited(connection: Connection, key: str, scope: str) -> int:
+def keep_exited(connection: Connection, key: str, scope: str, previous: int) -> int:
     """Keep aside in EXITED the scope's users who exited (a planner run's), for queue_changes():
-    one walk of the baseline for both the count and the queueing. Returns how many."""
+    one walk of the baseline (of `previous` rows) for both the count and the queueing. Returns
+    how many."""
     kind = "TEXT" if connection.dialect.name == "sqlite" else "VARCHAR(255)"
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {EXITED} "
         f"(user_ref {kind} NOT NULL PRIMARY KEY, user_id {kind}, email {kind})"
     )
     connection.exec_driver_sql(f"DELETE FROM {EXITED}")
-    exited = baseline.keep_left(connection, key, scope, STAGE, EXITED)
+    exited = baseline.keep_left(connection, key, scope, STAGE, EXITED, previous)
     connection.info[EXITED_FOR] = key
     return exited
 
@@ -98,7 +99,7 @@ def keep_exited(connection: Connection, key: str, scope: str) -> int:
 def kept_exits(connection: Connection, key: str, scope: str) -> str:
     """The table of the scope's exits, kept aside when measured in this transaction, else now."""
     if connection.info.get(EXITED_FOR) != key:
-        keep_exited(connection, key, scope)
+        keep_exited(connection, key, scope, baseline.count_kept(connection, key))
     return EXITED
 
 

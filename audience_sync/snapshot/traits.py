@@ -61,7 +61,7 @@ def measure_changed(connection: Connection, key: str, on_exit: str, scope: str, 
     ).rowcount
     connection.info[_TRAIT_MEASURED] = key
     # The users who left are kept aside (as an audience's exits) for queue_changes() to clear.
-    exited = keep_exited(connection, key, scope) if on_exit == "clear" else 0
+    exited = keep_exited(connection, key, scope, previous) if on_exit == "clear" else 0
     return DiffCounts(members=members, previous=previous, entered=entered, exited=exited)
 
 

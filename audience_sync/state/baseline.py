@@ -83,16 +83,16 @@ def count_kept(connection: Connection, key: str) -> int:
 PROBE_SHARE = 1 / 30
 
 
-def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: str) -> int:
+def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: str, previous: int) -> int:
     """Keep aside in the table `kept` (user_ref, user_id, email) the users `scope` names (a
     planner run's changed users) who are in the baseline and not in `stage` (their current
     rows): the users who exited, walked from the scope (SQLite's CROSS JOIN, PostgreSQL's
     LATERAL when the scope is small: one probe of the baseline's key per user). The outbox
     queues their exits from there: one walk of the baseline for both the count and the
-    queueing (at 10M members, each walk of 100,000 changed users cost seconds). Returns how
-    many."""
+    queueing (at 10M members, each walk of 100,000 changed users cost seconds). `previous`:
+    the audience's baseline rows (`count_kept`). Returns how many."""
     pairs = f"{scope} x CROSS JOIN baseline b WHERE b.audience_key = :key AND b.user_ref = x.user_ref"
-    if connection.dialect.name == "postgresql" and _small_scope(connection, key, scope):
+    if connection.dialect.name == "postgresql" and _small_scope(connection, scope, previous):
         pairs = (
             f"{scope} x CROSS JOIN LATERAL (SELECT user_ref, user_id, email FROM baseline "
             "WHERE audience_key = :key AND user_ref = x.user_ref LIMIT 1) b WHERE TRUE"
@@ -105,13 +105,10 @@ def keep_left(connection: Connection, key: str, scope: str, stage: str, kept: st
     return connection.execute(sa.text(statement), {"key": key}).rowcount
 
 
-def _small_scope(connection: Connection, key: str, scope: str) -> bool:
-    """The scope is at most PROBE_SHARE of the audience's kept baseline count (none kept: no)."""
-    told = audiences.kept_baseline_counts(connection).get(key)
-    if not told:
-        return False
+def _small_scope(connection: Connection, scope: str, previous: int) -> bool:
+    """The scope is at most PROBE_SHARE of the audience's `previous` baseline rows."""
     in_scope = connection.exec_driver_sql(f"SELECT count(*) FROM {scope}").scalar_one()
-    return bool(in_scope <= told * PROBE_SHARE)
+    return bool(in_scope <= previous * PROBE_SHARE)
 
 
 def counts(connection: Connection) -> dict[str, int]:

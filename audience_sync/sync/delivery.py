@@ -213,11 +213,12 @@ def deliver(
                 raise outcome.stop
             batch = upcoming
     # Every acknowledgement is committed; one that raised left the counts to be counted live.
+    delivered = sum(c.sent for c in counts.values())
     with engine.begin() as connection:
         baseline.recount(connection, keys)
-        analyze(connection, "baseline", sum(c.sent for c in counts.values()))  # the next diff plans on it
+        analyze(connection, "baseline", delivered)  # the next diff plans on it
     if not should_stop():  # a stopping daemon does not wait for a vacuum
-        _reclaim_outbox(engine, sum(c.sent for c in counts.values()))
+        _reclaim_outbox(engine, delivered)
 
 
 def _reclaim_outbox(engine: Engine, removed: int) -> None:
