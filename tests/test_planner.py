@@ -146,6 +146,16 @@ def people(ids: range | list[int], **extra: Any) -> list[dict[str, Any]]:
     return [{"id": f"u{n}", "email": f"u{n}@example.com", "company_id": "c1", **extra} for n in ids]
 
 
+def snapshot_refs(house: Warehouse, generation: int, key: str = "pro_plan") -> list[str]:
+    """The identifiers of the rows of the audience's snapshot in the warehouse, sorted."""
+    with house.engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            f"SELECT planner_ref FROM {PLANNER}.as_snap_{key}_{generation} ORDER BY planner_ref"
+        ).all()
+    house.engine.dispose()
+    return [ref for (ref,) in rows]
+
+
 def truth(fake: FakePlanhat, refs: range, key: str = "pro_plan") -> dict[str, Any]:
     return {f"u{n}": fake.value(f"u{n}", key) for n in refs}
 
@@ -220,6 +230,40 @@ def test_the_planner_and_the_streaming_path_leave_planhat_the_same(
             assert cli("--config", str(streaming.path), "sync", "--force").code == 0
             for key in ("pro_plan", "orders"):
                 assert truth(project.planhat, range(1, 40), key) == truth(other, range(1, 40), key)
+
+
+def test_a_snapshot_advanced_in_place_holds_what_writing_it_whole_would(
+    project: Project, cli: Cli, warehouse: Warehouse
+) -> None:
+    """After each incremental run, the snapshot (changed in place from the per-run table) holds
+    the query's rows as a snapshot written whole would: entries, exits, changed columns, and a
+    user listed on two rows of whom one changes (the other row is kept, not lost)."""
+    planned_project(project, warehouse)
+    twice = [{"id": "u7", "email": "u7@example.com", "company_id": "c1", "name": "first"},
+             {"id": "u7", "email": "u7@example.com", "company_id": "c1", "name": "second"}]  # fmt: skip
+    steps = [
+        people(range(1, 11)) + twice,
+        people(range(3, 14)) + twice[:1] + [{**twice[1], "name": "changed"}],
+        [{**row, "title": "VP"} for row in people(range(3, 8))] + people(range(9, 15)) + twice[1:],
+        people(range(9, 12)),
+    ]
+    for number, rows in enumerate(steps, start=1):
+        warehouse.set_users(rows)
+        assert sync(cli, "--force").code == 0
+        gc.collect()  # DuckDB: the read-write handle is gone before the next one opens
+        assert last_run(cli, "pro_plan")["kind"] == ("full" if number == 1 else "incremental")
+        assert warehouse.planner_tables() == [f"as_snap_pro_plan_{number}"]
+        columns = "planner_ref, user_id, email, name, title, company_id"
+        with warehouse.engine.connect() as connection:
+            kept = connection.exec_driver_sql(
+                f"SELECT {columns} FROM {PLANNER}.as_snap_pro_plan_{number}"
+            ).all()
+            fresh = connection.exec_driver_sql(
+                f"SELECT trim(user_id), user_id, email, name, title, company_id "
+                f"FROM ({warehouse.pro_query}) AS q"
+            ).all()
+        warehouse.engine.dispose()
+        assert sorted(kept, key=repr) == sorted(fresh, key=repr)
 
 
 def test_a_full_resync_rebuilds_the_planner_snapshot(
@@ -321,12 +365,21 @@ def test_retire_drops_the_planner_tables(project: Project, cli: Cli, pg_warehous
 # --- the hand-off, killed at each step ------------------------------------------------------
 
 KILL_POINTS = {
-    # after the warehouse diff: the new snapshot and the per-run table exist, nothing queued
+    # after the warehouse diff: the per-run table exists, nothing queued
     "after_diff": "diff_in_warehouse",
     # after the outbox commit, before anything of the advance
     "after_commit": "advance",
-    # mid-advance: the per-run table dropped, the previous snapshot not yet
-    "before_snapshot_advances": "drop_previous",
+    # mid-advance: the snapshot changed in place, not yet renamed (the next run applies again)
+    "after_apply": "rename_snapshot",
+    # mid-advance: the snapshot renamed, the per-run table not yet dropped
+    "after_rename": "drop_changes",
+}
+# what each kill leaves in the planner schema
+LEFT_BY_KILL = {
+    "after_diff": ["as_chg_pro_plan_2", "as_snap_pro_plan_1"],
+    "after_commit": ["as_chg_pro_plan_2", "as_snap_pro_plan_1"],
+    "after_apply": ["as_chg_pro_plan_2", "as_snap_pro_plan_1"],
+    "after_rename": ["as_chg_pro_plan_2", "as_snap_pro_plan_2"],
 }
 
 _KILLER = """
@@ -372,10 +425,7 @@ def test_a_kill_at_each_step_of_the_hand_off_loses_nothing_and_sends_nothing_twi
     # where the kill landed: what the warehouse and the state database hold
     committed = query(project.state_url, "SELECT generation FROM planner_snapshots")
     assert committed == [(1,)] if point == "after_diff" else [(2,)]
-    left = ["as_chg_pro_plan_2", "as_snap_pro_plan_1", "as_snap_pro_plan_2"]
-    if point == "before_snapshot_advances":
-        left = left[1:]
-    assert pg_warehouse.planner_tables() == left
+    assert pg_warehouse.planner_tables() == LEFT_BY_KILL[point]
     query(project.state_url, "UPDATE leases SET expires_at = '2000-01-01 00:00:00'")
 
     assert sync(cli).code == 0
@@ -390,6 +440,8 @@ def test_a_kill_at_each_step_of_the_hand_off_loses_nothing_and_sends_nothing_twi
     )
     generation = 2 if point == "after_diff" else 3  # the rerun's: a killed uncommitted one is redone
     assert pg_warehouse.planner_tables() == [f"as_snap_pro_plan_{generation}"]
+    # the snapshot holds each member's row once, however often its advance was applied
+    assert snapshot_refs(pg_warehouse, generation) == [f"u{n}" for n in sorted(range(5, 26), key=str)]
 
     pg_warehouse.set_users(people(range(6, 26)))  # and the next run diffs against the right snapshot
     assert sync(cli).code == 0

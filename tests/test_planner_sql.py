@@ -78,12 +78,17 @@ STATEMENTS: dict[str, Callable[[], Any]] = {
         BUYERS,
         planner.contract_columns(BUYERS, list(BUYERS.compiled.select.selected_columns.keys())),
     ),
-    "changed_refs_audience": lambda: planner.changed_refs(PREVIOUS, CURRENT, USER_COLUMNS),
-    "changed_refs_trait": lambda: planner.changed_refs(*_generations("revenue"), ["user_id", "value"]),
-    "changed_refs_account": lambda: planner.changed_refs(
-        *_generations("big_accounts"), ["company_id", "name"]
+    "changed_rows_audience": lambda: planner.changed_rows(PREVIOUS, CURRENT, PRO, USER_COLUMNS),
+    "changed_rows_trait": lambda: planner.changed_rows(
+        *_generations("revenue"), REVENUE, ["user_id", "value"]
     ),
-    "rows_of_changed": lambda: planner.rows_of_changed(CURRENT.snapshot, CURRENT.changes, USER_COLUMNS),
+    "changed_rows_account": lambda: planner.changed_rows(
+        *_generations("big_accounts"), ACCOUNTS, ["company_id", "name"]
+    ),
+    "rows_of_changed": lambda: planner.rows_of_changed(CURRENT.changes, USER_COLUMNS, now=True),
+    "advance_delete": lambda: planner.apply_changes(PREVIOUS.snapshot, CURRENT.changes, USER_COLUMNS)[0],
+    "advance_insert": lambda: planner.apply_changes(PREVIOUS.snapshot, CURRENT.changes, USER_COLUMNS)[1],
+    "advance_rename": lambda: planner.rename(PREVIOUS.snapshot, CURRENT),
 }
 
 

@@ -1,19 +1,23 @@
 """The planner: an audience's snapshot kept in its source's `planner_schema`, and diffed there.
 
-For a source with `planner_schema`, each run of an audience or trait writes its query's rows
-into a table of that schema (`CREATE TABLE ... AS` the contract's columns of `<query>`, or of
-the compiled definition on events, with each row's identifier computed once), then finds the
-identifiers whose rows changed since the previous generation's table with set-based SQL in the
-warehouse: the rows of either table with no equal row in the other (a full outer join on the
-identifier), projected on the identifier, into a per-run table. Only the rows of those
-identifiers travel to the state database, through the query contract as a streamed query's do
-(`contract`), so both paths read a row the same way. The hand-off protocol (which generation
-counts, when the older tables go) is in sync/planned.py and docs/design.md.
+For a source with `planner_schema`, an audience's snapshot is a table of that schema holding
+its query's rows (the contract's columns of `<query>`, or of the compiled definition on
+events, with each row's identifier computed once). A run that reads the audience whole (the
+first, a full one, one whose snapshot does not fit) writes a new snapshot with
+`CREATE TABLE ... AS`. An incremental run joins the query's rows to the snapshot in the
+warehouse with set-based SQL and writes only the changed identifiers' rows, as they were and
+as they are, into a per-run table; only those rows travel to the state database, through the
+query contract as a streamed query's do (`contract`), so both paths read a row the same way.
+After the state database has committed the run, the snapshot is changed in place from the
+per-run table (delete the changed identifiers' rows, insert their new ones: applying it twice
+leaves the same snapshot) and renamed to the new generation. The hand-off protocol (which
+generation counts, how a killed advance is finished) is in sync/planned.py and docs/design.md.
 
 Tables, per audience key and generation N (1, 2, ...), in the planner schema:
 
-    as_snap_<key>_<N>   the snapshot of generation N (the query's rows as they were)
-    as_chg_<key>_<N>    the identifiers whose rows differ between generations N - 1 and N
+    as_snap_<key>_<N>   the snapshot as of generation N (renamed when it advances in place)
+    as_chg_<key>_<N>    the rows of the identifiers that changed between N - 1 and N: their
+                        rows in N - 1 (planner_new false) and in N (planner_new true)
 
 Everything here is SQLAlchemy Core, so one function renders the SQL for PostgreSQL, DuckDB,
 Snowflake and BigQuery (tests/test_planner_sql.py keeps golden copies of the last two).
@@ -38,7 +42,8 @@ from .contract import IDENTIFIER_COLUMNS, TRAIT_COLUMNS, VALUE_COLUMN
 
 SNAPSHOT = "as_snap"
 CHANGES = "as_chg"
-REF = "planner_ref"  # the identifier column of the per-run table
+REF = "planner_ref"  # each row's identifier, in the snapshot and the per-run table
+NEW = "planner_new"  # the per-run table's side: true a row as it is now, false as it was
 _MAX_STEM = 40  # a key longer than this is cut and hashed: names stay under every dialect's limit
 
 
@@ -56,6 +61,45 @@ class CreateTableAs(Executable, ClauseElement):
 def _create_table_as(element: CreateTableAs, compiler: SQLCompiler, **kw: Any) -> str:
     name = compiler.preparer.format_table(element.table)
     return f"CREATE TABLE {name} AS {compiler.process(element.select, **kw)}"
+
+
+class RenameTable(Executable, ClauseElement):
+    """`ALTER TABLE <schema>.<name> RENAME TO <new name>`, within the same schema."""
+
+    inherit_cache = False
+
+    def __init__(self, table: sa.TableClause, name: str) -> None:
+        self.table = table
+        self.name = name
+
+
+@compiles(RenameTable)
+def _rename_table(element: RenameTable, compiler: SQLCompiler, **kw: Any) -> str:
+    old = compiler.preparer.format_table(element.table)
+    return f"ALTER TABLE {old} RENAME TO {compiler.preparer.quote(element.name)}"
+
+
+@compiles(RenameTable, "snowflake")
+def _rename_table_snowflake(element: RenameTable, compiler: SQLCompiler, **kw: Any) -> str:
+    # Snowflake moves a table renamed to an unqualified name into the session's schema.
+    old = compiler.preparer.format_table(element.table)
+    new = compiler.preparer.format_table(table(element.table.schema or "", element.name))
+    return f"ALTER TABLE {old} RENAME TO {new}"
+
+
+class CreateRefIndex(Executable, ClauseElement):
+    """`CREATE INDEX ON <snapshot> (planner_ref)`, PostgreSQL's (it names the index itself, so
+    a snapshot renamed to a later generation keeps an index whose name no later one takes)."""
+
+    inherit_cache = False
+
+    def __init__(self, table: sa.TableClause) -> None:
+        self.table = table
+
+
+@compiles(CreateRefIndex)
+def _create_ref_index(element: CreateRefIndex, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CREATE INDEX ON {compiler.preparer.format_table(element.table)} ({REF})"
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -111,8 +155,9 @@ def exists(connection: Connection, schema: str, name: str) -> bool:
 
 
 # The shape of a snapshot table: a snapshot of another shape is not diffed against, but read
-# anew (v2: the contract columns only, and the identifier computed once, when it is written).
-SNAPSHOT_SHAPE = "v2"
+# anew (v2: the contract columns only, and the identifier computed once, when it is written;
+# v3: changed in place, indexed on the identifier on PostgreSQL).
+SNAPSHOT_SHAPE = "v3"
 
 
 def fingerprint(audience: AudienceSettings) -> str:
@@ -201,14 +246,28 @@ def columns_of(result: sa.CursorResult[Any]) -> list[str]:
     return names
 
 
-def build_snapshot(generation: Generation, audience: AudienceSettings, columns: list[str]) -> CreateTableAs:
-    """The snapshot: each row's identifier (REF, computed here once, so that the diff and the
-    read-out compare a stored column instead of trimming and casting every row again) and the
-    contract `columns` of the query's rows; the query's other columns are not kept."""
+def query_rows(audience: AudienceSettings, columns: list[str]) -> sa.Select[Any]:
+    """The query's rows as a snapshot keeps them: each row's identifier (REF, computed here
+    once, so that the diff and the read-out compare a stored column instead of trimming and
+    casting every row again) and the contract `columns`; the query's other columns are not
+    kept."""
     rows = audience_select(audience).subquery("audience_rows")
     ref = ref_expression(audience, None, columns).label(REF)  # unqualified: the one FROM is `rows`
     picked: list[sa.ColumnClause[Any]] = [sa.column(c) for c in columns]
-    return CreateTableAs(generation.snapshot, sa.select(ref, *picked).select_from(rows))
+    return sa.select(ref, *picked).select_from(rows)
+
+
+def build_snapshot(generation: Generation, audience: AudienceSettings, columns: list[str]) -> CreateTableAs:
+    """A new snapshot, written whole."""
+    return CreateTableAs(generation.snapshot, query_rows(audience, columns))
+
+
+def index_snapshot(connection: Connection, snapshot: sa.TableClause) -> None:
+    """On PostgreSQL, index a new snapshot on its identifier: the per-run table's probes and
+    the advance's delete then touch the changed identifiers' rows only, not every row (the
+    other warehouses scan; DuckDB's columnar scan of one column is cheap)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(CreateRefIndex(snapshot))
 
 
 def _rows(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
@@ -216,33 +275,90 @@ def _rows(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
     return sa.select(*picked).select_from(snapshot)
 
 
-def changed_refs(previous: Generation, current: Generation, columns: list[str]) -> CreateTableAs:
-    """The per-run table: every identifier with a row in one snapshot and not the same row in the
-    other (entered, exited, or any contract column changed), each once.
+def changed_rows(
+    previous: Generation, current: Generation, audience: AudienceSettings, columns: list[str]
+) -> CreateTableAs:
+    """The per-run table: the rows, in the previous snapshot and now, of every identifier with a
+    row on one side and not the same row on the other (entered, exited, or any contract column
+    changed).
 
-    One full outer join on the identifier (stored in each snapshot; a hash join in the
-    warehouse), the rows' other columns compared NULL-safely in its condition: a row that finds
-    no equal row on the other side is a change. Two EXCEPTs gave the same set, but sorted or
-    hashed whole rows of both snapshots twice: 3.8x the time at 1M members on PostgreSQL
-    (docs/performance.md)."""
-    new = _rows(current.snapshot, columns).subquery("new_rows")
+    The query's rows are joined to the previous snapshot (one full outer join on the
+    identifier, the other columns compared NULL-safely in its condition; a hash join in the
+    warehouse): a row left unmatched on either side is a change. The identifiers' rows as they
+    were are the snapshot's; as they are, their unmatched new rows plus those of their old rows
+    that matched (a user listed on several rows may keep some). No new snapshot is written:
+    the previous one advances from this table (`apply_changes`). Writing the new snapshot whole
+    and joining the two took 1.8x the time at 10M members on PostgreSQL (docs/performance.md)."""
+    new = query_rows(audience, columns).subquery("new_rows")
     old = _rows(previous.snapshot, columns).subquery("old_rows")
     same = sa.and_(new.c[REF] == old.c[REF], *(new.c[c].is_not_distinct_from(old.c[c]) for c in columns))
+    is_new = new.c[REF].is_not(None)
     ref = sa.func.coalesce(new.c[REF], old.c[REF])
-    changed = (
-        sa.select(ref.label(REF))
+    unmatched = (
+        sa.select(
+            ref.label(REF),
+            is_new.label(NEW),
+            *(sa.case((is_new, new.c[c]), else_=old.c[c]).label(c) for c in columns),
+        )
         .select_from(new.outerjoin(old, same, full=True))
         .where(sa.or_(new.c[REF].is_(None), old.c[REF].is_(None)), ref.is_not(None))
-        .distinct()
+        .cte("unmatched")
     )
-    return CreateTableAs(current.changes, changed)
+    snapshot = previous.snapshot
+    was = (
+        _rows(snapshot, columns)
+        .where(sa.column(REF, _selectable=snapshot).in_(sa.select(unmatched.c[REF])))
+        .cte("was")
+    )
+    gone = unmatched.alias("gone")
+    kept = sa.select(sa.true().label(NEW), *_picked(was, columns)).where(
+        ~sa.exists().where(
+            ~gone.c[NEW],
+            gone.c[REF] == was.c[REF],
+            *(gone.c[c].is_not_distinct_from(was.c[c]) for c in columns),
+        )
+    )
+    rows = sa.union_all(
+        sa.select(sa.false().label(NEW), *_picked(was, columns)),
+        sa.select(sa.true().label(NEW), *_picked(unmatched, columns)).where(unmatched.c[NEW]),
+        kept,
+    )
+    return CreateTableAs(current.changes, rows)
 
 
-def rows_of_changed(snapshot: sa.TableClause, changes: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
-    """The snapshot's rows (contract columns only) of the identifiers in the per-run table."""
-    changed: sa.Select[Any] = sa.select(sa.column(REF, _selectable=changes)).select_from(changes)
-    ref: sa.ColumnClause[Any] = sa.column(REF, _selectable=snapshot)
-    return every_row(snapshot, columns).where(ref.in_(changed.scalar_subquery()))
+def _picked(rows: sa.CTE, columns: list[str]) -> list[sa.ColumnElement[Any]]:
+    return [rows.c[c] for c in (REF, *columns)]
+
+
+def rows_of_changed(changes: sa.TableClause, columns: list[str], *, now: bool) -> sa.Select[Any]:
+    """The changed identifiers' rows (contract columns only), as they are now or as they were."""
+    side = sa.column(NEW, sa.Boolean, _selectable=changes)
+    return every_row(changes, columns).where(side if now else ~side)
+
+
+def apply_changes(snapshot: sa.TableClause, changes: sa.TableClause, columns: list[str]) -> list[Executable]:
+    """Advance the snapshot in place: the changed identifiers' rows go, their new ones come.
+    Idempotent: applied again, the delete takes the rows the first insert wrote, and the insert
+    writes them back, so a kill between (or after) the two statements is finished by applying
+    it again."""
+    ref: sa.ColumnClause[Any] = sa.column(REF, _selectable=changes)
+    delete = sa.delete(snapshot).where(sa.column(REF, _selectable=snapshot).in_(sa.select(ref)))
+    side = sa.column(NEW, sa.Boolean, _selectable=changes)
+    new_rows = _rows(changes, columns).where(side)
+    target = sa.table(snapshot.name, *(sa.column(c) for c in (REF, *columns)), schema=snapshot.schema)
+    insert = sa.insert(target).from_select([REF, *columns], new_rows)
+    return [delete, insert]
+
+
+def changed_columns(connection: Connection, changes: sa.TableClause) -> list[str]:
+    """The contract columns of a per-run table, as it was written (the query may have changed
+    since)."""
+    names = [column["name"] for column in sa.inspect(connection).get_columns(changes.name, changes.schema)]
+    return [name for name in names if name.lower() not in (REF, NEW)]
+
+
+def rename(snapshot: sa.TableClause, generation: Generation) -> RenameTable:
+    return RenameTable(snapshot, generation.snapshot.name)
 
 
 def every_row(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:

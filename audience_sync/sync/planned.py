@@ -1,29 +1,35 @@
-"""The run of an audience whose source has `planner_schema`: its snapshot is taken and diffed
+"""The run of an audience whose source has `planner_schema`: its snapshot is kept and diffed
 in the warehouse (snapshot/planner.py), and only the changed users' rows travel to the state
 database, where the usual queueing rewrites their outbox rows.
 
 The hand-off between the two databases (docs/design.md, "The planner"):
 
 1. **Recover.** The state database's `planner_snapshots` row names generation G, the snapshot
-   the outbox was last computed from. Every other planner table of the audience is a
+   the outbox was last computed from. If G's snapshot is not there but G - 1's and G's per-run
+   table are, a kill stopped G's advance after its commit: the advance is finished first (step
+   4, which may run any number of times). Every other planner table of the audience is a
    leftover and is dropped: a newer one is a run that died before its outbox commit (its
-   changes were never queued, so they are computed again), an older one an advance that did
-   not finish.
-2. **Diff in the warehouse.** Generation G + 1's snapshot is built (`CREATE TABLE ... AS`),
-   and the identifiers whose rows differ from G's go into its per-run table.
-3. **Queue.** Their rows in both generations are read out; in one state transaction the
-   outbox of those users is rewritten, the baseline-based guard applies, and the
-   `planner_snapshots` row moves to G + 1. This commit is the hand-off.
-4. **Advance.** The per-run table and generation G's snapshot are dropped.
+   changes were never queued, so they are computed again).
+2. **Diff in the warehouse.** The query's rows are joined to G's snapshot, and the rows of
+   the identifiers that changed, as they were and as they are, go into G + 1's per-run table.
+   No new snapshot is written.
+3. **Queue.** Those rows are read out; in one state transaction the outbox of those users is
+   rewritten, the baseline-based guard applies, and the `planner_snapshots` row moves to
+   G + 1. This commit is the hand-off.
+4. **Advance.** G's snapshot is changed in place from the per-run table (the changed
+   identifiers' rows deleted, their new rows inserted: idempotent), renamed to G + 1's, and the
+   per-run table is dropped, each step in a transaction of its own.
 
-A kill before step 3 commits leaves G the committed generation: the next run diffs against G
-again, so no change is lost. A kill after it leaves G + 1 committed: the next run finishes the
-advance and diffs against G + 1, so nothing is queued twice. The outbox is keyed on the user,
-so a change queued again can only be the same value.
+A kill before step 3 commits leaves G the committed generation: the next run drops G + 1's
+table and diffs against G again, so no change is lost. A kill after it leaves G + 1 committed:
+the next run finishes the advance (applying the per-run table again if the kill came before
+the rename) and diffs against G + 1, so nothing is queued twice. The outbox is keyed on the
+user, so a change queued again can only be the same value.
 
 A full run, a reconcile's repairing run, a first run, and any run whose committed generation
 does not fit (another query, another schema, a streamed run since, a snapshot table gone)
-read the new snapshot whole and diff it against the baseline as a streamed run does.
+write G + 1's snapshot whole (`CREATE TABLE ... AS`) and diff it against the baseline as a
+streamed run does; its advance drops every other table.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def stage_and_queue(
     if report.status == "blocked":
         discard(pool, audience, plan.current)
     else:
-        advance(pool, audience, plan.current)
+        advance(pool, audience, plan)
     return counts, skipped
 
 
@@ -98,8 +104,8 @@ def diff_in_warehouse(
     own_last: bool,
     as_of: datetime,
 ) -> Plan:
-    """Steps 1 and 2: drop the leftovers, build the new snapshot and, when the committed one
-    fits, the per-run table of changed identifiers."""
+    """Steps 1 and 2: finish an interrupted advance, drop the leftovers, then either the per-run
+    table of changed rows (when the committed snapshot fits) or a new snapshot, written whole."""
     source = pool.settings(audience.source)
     schema = source.planner_schema
     assert schema is not None
@@ -108,34 +114,58 @@ def diff_in_warehouse(
     current = planner.Generation(schema, audience.key, number)
     previous = planner.Generation(schema, audience.key, number - 1) if ours else None
     _ensure_schema(pool, audience, schema)
+    there = previous is not None and finish_advance(pool, audience, previous)
     with _warehouse(pool, audience, schema) as connection:
-        keep = planner.table_name(planner.SNAPSHOT, audience.key, number - 1) if ours else None
+        keep = previous.snapshot.name if previous is not None and there else None
         planner.drop_all_but(connection, schema, audience.key, keep)
         fits = (
             kind == "incremental"
-            and previous is not None
+            and there
             and committed is not None
             and own_last
             and committed.fingerprint == planner.fingerprint(audience)
-            and keep is not None
-            and planner.exists(connection, schema, keep)
         )
         params = planner.audience_params(audience, as_of)
         named = planner.columns_of(connection.execute(planner.query_columns(audience), params))
         columns = planner.contract_columns(audience, named)
         started = time.perf_counter()
-        connection.execute(planner.build_snapshot(current, audience, columns), params)
-        built = time.perf_counter()
         if fits and previous is not None:
-            connection.execute(planner.changed_refs(previous, current, columns))
+            connection.execute(planner.changed_rows(previous, current, audience, columns), params)
+            log.info(
+                "audience %r: planner schema: the changed rows of generation %d found in %.2fs",
+                audience.key,
+                number,
+                time.perf_counter() - started,
+            )
+            return Plan(current, previous, columns, committed)
+        connection.execute(planner.build_snapshot(current, audience, columns), params)
+        planner.index_snapshot(connection, current.snapshot)
         log.info(
-            "audience %r: planner schema: snapshot %d built in %.2fs, changed identifiers in %.2fs",
+            "audience %r: planner schema: snapshot %d written whole in %.2fs",
             audience.key,
             number,
-            built - started,
-            time.perf_counter() - built if fits else 0.0,
+            time.perf_counter() - started,
         )
-    return Plan(current, previous if fits else None, columns, committed)
+    return Plan(current, None, columns, committed)
+
+
+def finish_advance(pool: SourcePool, audience: AudienceSettings, committed: planner.Generation) -> bool:
+    """Step 1: make sure the committed generation's snapshot is there, finishing its advance
+    when a kill stopped it after the commit. Returns whether the snapshot is there."""
+    schema, key, number = committed.schema, committed.key, committed.number
+    earlier = planner.Generation(schema, key, number - 1)
+    with _warehouse(pool, audience, schema) as connection:
+        if planner.exists(connection, schema, committed.snapshot.name):
+            return True
+        stopped = planner.exists(connection, schema, committed.changes.name) and planner.exists(
+            connection, schema, earlier.snapshot.name
+        )
+        columns = planner.changed_columns(connection, committed.changes) if stopped else []
+    if not stopped:
+        return False
+    log.info("audience %r: planner schema: finishing the advance to snapshot %d", key, number)
+    advance_in_place(pool, audience, earlier, committed, columns)
+    return True
 
 
 def _ensure_schema(pool: SourcePool, audience: AudienceSettings, schema: str) -> None:
@@ -201,15 +231,15 @@ def _stage_changes(
     """Stage the changed users' current rows, with every user they touch (their previous rows'
     identifiers too) in the scope; measure them against the baseline under the write lock."""
     assert plan.previous is not None and plan.committed is not None
-    current, previous = plan.current, plan.previous
+    current = plan.current
     staging.create_stage(connection)
-    before = planner.rows_of_changed(previous.snapshot, current.changes, plan.columns)
+    before = planner.rows_of_changed(current.changes, plan.columns, now=False)
     earlier = ReadStats()
     staging.load_stage(connection, _read(pool, audience, before, earlier, as_of), with_value=audience.trait)
     were = staging.add_stage_to_scope(connection)  # the changed users who were members
     stats = ReadStats()
     staging.create_stage(connection)
-    after = planner.rows_of_changed(current.snapshot, current.changes, plan.columns)
+    after = planner.rows_of_changed(current.changes, plan.columns, now=True)
     given = staging.load_stage(
         connection, _read(pool, audience, after, stats, as_of), with_value=audience.trait
     )
@@ -238,20 +268,65 @@ def _read(pool: SourcePool, audience: AudienceSettings, select: sa.Select[Any], 
     return read_members(pool, planner.reading(audience, select), stats, as_of=as_of)
 
 
-def advance(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
-    """Step 4, after the commit: the per-run table, then the previous snapshot."""
+def advance(pool: SourcePool, audience: AudienceSettings, plan: Plan) -> None:
+    """Step 4, after the commit."""
+    if plan.previous is None:  # written whole: every other table goes
+        drop_others(pool, audience, plan.current)
+        return
+    advance_in_place(pool, audience, plan.previous, plan.current, plan.columns)
+
+
+def advance_in_place(
+    pool: SourcePool,
+    audience: AudienceSettings,
+    previous: planner.Generation,
+    current: planner.Generation,
+    columns: list[str],
+) -> None:
+    started = time.perf_counter()
+    apply_changes(pool, audience, previous, current, columns)
+    rename_snapshot(pool, audience, previous, current)
+    drop_changes(pool, audience, current)
+    log.info(
+        "audience %r: planner schema: snapshot advanced in place to generation %d in %.2fs",
+        audience.key,
+        current.number,
+        time.perf_counter() - started,
+    )
+
+
+def apply_changes(
+    pool: SourcePool,
+    audience: AudienceSettings,
+    previous: planner.Generation,
+    current: planner.Generation,
+    columns: list[str],
+) -> None:
+    with _warehouse(pool, audience, current.schema) as connection:
+        for statement in planner.apply_changes(previous.snapshot, current.changes, columns):
+            connection.execute(statement)
+
+
+def rename_snapshot(
+    pool: SourcePool, audience: AudienceSettings, previous: planner.Generation, current: planner.Generation
+) -> None:
+    with _warehouse(pool, audience, current.schema) as connection:
+        connection.execute(planner.rename(previous.snapshot, current))
+
+
+def drop_changes(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
     with _warehouse(pool, audience, current.schema) as connection:
         planner.drop(connection, current.schema, current.changes.name)
-    drop_previous(pool, audience, current)
 
 
-def drop_previous(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
+def drop_others(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
     with _warehouse(pool, audience, current.schema) as connection:
         planner.drop_all_but(connection, current.schema, audience.key, current.snapshot.name)
 
 
 def discard(pool: SourcePool, audience: AudienceSettings, current: planner.Generation) -> None:
-    """A run that committed nothing: its own tables go; the committed snapshot stays."""
+    """A run that committed nothing: its own tables go (its per-run table, or the snapshot it
+    wrote whole); the committed snapshot stays."""
     try:
         with _warehouse(pool, audience, current.schema) as connection:
             planner.drop(connection, current.schema, current.changes.name)
