@@ -263,11 +263,14 @@ def build_snapshot(generation: Generation, audience: AudienceSettings, columns: 
 
 
 def index_snapshot(connection: Connection, snapshot: sa.TableClause) -> None:
-    """On PostgreSQL, index a new snapshot on its identifier: the per-run table's probes and
-    the advance's delete then touch the changed identifiers' rows only, not every row (the
-    other warehouses scan; DuckDB's columnar scan of one column is cheap)."""
+    """On PostgreSQL, index a new snapshot on its identifier, and give it statistics: the
+    per-run table's probes and the advance's delete then touch the changed identifiers' rows
+    only, not every row (the other warehouses scan; DuckDB's columnar scan of one column is
+    cheap)."""
     if connection.dialect.name == "postgresql":
         connection.execute(CreateRefIndex(snapshot))
+        name = connection.dialect.identifier_preparer.format_table(snapshot)
+        connection.exec_driver_sql(f"ANALYZE {name}")
 
 
 def _rows(snapshot: sa.TableClause, columns: list[str]) -> sa.Select[Any]:
