@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from queue import Full, Queue
 from typing import Any, TypeVar
 
@@ -55,3 +56,30 @@ def read_ahead(
     finally:
         stop.set()
         helper.join()
+
+
+@contextmanager
+def beside(tasks: Sequence[Callable[[], None]], name: str = "audience-sync-beside") -> Iterator[None]:
+    """Run `tasks`, one after another, in a helper thread while the block runs; wait for them
+    when it ends (however it ends). An error of a task is raised then, unless the block raised
+    its own."""
+    if not tasks:
+        yield
+        return
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        for task in tasks:
+            try:
+                task()
+            except Exception as exc:  # raised in the caller's thread, after the block
+                errors.append(exc)
+
+    helper = threading.Thread(target=work, name=name, daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        helper.join()
+    if errors:
+        raise errors[0]

@@ -34,6 +34,7 @@ streamed run does; its advance drops every other table.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from ..snapshot.sources import SourcePool, read_members
 from ..state import outbox, runs
 from ..state import planner as planner_state
 from ..state.database import begin_write, driver_message
+from ..support.logs import run_context
 from ..support.text import first_line
 from .queueing import discard_stage, queue_unless_blocked, stage_and_measure
 from .reports import RunReport, SyncOptions
@@ -91,8 +93,8 @@ def stage_and_queue(
         raise
     if report.status == "blocked":
         discard(pool, audience, plan.current)
-    else:
-        advance(pool, audience, plan)
+    else:  # committed: the advance runs beside the delivery (sync/run.py)
+        report.follow_up = functools.partial(advance_or_leave, pool, audience, plan, report.run_id)
     return counts, skipped
 
 
@@ -266,6 +268,16 @@ def _stage_changes(
 def _read(pool: SourcePool, audience: AudienceSettings, select: sa.Select[Any], stats: ReadStats,
           as_of: datetime) -> Any:  # fmt: skip
     return read_members(pool, planner.reading(audience, select), stats, as_of=as_of)
+
+
+def advance_or_leave(pool: SourcePool, audience: AudienceSettings, plan: Plan, run_id: int | None) -> None:
+    """Step 4, after the commit, beside the delivery; a warehouse error leaves it to the next
+    run's step 1 (the run's changes are committed: it does not fail for this)."""
+    with run_context(run_id):
+        try:
+            advance(pool, audience, plan)
+        except SourceError as exc:
+            log.warning("audience %r: %s (the next run finishes the advance)", audience.key, first_line(exc))
 
 
 def advance(pool: SourcePool, audience: AudienceSettings, plan: Plan) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,6 +51,9 @@ class RunReport:
     error: str | None = None
     duration: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # Work left in the source after the run's outbox commit, run beside its delivery (a planner
+    # snapshot's advance, sync/planned.py): it never fails the run, the next run finishes it.
+    follow_up: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

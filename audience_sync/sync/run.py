@@ -25,6 +25,7 @@ from ..state.database import database_error, translate_errors
 from ..support.clock import utcnow
 from ..support.logs import run_context
 from ..support.text import first_line
+from ..support.threads import beside
 from .dry_run import dry_run
 from .lease_keeper import LeaseKeeper
 from .queueing import queue_all
@@ -120,10 +121,13 @@ def _sync_leased(
             started = time.monotonic()
             reports.update(queue_all(engine, pool, held, options, settings.safety, holder, should_stop))
             ready = {k: r for k, r in reports.items() if r.status == "running" and r.run_id}
-            deliver_and_finish(
-                engine, settings, ready, sender_factory, progress, lambda: should_stop() or bool(keeper.lost),
-                keeper, started, {a.key: a for a in held},
-            )  # fmt: skip
+            # what the sources still do after the commits (a planner snapshot's advance) runs
+            # beside the delivery, and ends before the leases are released
+            with beside([r.follow_up for r in reports.values() if r.follow_up is not None]):
+                deliver_and_finish(
+                    engine, settings, ready, sender_factory, progress,
+                    lambda: should_stop() or bool(keeper.lost), keeper, started, {a.key: a for a in held},
+                )  # fmt: skip
     finally:
         for audience in held:
             release(engine, audience.key, holder)
