@@ -1,4 +1,5 @@
-"""Reading an iterator ahead in a helper thread, with bounded memory."""
+"""Helper threads: reading an iterator ahead with bounded memory (`read_ahead`), and running
+work beside a block (`beside`)."""
 
 from __future__ import annotations
 

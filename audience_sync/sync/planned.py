@@ -18,7 +18,8 @@ The hand-off between the two databases (docs/design.md, "The planner"):
    G + 1. This commit is the hand-off.
 4. **Advance.** G's snapshot is changed in place from the per-run table (the changed
    identifiers' rows deleted, their new rows inserted: idempotent), renamed to G + 1's, and the
-   per-run table is dropped, each step in a transaction of its own.
+   per-run table is dropped, each step in a transaction of its own. It runs beside the
+   delivery (`RunReport.follow_up`, sync/run.py); an error there leaves it to the next run.
 
 A kill before step 3 commits leaves G the committed generation: the next run drops G + 1's
 table and diffs against G again, so no change is lost. A kill after it leaves G + 1 committed:
