@@ -49,10 +49,10 @@ QUERY = "SELECT id AS user_id, email, name, company_id FROM users WHERE member"
 CHURN = 0.005  # leave, and as many enter: 1% of the audience changes per incremental run
 PLANNER = "audience_sync_planner"
 READ_OUT = re.compile(r"read (\d+) rows out of the planner schema")
-# the planner's SQL in the warehouse: finding the changed rows, then advancing the snapshot in place
-IN_WAREHOUSE = re.compile(
-    r"changed rows of generation \d+ found in ([\d.]+)s|advanced in place to generation \d+ in ([\d.]+)s"
-)
+# the planner's SQL in the warehouse: finding the changed rows (before the commit), then the
+# snapshot's advance in place (after it, beside the delivery)
+IN_WAREHOUSE = re.compile(r"changed rows of generation \d+ found in ([\d.]+)s")
+ADVANCED = re.compile(r"advanced in place to generation \d+ in ([\d.]+)s")
 
 
 @dataclass
@@ -65,7 +65,8 @@ class Path_:
     incremental: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
     rows_out: list[int] = field(default_factory=list)
-    warehouse: list[float] = field(default_factory=list)  # the planner's SQL in the warehouse
+    warehouse: list[float] = field(default_factory=list)  # the planner's diff in the warehouse
+    advance: list[float] = field(default_factory=list)  # its advance, beside the delivery
 
 
 @contextmanager
@@ -212,9 +213,10 @@ def main() -> None:
                     path_.rss.append(rss)
                     found = READ_OUT.search(log)
                     path_.rows_out.append(int(found.group(1)) if found else members)
-                    spent = [float(a or b) for a, b in IN_WAREHOUSE.findall(log)]
-                    if spent:
-                        path_.warehouse.append(sum(spent))
+                    spent, advanced = IN_WAREHOUSE.search(log), ADVANCED.search(log)
+                    if spent and advanced:
+                        path_.warehouse.append(float(spent.group(1)))
+                        path_.advance.append(float(advanced.group(1)))
                     check(path_, members, _leavers(path_, leavers))
         report(n, moved, width, paths)
 
@@ -243,10 +245,11 @@ def report(n: int, moved: int, width: float, paths: list[Path_]) -> None:
         f"incremental: streaming / planner = {streamed / planned:.2f}x; average row width {width:.0f} bytes"
     )
     if paths[0].warehouse:
-        spent = statistics.median(paths[0].warehouse)
+        spent, advanced = statistics.median(paths[0].warehouse), statistics.median(paths[0].advance)
         print(
-            f"planner: {spent:.2f}s of its incremental run in the warehouse (the changed rows and the "
-            f"snapshot's advance, median), {planned - spent:.2f}s the rest (read-out, queueing, delivery)"
+            f"planner: {spent:.2f}s of its incremental run finding the changed rows in the warehouse "
+            f"(median), {planned - spent:.2f}s the rest (read-out, queueing, delivery); the snapshot's "
+            f"advance in place {advanced:.2f}s, beside the delivery"
         )
 
 
