@@ -134,22 +134,16 @@ def diff_in_warehouse(
         started = time.perf_counter()
         if fits and previous is not None:
             connection.execute(planner.changed_rows(previous, current, audience, columns), params)
-            log.info(
-                "audience %r: planner schema: the changed rows of generation %d found in %.2fs",
-                audience.key,
-                number,
-                time.perf_counter() - started,
-            )
-            return Plan(current, previous, columns, committed)
-        connection.execute(planner.build_snapshot(current, audience, columns), params)
-        planner.index_snapshot(connection, current.snapshot)
-        log.info(
-            "audience %r: planner schema: snapshot %d written whole in %.2fs",
-            audience.key,
-            number,
-            time.perf_counter() - started,
-        )
-    return Plan(current, None, columns, committed)
+            plan = Plan(current, previous, columns, committed)
+            done = "the changed rows of generation %d found"
+        else:
+            connection.execute(planner.build_snapshot(current, audience, columns), params)
+            planner.index_snapshot(connection, current.snapshot)
+            plan = Plan(current, None, columns, committed)
+            done = "snapshot %d written whole"
+        spent = time.perf_counter() - started
+        log.info(f"audience %r: planner schema: {done} in %.2fs", audience.key, number, spent)
+    return plan
 
 
 def finish_advance(pool: SourcePool, audience: AudienceSettings, committed: planner.Generation) -> bool:
