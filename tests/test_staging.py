@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from audience_sync.snapshot import diff, staging
 from audience_sync.snapshot.contract import Member, ReadStats, _member, members
+from audience_sync.state import database
 from audience_sync.state.models import UTCDateTime
 from audience_sync.support import collector, threads
 from audience_sync.support.collector import frozen_gc
@@ -218,3 +219,31 @@ def test_phases_in_quick_succession_share_one_full_collection(monkeypatch: pytes
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert gone() is None
+
+
+def test_statistics_are_refreshed_after_a_write_that_would_mislead_the_planner_only(
+    postgres_url: str,
+) -> None:
+    """ANALYZE after more than ANALYZE_AFTER rows written, unless they are at most a tenth of
+    what the statistics counted (at 10M members, a run's 100,000 changes)."""
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE written (n integer)")
+
+        def write(rows: int) -> float:
+            connection.execute(
+                sa.text("INSERT INTO written SELECT generate_series(1, :rows)"), {"rows": rows}
+            )
+            database.analyze(connection, "written", rows)
+            return float(
+                connection.exec_driver_sql(
+                    "SELECT reltuples FROM pg_class WHERE relname = 'written'"
+                ).scalar_one()
+            )
+
+        assert write(database.ANALYZE_AFTER) == -1  # not more than the threshold: never analyzed
+        assert write(10_001) == 20_001  # never analyzed: any write above the threshold
+        assert write(200_000) == 220_001
+        assert write(20_000) == 220_001  # under a tenth of 220,001: the statistics stand
+        assert write(25_000) == 265_001
+    engine.dispose()

@@ -144,12 +144,21 @@ def begin_write(connection: Connection) -> None:
 
 # Rows written in one go above which PostgreSQL's statistics are refreshed: autovacuum runs
 # later (and never on temporary tables), and a planner that takes a million-row table for an
-# empty one sorts all of it for every page it reads.
+# empty one sorts all of it for every page it reads. Below a tenth of the table's rows (the
+# share at which autovacuum analyzes), the statistics still hold: at 10M members, an ANALYZE
+# after an incremental run's 100,000 changes cost 0.4 s of reading sampled pages.
 ANALYZE_AFTER = 10_000
+ANALYZE_SHARE = 0.1
 
 
 def analyze(connection: Connection, table: str, rows: int) -> None:
     """Refresh PostgreSQL's statistics of `table` after `rows` were written, when that many
-    would mislead its planner."""
-    if connection.dialect.name == "postgresql" and rows > ANALYZE_AFTER:
+    would mislead its planner: more than ANALYZE_AFTER, and more than ANALYZE_SHARE of the
+    rows its statistics counted."""
+    if connection.dialect.name != "postgresql" or rows <= ANALYZE_AFTER:
+        return
+    counted = connection.execute(
+        sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:table AS regclass)"), {"table": table}
+    ).scalar_one()
+    if rows > ANALYZE_SHARE * max(counted, 0):  # -1: never analyzed
         connection.exec_driver_sql(f"ANALYZE {table}")
