@@ -17,6 +17,7 @@ contract's columns, measured with pg_column_size).
 
     flock /work/bench.lock python benchmarks/bench_planner.py                 # 1M members
     flock /work/bench.lock python benchmarks/bench_planner.py --n 100000 --runs 3
+    flock /work/bench.lock python benchmarks/bench_planner.py --n 10000000 --warehouse duckdb
 
 `--py-spy DIR` runs each incremental sync under `py-spy record` (installed separately), writing
 its collapsed stacks and its log there; times measured that way include the sampler's overhead.
@@ -69,66 +70,80 @@ class Path_:
     advance: list[float] = field(default_factory=list)  # its advance, beside the delivery
 
 
+USERS = "CREATE TABLE users (id text NOT NULL, email text, name text, company_id text, member boolean)"
+# the members and the spare rows, in both warehouses' SQL
+FILL = (
+    "INSERT INTO users SELECT 'u' || i, 'user' || i || '@example.com', 'User ' || i, "
+    "'c' || mod(i, 1000), i <= {n} FROM generate_series(1, {total}) AS t(i)"
+)
+# 0.5% of the members leave, as many non-members enter (a different slice each time)
+CHURN_SQL = (
+    "UPDATE users SET member = NOT member WHERE id IN ("
+    "SELECT id FROM users WHERE member ORDER BY {hash}(id || '{r}') LIMIT {m}) "
+    "OR id IN (SELECT id FROM users WHERE NOT member ORDER BY {hash}(id || '{r}') LIMIT {m})"
+)
+COUNTS = "SELECT count(*), avg({w}(id) + {w}(email) + {w}(name) + {w}(company_id)) FROM users WHERE member"
+
+
 @contextmanager
-def warehouse(n: int, spare: int) -> Iterator[str]:
+def postgres_warehouse(n: int, spare: int, workdir: Path, memory_limit: str | None = None) -> Iterator[str]:
     name = f"bench_planner_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE {name}")
     url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    engine = sa.create_engine(url)
     try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql(
-                "CREATE TABLE users (id text NOT NULL, email text, name text, company_id text, "
-                "member boolean)"
-            )
-            connection.execute(
-                sa.text(
-                    "INSERT INTO users SELECT 'u' || i, 'user' || i || '@example.com', 'User ' || i, "
-                    "'c' || (i % 1000), i <= :n FROM generate_series(1, :total) AS i"
-                ),
-                {"n": n, "total": n + spare},
-            )
+        with sa.create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+            connection.exec_driver_sql(USERS)
+            connection.exec_driver_sql(FILL.format(n=n, total=n + spare))
             connection.exec_driver_sql("CREATE UNIQUE INDEX ON users (id)")
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql("VACUUM ANALYZE users")
+            connection.engine.dispose()
         yield url
     finally:
-        engine.dispose()
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
         admin.dispose()
 
 
+@contextmanager
+def duckdb_warehouse(n: int, spare: int, workdir: Path, memory_limit: str | None = None) -> Iterator[str]:
+    url = f"duckdb:///{workdir / 'warehouse.duckdb'}"
+    with _execute(url) as connection:
+        connection.exec_driver_sql(USERS)
+        connection.exec_driver_sql(FILL.format(n=n, total=n + spare))
+    yield f"{url}?memory_limit={memory_limit}" if memory_limit else url
+
+
+WAREHOUSES = {"postgresql": postgres_warehouse, "duckdb": duckdb_warehouse}
+
+
+@contextmanager
+def _execute(url: str) -> Iterator[sa.Connection]:
+    """A connection that is closed (and its engine disposed) afterwards: a DuckDB file is held
+    by one writing process at a time, and the syncs run in their own."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
 def churn(url: str, n: int, rep: int) -> None:
     """0.5% of the members leave, as many non-members enter (a different slice each time)."""
-    moved = max(1, int(n * CHURN))
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "UPDATE users SET member = NOT member WHERE id IN ("
-                "SELECT id FROM users WHERE member ORDER BY hashtext(id || :r) LIMIT :m) "
-                "OR id IN (SELECT id FROM users WHERE NOT member ORDER BY hashtext(id || :r) LIMIT :m)"
-            ),
-            {"m": moved, "r": str(rep)},
-        )
-    engine.dispose()
+    with _execute(url) as connection:
+        hash_ = "hashtext" if connection.dialect.name == "postgresql" else "hash"
+        connection.exec_driver_sql(CHURN_SQL.format(hash=hash_, r=rep, m=max(1, int(n * CHURN))))
 
 
 def counts(url: str) -> tuple[int, float]:
-    """Members, and the average width in bytes of the contract columns of a member's row."""
-    engine = sa.create_engine(url)
-    with engine.connect() as connection:
-        members, width = connection.execute(
-            sa.text(
-                "SELECT count(*), avg(pg_column_size(id) + pg_column_size(email) + pg_column_size(name) "
-                "+ pg_column_size(company_id)) FROM users WHERE member"
-            )
-        ).one()
-    engine.dispose()
-    return int(members), float(width)
+    """Members, and the average width in bytes of the contract columns of a member's row
+    (PostgreSQL: as stored, pg_column_size; DuckDB: the strings' lengths)."""
+    with _execute(url) as connection:
+        width = "pg_column_size" if connection.dialect.name == "postgresql" else "strlen"
+        members, average = connection.exec_driver_sql(COUNTS.format(w=width)).one()
+    return int(members), float(average)
 
 
 def write_config(path: Path, state_url: str, source_url: str, planhat_url: str, planner: bool) -> None:
@@ -175,10 +190,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="members")
     parser.add_argument("--runs", type=int, default=3, help="incremental runs per path")
     parser.add_argument("--py-spy", type=Path, default=None, help="profile the incremental runs here")
+    parser.add_argument("--warehouse", choices=sorted(WAREHOUSES), default="postgresql")
+    parser.add_argument("--duckdb-memory-limit", default=None, help="e.g. 512MB (DuckDB's memory_limit)")
     args = parser.parse_args()
     n, moved = args.n, max(1, int(args.n * CHURN))
     spare = moved * args.runs * 2 + 100
-    with tempfile.TemporaryDirectory() as tmp, warehouse(n, spare) as source_url:
+    build = WAREHOUSES[args.warehouse]
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        build(n, spare, Path(tmp), args.duckdb_memory_limit) as source_url,
+    ):
         workdir = Path(tmp)
         with (
             state_database("postgresql", workdir) as planned_state,
@@ -218,7 +239,7 @@ def main() -> None:
                         path_.warehouse.append(float(spent.group(1)))
                         path_.advance.append(float(advanced.group(1)))
                     check(path_, members, _leavers(path_, leavers))
-        report(n, moved, width, paths)
+        report(n, moved, width, paths, args.warehouse)
 
 
 def _leavers(path_: Path_, leavers: int) -> int:
@@ -226,10 +247,10 @@ def _leavers(path_: Path_, leavers: int) -> int:
     return planhat_state(path_.planhat)["false"].get(KEY, 0) if leavers else 0
 
 
-def report(n: int, moved: int, width: float, paths: list[Path_]) -> None:
+def report(n: int, moved: int, width: float, paths: list[Path_], warehouse: str) -> None:
     print(
         f"\n{n:,} members, {2 * moved:,} changes per incremental run (1% churn); "
-        "PostgreSQL warehouse and state"
+        f"{warehouse} warehouse, PostgreSQL state"
     )
     print(f"{'path':<10} {'full s':>8} {'incr s (median)':>16} {'incr runs':>26} {'peak RSS MB':>12} "
           f"{'rows out':>10} {'MB out':>8}")  # fmt: skip
