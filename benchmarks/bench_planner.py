@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -86,19 +87,18 @@ COUNTS = "SELECT count(*), avg({w}(id) + {w}(email) + {w}(name) + {w}(company_id
 
 
 @contextmanager
-def postgres_warehouse(n: int, spare: int, workdir: Path, memory_limit: str | None = None) -> Iterator[str]:
+def postgres_warehouse(n: int, spare: int, workdir: Path) -> Iterator[str]:
     name = f"bench_planner_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE {name}")
     url = sa.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
     try:
-        with sa.create_engine(url, isolation_level="AUTOCOMMIT").connect() as connection:
+        with _execute(url, isolation_level="AUTOCOMMIT") as connection:  # VACUUM: no transaction
             connection.exec_driver_sql(USERS)
             connection.exec_driver_sql(FILL.format(n=n, total=n + spare))
             connection.exec_driver_sql("CREATE UNIQUE INDEX ON users (id)")
             connection.exec_driver_sql("VACUUM ANALYZE users")
-            connection.engine.dispose()
         yield url
     finally:
         with admin.connect() as connection:
@@ -107,22 +107,22 @@ def postgres_warehouse(n: int, spare: int, workdir: Path, memory_limit: str | No
 
 
 @contextmanager
-def duckdb_warehouse(n: int, spare: int, workdir: Path, memory_limit: str | None = None) -> Iterator[str]:
+def duckdb_warehouse(n: int, spare: int, workdir: Path) -> Iterator[str]:
     url = f"duckdb:///{workdir / 'warehouse.duckdb'}"
     with _execute(url) as connection:
         connection.exec_driver_sql(USERS)
         connection.exec_driver_sql(FILL.format(n=n, total=n + spare))
-    yield f"{url}?memory_limit={memory_limit}" if memory_limit else url
+    yield url
 
 
 WAREHOUSES = {"postgresql": postgres_warehouse, "duckdb": duckdb_warehouse}
 
 
 @contextmanager
-def _execute(url: str) -> Iterator[sa.Connection]:
+def _execute(url: str, **options: Any) -> Iterator[sa.Connection]:
     """A connection that is closed (and its engine disposed) afterwards: a DuckDB file is held
     by one writing process at a time, and the syncs run in their own."""
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, **options)
     try:
         with engine.begin() as connection:
             yield connection
@@ -195,12 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     n, moved = args.n, max(1, int(args.n * CHURN))
     spare = moved * args.runs * 2 + 100
-    build = WAREHOUSES[args.warehouse]
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        build(n, spare, Path(tmp), args.duckdb_memory_limit) as source_url,
-    ):
+    if args.duckdb_memory_limit and args.warehouse != "duckdb":
+        parser.error("--duckdb-memory-limit is for --warehouse duckdb")
+    with tempfile.TemporaryDirectory() as tmp, WAREHOUSES[args.warehouse](n, spare, Path(tmp)) as url:
         workdir = Path(tmp)
+        # DuckDB takes its settings from the URL's query (the syncs' connections and ours)
+        source_url = f"{url}?memory_limit={args.duckdb_memory_limit}" if args.duckdb_memory_limit else url
         with (
             state_database("postgresql", workdir) as planned_state,
             state_database("postgresql", workdir) as streamed_state,
