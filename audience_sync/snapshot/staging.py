@@ -8,6 +8,11 @@ beats keeping an index up to date row by row when the source's order is not the 
 leaves the stage in key order, so the joins below and the outbox writes walk the indexes in
 order, for the diff (`diff`, `traits`).
 
+On SQLite, a source whose rows come in key order (a query ending `ORDER BY user_id`, a table
+keyed on it) skips the heap: while each chunk's keys follow the last chunk's, the chunk goes
+straight into `stage_members`, each row appended at the end of its B-tree, and only the rows
+from the first chunk out of order on go through the heap and the sort (`_KeyOrder`).
+
 Every staging table is TEMPORARY: the state database never grows by a snapshot. Nothing here
 holds an audience in Python: memory is a few chunks of rows.
 """
@@ -15,8 +20,11 @@ holds an audience in Python: memory is a few chunks of rows.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import cast
 
 import orjson
 from sqlalchemy.engine import Connection
@@ -102,7 +110,8 @@ def load_stage(
     A helper thread reads the source a chunk or two ahead. PostgreSQL: one COPY, which the
     server consumes in its own process. SQLite works inside this process: it writes each
     chunk as one statement over a JSON array, and so runs without the GIL for the whole chunk
-    (executemany takes the GIL back for every row, which stalls the reader). `progress`, when
+    (executemany takes the GIL back for every row, which stalls the reader), into the keyed
+    stage while the keys come in order, else into the heap. `progress`, when
     given, is told how many rows each chunk added; without it, a long load logs a line every
     STAGING_LOG_SECONDS.
     """
@@ -127,26 +136,58 @@ def load_stage(
         width = len(MEMBER_FIELDS) + with_value
         fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
         columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
-        insert = f"INSERT INTO {RAW} ({columns}) SELECT {fields} FROM json_each(?)"
+        into_raw = f"INSERT INTO {RAW} ({columns}) SELECT {fields} FROM json_each(?)"
+        # json_each yields the array in order, so the first row of a user listed twice wins
+        into_stage = (
+            f"INSERT INTO {STAGE} (user_ref, {columns}) "
+            f"SELECT coalesce(json_extract(value, '$[0]'), json_extract(value, '$[1]')), {fields} "
+            "FROM json_each(?) WHERE TRUE ON CONFLICT (user_ref) DO NOTHING"
+        )
+        order = _KeyOrder()
         cursor = connection.connection.cursor()
         try:
             for chunk in read_ahead(chunks):
                 if chunk:
+                    insert = into_stage if order.follows(chunk) else into_raw
                     cursor.execute(insert, (orjson.dumps(chunk).decode(),))
                     given += len(chunk)
                     progress(len(chunk))
         finally:
             cursor.close()
-        connection.exec_driver_sql(
-            f"INSERT INTO {STAGE} (user_ref, {_STAGE_COLUMNS}) "
-            f"SELECT coalesce(user_id, email), {_STAGE_COLUMNS} FROM {RAW} "
-            "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
-            "ON CONFLICT (user_ref) DO NOTHING"
-        )
+        if not order.holds:  # rows staged already came first: they win over the heap's
+            connection.exec_driver_sql(
+                f"INSERT INTO {STAGE} (user_ref, {_STAGE_COLUMNS}) "
+                f"SELECT coalesce(user_id, email), {_STAGE_COLUMNS} FROM {RAW} "
+                "WHERE TRUE ORDER BY coalesce(user_id, email), rowid "
+                "ON CONFLICT (user_ref) DO NOTHING"
+            )
         # RAW stays: the run's end closes the connection, which deletes the temporary
         # database whole (sync.queueing.discard_stage), and create_stage() drops it for
         # another stage on the same connection; a DROP here would free its pages one by one.
         return given
+
+
+class _KeyOrder:
+    """Whether every chunk so far came in the stage's key order: user_id, else email (SQL's
+    coalesce), each at least the one before. Python orders str by code point, as SQLite
+    orders UTF-8 TEXT under its default BINARY collation. Once a chunk is out of order, it
+    stays out: the rest go through the heap and its sort."""
+
+    def __init__(self) -> None:
+        self.holds = True
+        self._last: str | None = None
+
+    def follows(self, chunk: list[Member]) -> bool:
+        if self.holds:
+            keys = [member[0] if member[0] is not None else member[1] for member in chunk]
+            if None in keys:  # no key: the sort's insert refuses it, as it always did
+                self.holds = False
+                return False
+            ordered = cast(list[str], keys)
+            after_last = self._last is None or self._last <= ordered[0]
+            self.holds = after_last and all(map(operator.le, ordered, islice(ordered, 1, None)))
+            self._last = ordered[-1]
+        return self.holds
 
 
 STAGING_LOG_SECONDS = 10.0
