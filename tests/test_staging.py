@@ -9,9 +9,13 @@ import time
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from audience_sync.snapshot import diff, staging
 from audience_sync.snapshot.contract import Member, ReadStats, _member, members
@@ -67,6 +71,69 @@ def test_staging_keeps_the_first_row_of_a_user_listed_twice(state: sa.Engine) ->
         ("u1", None, "One"),
         ("u2", "two@x.com", "First"),
     ]
+
+
+# user_id or email; non-ASCII too: SQLite orders UTF-8 TEXT by code point, as Python orders str
+_KEYS = st.sampled_from(["a", "b", "c", "z", "\u00e9", "\U0001f600"])
+
+
+def _key(member: Member) -> str:
+    key = member[0] if member[0] is not None else member[1]
+    assert key is not None  # every drawn member has an email
+    return key
+
+
+@st.composite
+def _arrivals(draw: st.DrawFn) -> list[list[Member]]:
+    """Members, some users listed more than once, the first k of them in key order (the rest
+    as drawn), cut into chunks."""
+    ids = draw(st.lists(st.one_of(st.none(), _KEYS), min_size=1, max_size=30))
+    rows: list[Member] = [(uid, f"{draw(_KEYS)}@x.com", f"row {i}", None, None) for i, uid in enumerate(ids)]
+    k = draw(st.integers(0, len(rows)))
+    rows[:k] = sorted(rows[:k], key=_key)  # stable: a user's rows keep their order
+    cuts = sorted(draw(st.sets(st.integers(1, len(rows) - 1)))) if len(rows) > 1 else []
+    bounds = [0, *cuts, len(rows)]
+    return [rows[a:b] for a, b in pairwise(bounds)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=_arrivals())
+def test_whatever_the_order_of_arrival_each_user_is_staged_once_with_their_first_row(
+    state: sa.Engine, chunks: list[list[Member]]
+) -> None:
+    first: dict[str, tuple[str | None, str | None]] = {}
+    for member in (member for chunk in chunks for member in chunk):
+        first.setdefault(_key(member), (member[1], member[2]))
+    with state.connect() as connection:
+        staging.create_stage(connection)
+        assert staging.load_stage(connection, iter(chunks)) == sum(map(len, chunks))
+        staged = connection.exec_driver_sql(f"SELECT user_ref, email, name FROM {staging.STAGE}").all()
+        staging.drop_stage(connection)
+        connection.rollback()
+    assert {ref: (email, name) for ref, email, name in staged} == first
+    assert len(staged) == len(first)
+
+
+def test_a_source_in_key_order_is_staged_without_the_heap_until_a_chunk_breaks_it(tmp_path: Path) -> None:
+    engine = database.open_state(f"sqlite:///{tmp_path / 'state.db'}")
+
+    def heap_rows(*chunks: list[str]) -> int:
+        with engine.connect() as connection:
+            staging.create_stage(connection)
+            members: list[list[Member]] = [[(ref, None, None, None, None) for ref in c] for c in chunks]
+            staging.load_stage(connection, iter(members))
+            raw = connection.exec_driver_sql(f"SELECT count(*) FROM {staging.RAW}").scalar_one()
+            staged = connection.exec_driver_sql(f"SELECT count(*) FROM {staging.STAGE}").scalar_one()
+            assert staged == len({ref for c in chunks for ref in c})
+            connection.rollback()
+        return int(raw)
+
+    try:
+        assert heap_rows(["u1", "u2"], ["u2", "u3"], ["u4", "u5"]) == 0  # in order, a repeat included
+        assert heap_rows(["u1", "u2"], ["u3", "u0"], ["u4", "u5"]) == 4  # from the chunk out of order
+        assert heap_rows(["u3", "u4"], ["u1", "u2"], ["u5"]) == 3  # before the last chunk's end
+    finally:
+        engine.dispose()
 
 
 def _stage(connection: sa.Connection, refs: list[str]) -> None:
