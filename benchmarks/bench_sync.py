@@ -116,18 +116,26 @@ class Case:
 # --- the source database ------------------------------------------------------------------
 
 
-def make_source(path: Path, n: int, spare: int) -> None:
-    """N members (member = 1) and `spare` users who never were members (the churn's entrants)."""
+def make_source(path: Path, n: int, spare: int, order: str = "key") -> None:
+    """N members (member = 1) and `spare` users who never were members (the churn's entrants).
+    The audience's query scans the table in rowid order: `order` "key" stores the rows in the
+    order of their ids (the query returns them in key order), "random" shuffled."""
     connection = sqlite3.connect(path)
-    connection.execute(
-        "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, company_id TEXT, "
+    columns = (
+        "(id TEXT PRIMARY KEY, email TEXT, name TEXT, company_id TEXT, "
         "member INTEGER NOT NULL, ever INTEGER NOT NULL)"
     )
+    connection.execute(f"CREATE {'TEMP ' if order == 'random' else ''}TABLE ordered {columns}")
     rows = (
         (f"u{i:08d}", f"user{i}@example.com", f"User {i}", f"c{i % 5000}", int(i < n), int(i < n))
         for i in range(n + spare)
     )
-    connection.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)", rows)
+    connection.executemany("INSERT INTO ordered VALUES (?, ?, ?, ?, ?, ?)", rows)
+    if order == "random":
+        connection.execute(f"CREATE TABLE users {columns}")
+        connection.execute("INSERT INTO users SELECT * FROM ordered ORDER BY random()")
+    else:
+        connection.execute("ALTER TABLE ordered RENAME TO users")
     connection.commit()
     connection.close()
 
@@ -817,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of full + incremental")
     parser.add_argument("--history", type=int, default=0, help="incremental runs for the size report")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument(
+        "--order",
+        choices=["key", "random"],
+        default="key",
+        help="the order the source returns its rows in: its users' ids (default) or shuffled",
+    )
     parser.add_argument("--py-spy", type=Path, default=None, help="write py-spy profiles (raw) here")
     parser.add_argument("--cli", default=None, help="command to run instead of audience-sync (experiments)")
     parser.add_argument(
@@ -851,10 +865,10 @@ def main(argv: list[str] | None = None) -> int:
             run_fleet(args, workdir)
             return 0
         for n in args.n:
-            template = workdir / f"template-{n}.db"
+            template = workdir / f"template-{n}-{args.order}.db"
             if not template.exists():
                 started = time.perf_counter()
-                make_source(template, n, spare_for(n, max(args.history, 1)))
+                make_source(template, n, spare_for(n, max(args.history, 1)), args.order)
                 print(f"source with {n:,} members built in {time.perf_counter() - started:.1f}s", flush=True)
             # Interleaved (SQLite, PostgreSQL, SQLite, ...): on a shared machine, both see the
             # same spells of load, so their ratio holds better than their absolute times.
