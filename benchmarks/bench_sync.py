@@ -28,7 +28,8 @@ $AUDIENCE_SYNC_BENCH_POSTGRES (default postgres@127.0.0.1:5432/test), dropped af
 stacks there; times measured that way include the sampler's overhead. `--pg-stats` resets
 `pg_stat_statements` before each PostgreSQL sync and prints its heaviest statements after
 (server-wide: other clients of the server show up too). `--cli` runs another command in place
-of `audience-sync`, for experiments (e.g. an older checkout).
+of `audience-sync`, for experiments (e.g. an older checkout). The source's query returns its
+rows in key order, which lets staging skip its sort; `--order random` stores them shuffled.
 
 The fleet case (`--audiences N`) runs N audiences over one table of `--users U` users, each
 audience a deterministic subset of `--members M` of them (a fixed permutation of the users,
