@@ -85,10 +85,14 @@ def _key(member: Member) -> str:
 
 @st.composite
 def _arrivals(draw: st.DrawFn) -> list[list[Member]]:
-    """Members, some users listed more than once, the first k of them in key order (the rest
-    as drawn), cut into chunks."""
+    """Members (a computed trait's, with a value, or an audience's), some users listed more
+    than once, the first k of them in key order (the rest as drawn), cut into chunks."""
     ids = draw(st.lists(st.one_of(st.none(), _KEYS), min_size=1, max_size=30))
-    rows: list[Member] = [(uid, f"{draw(_KEYS)}@x.com", f"row {i}", None, None) for i, uid in enumerate(ids)]
+    trait = draw(st.booleans())
+    rows: list[Member] = [
+        (uid, f"{draw(_KEYS)}@x.com", f"row {i}", None, None) + ((f"{i}",) if trait else ())
+        for i, uid in enumerate(ids)
+    ]
     k = draw(st.integers(0, len(rows)))
     rows[:k] = sorted(rows[:k], key=_key)  # stable: a user's rows keep their order
     cuts = sorted(draw(st.sets(st.integers(1, len(rows) - 1)))) if len(rows) > 1 else []
@@ -101,16 +105,17 @@ def _arrivals(draw: st.DrawFn) -> list[list[Member]]:
 def test_whatever_the_order_of_arrival_each_user_is_staged_once_with_their_first_row(
     state: sa.Engine, chunks: list[list[Member]]
 ) -> None:
-    first: dict[str, tuple[str | None, str | None]] = {}
+    trait = len(chunks[0][0]) > len(COLUMNS)
+    first: dict[str, tuple[str | None, ...]] = {}
     for member in (member for chunk in chunks for member in chunk):
-        first.setdefault(_key(member), (member[1], member[2]))
+        first.setdefault(_key(member), (member[1], member[2], member[5] if trait else None))
     with state.connect() as connection:
         staging.create_stage(connection)
-        assert staging.load_stage(connection, iter(chunks)) == sum(map(len, chunks))
-        staged = connection.exec_driver_sql(f"SELECT user_ref, email, name FROM {staging.STAGE}").all()
+        assert staging.load_stage(connection, iter(chunks), with_value=trait) == sum(map(len, chunks))
+        staged = connection.exec_driver_sql(f"SELECT user_ref, email, name, value FROM {staging.STAGE}").all()
         staging.drop_stage(connection)
         connection.rollback()
-    assert {ref: (email, name) for ref, email, name in staged} == first
+    assert {ref: tuple(row) for ref, *row in staged} == first
     assert len(staged) == len(first)
 
 
