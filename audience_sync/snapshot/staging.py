@@ -8,10 +8,12 @@ beats keeping an index up to date row by row when the source's order is not the 
 leaves the stage in key order, so the joins below and the outbox writes walk the indexes in
 order, for the diff (`diff`, `traits`).
 
-On SQLite, a source whose rows come in key order (a query ending `ORDER BY user_id`, a table
-keyed on it) skips the heap: while each chunk's keys follow the last chunk's, the chunk goes
-straight into `stage_members`, each row appended at the end of its B-tree, and only the rows
-from the first chunk out of order on go through the heap and the sort (`_KeyOrder`).
+A source whose rows come in key order (a query ending `ORDER BY user_id`, a table keyed on
+it) skips the sort (`_KeyOrder` tells). On SQLite it skips the heap too: while each chunk's
+keys follow the last chunk's, the chunk goes straight into `stage_members`, each row appended
+at the end of its B-tree, and only the rows from the first chunk out of order on go through
+the heap and the sort. On PostgreSQL the heap is copied into the stage as it is when no user
+came twice.
 
 Every staging table is TEMPORARY: the state database never grows by a snapshot. Nothing here
 holds an audience in Python: memory is a few chunks of rows.
@@ -189,8 +191,8 @@ class _KeyOrder:
 
     It decides speed only. Python orders str by code point, as SQLite orders UTF-8 TEXT (its
     BINARY collation), but nothing rests on that: SQLite's keyed stage keeps a user's first row
-    in any order, and PostgreSQL skips its sort only without repeats, when no two keys are
-    equal in any order (and the stage's primary key would refuse two)."""
+    in any order, and PostgreSQL skips its sort only when the keys strictly rose, so no two are
+    equal whatever the database's collation (and the stage's primary key would refuse two)."""
 
     def __init__(self) -> None:
         self.holds = True
