@@ -113,8 +113,8 @@ def load_stage(
     server consumes in its own process. SQLite works inside this process: it writes each
     chunk as one statement over a JSON array, and so runs without the GIL for the whole chunk
     (executemany takes the GIL back for every row, which stalls the reader), into the keyed
-    stage while the keys come in order, else into the heap. `progress`, when
-    given, is told how many rows each chunk added; without it, a long load logs a line every
+    stage while the keys come in order, else into the heap. `progress`, when given, is told
+    how many rows each chunk added; without it, a long load logs a line every
     STAGING_LOG_SECONDS.
     """
     if progress is None:
@@ -150,14 +150,15 @@ def _load_sqlite(
     connection: Connection, chunks: Iterable[list[Member]], progress: Callable[[int], None], with_value: bool
 ) -> int:
     given = 0
-    width = len(MEMBER_FIELDS) + with_value
-    fields = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(width))
+    extracted = [f"json_extract(value, '$[{i}]')" for i in range(len(MEMBER_FIELDS) + with_value)]
+    fields = ", ".join(extracted)
     columns = _STAGE_COLUMNS if with_value else _RAW_COLUMNS
     into_raw = f"INSERT INTO {RAW} ({columns}) SELECT {fields} FROM json_each(?)"
-    # json_each yields the array in order, so the first row of a user listed twice wins
+    # json_each yields the array in order, so the first row of a user listed twice wins;
+    # the key is user_id, else email (fields 0 and 1)
     into_stage = (
         f"INSERT INTO {STAGE} (user_ref, {columns}) "
-        f"SELECT coalesce(json_extract(value, '$[0]'), json_extract(value, '$[1]')), {fields} "
+        f"SELECT coalesce({extracted[0]}, {extracted[1]}), {fields} "
         "FROM json_each(?) WHERE TRUE ON CONFLICT (user_ref) DO NOTHING"
     )
     order = _KeyOrder()
